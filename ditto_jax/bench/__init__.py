@@ -1,0 +1,1 @@
+"""Benchmarks run by ``ditto-jax bench``; each module has ``add_arguments`` and ``run``."""

@@ -1,0 +1,57 @@
+"""Command-line entry point: parse, load config, call one function.
+
+Each sub-command lives in ``ditto_jax/commands/<name>.py`` and exposes ``add_parser(subparsers)``, which
+registers its arguments and sets ``func`` (called with the parsed namespace, returns an exit code).
+Modules are imported lazily so ``ditto-jax --help`` stays fast and one broken command cannot break others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, str] = {
+    "demo": "the whole Ditto pipeline end to end on the embedded default",
+    "convert": "convert checkpoints between Hugging Face and Orbax",
+    "sample": "sharded, resumable batched sampling over a prompts file",
+    "simulate": "Ditto self-simulation: queries -> responses -> sessions -> corpus",
+    "train": "supervised fine-tuning on a role-play corpus",
+    "eval": "WikiRoleEval-style judged evaluation and MT-Bench roleplay",
+    "characters": "validate and describe character knowledge bases",
+    "corpus": "build and describe role-play corpora",
+    "bench": "benchmarks (model, kernels, sample, train, data)",
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only the sub-command named in ``argv`` is imported."""
+    parser = argparse.ArgumentParser(prog="ditto-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
+    for name, help_text in COMMANDS.items():
+        if wanted == name:
+            module = importlib.import_module(f"ditto_jax.commands.{name}")
+            module.add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None or not hasattr(args, "func"):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""``ditto-jax bench {model,kernels,sample,train,data} ... --json``.
+
+Each benchmark lives in ``ditto_jax/bench/<name>.py`` with ``add_arguments(parser)`` and ``run(args) -> dict``;
+this command prints the result as one JSON object (``--json``) or as ``key: value`` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+BENCHES = {
+    "model": "forward and train-step tokens/s for a model (optionally against transformers)",
+    "kernels": "attention kernel sweep: TFLOP/s, GB/s, speed-up over XLA/cuDNN",
+    "sample": "generated tokens/s and % of roofline (optionally against transformers generate)",
+    "train": "SFT train-step tokens/s and MFU (optionally against a torch AdamW step)",
+    "data": "input pipeline tokens/s against the SFT step's consumption",
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``bench`` and its five benchmarks."""
+    parser = subparsers.add_parser("bench", help="benchmarks")
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, help_text in BENCHES.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--out", default=None, help="also write the JSON result to this file")
+        p.set_defaults(func=_run, _bench=name)
+        try:
+            importlib.import_module(f"ditto_jax.bench.{name}").add_arguments(p)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"ditto_jax.bench.{name}":
+                raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"ditto_jax.bench.{args._bench}")
+    result = module.run(args)
+    text = json.dumps(result, indent=None if args.json else 2, sort_keys=False)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
+    return 0

@@ -1,0 +1,108 @@
+"""Typed YAML configs with dotted command-line overrides.
+
+Every config is a pydantic model (``StrictModel`` forbids unknown keys, so a typo is an error that names the
+field). ``load_config`` reads YAML, applies ``a.b.c=value`` overrides (values parsed as YAML scalars), and
+validates *before* anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import pydantic
+import yaml
+
+T = TypeVar("T", bound=pydantic.BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the field."""
+
+
+class StrictModel(pydantic.BaseModel):
+    """Base for all configs: unknown keys are errors, values are validated on assignment."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def packaged_configs_dir() -> Path:
+    """The folder of YAML presets shipped inside the package (``configs/`` in the repository)."""
+    return Path(str(importlib.resources.files("ditto_jax.configs")))
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """Find a config: an existing path, else a path relative to the packaged ``configs/`` folder.
+
+    ``"model/tiny"``, ``"model/tiny.yaml"`` and ``"configs/model/tiny.yaml"`` all resolve to the preset.
+    """
+    path = Path(name)
+    if path.exists():
+        return path
+    rel = Path(*path.parts[1:]) if path.parts and path.parts[0] == "configs" else path
+    for cand in (packaged_configs_dir() / rel, packaged_configs_dir() / rel.with_suffix(".yaml")):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"config not found: {name} (neither a file nor a preset under {packaged_configs_dir()})")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    path = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a nested dict (value parsed as YAML); returns a new dict."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def validate(schema: type[T], data: dict[str, Any], source: str = "<config>") -> T:
+    """Validate a mapping against a schema; errors list every bad field as ``source: a.b.c: message``."""
+    try:
+        return schema.model_validate(data)
+    except pydantic.ValidationError as exc:
+        lines = [f"{source}: {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+    """Load ``path`` (or an empty mapping), apply overrides, validate against ``schema``."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(resolve_config_path(path)) if path is not None else "<defaults>"
+    return validate(schema, apply_overrides(data, overrides), source)
+
+
+def dump_config(cfg: pydantic.BaseModel) -> str:
+    """Serialise a config back to YAML (stored next to checkpoints and reports)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,1 @@
+"""ditto_jax.hf"""

@@ -1,0 +1,90 @@
+"""Building blocks: stacked (per-layer) parameters, RMSNorm, rotary embeddings, SwiGLU."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ditto_jax.model.config import ModelConfig, RopeScaling
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: jnp.dtype,
+          init: str = "normal", std: float = 0.02) -> nnx.Param:
+    """A parameter with logical axis names in its ``axes`` metadata (``ditto_jax.mesh`` maps them to devices)."""
+    if len(shape) != len(axes):
+        raise ValueError(f"shape {shape} and axes {axes} differ in rank")
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value.astype(dtype), axes=axes)
+
+
+class StackedLinear(nnx.Module):
+    """``num_layers`` dense layers stored as one ``kernel [L, in, out]`` (+ ``bias [L, out]``)."""
+
+    def __init__(self, layers: int, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool,
+                 dtype: jnp.dtype, std: float, rngs: nnx.Rngs):
+        self.kernel = param(rngs, (layers, d_in, d_out), ("layers", *axes), dtype, std=std)
+        self.bias = param(rngs, (layers, d_out), ("layers", axes[1]), dtype, init="zeros") if bias else None
+
+
+class StackedNorm(nnx.Module):
+    """``num_layers`` RMSNorm scales stored as one ``scale [L, dim]``."""
+
+    def __init__(self, layers: int, dim: int, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, (layers, dim), ("layers", "norm"), dtype, init="ones")
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as Hugging Face computes it: normalise in float32, cast back, then multiply by the scale."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jnp.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` including ``llama3`` / ``linear`` scaling (as in transformers)."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv
+    if scaling.rope_type == "linear":
+        return inv / scaling.factor
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin [B, T, head_dim]`` in the rotate-half layout (frequencies concatenated twice)."""
+    inv = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
+    freqs = positions.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, H, D]`` by position (Hugging Face rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * c + rotated * s
+
+
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """``down(silu(x @ gate) * (x @ up))``."""
+    return (jax.nn.silu(x @ gate) * (x @ up)) @ down

@@ -1,0 +1,202 @@
+"""The decoder: one flax.nnx module for Llama / Qwen2 / Qwen3 / Mistral, layers stacked and scanned.
+
+Parameter names mirror Hugging Face (``embed_tokens``, ``layers.self_attn.q_proj``, ``layers.mlp.gate_proj``,
+``norm``, ``lm_head``) so the import table is nearly the identity; every per-layer weight carries a leading
+``[num_layers]`` axis and the forward pass is one ``lax.scan`` (compile time flat in depth).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ditto_jax.model.attention import cached_attention, full_attention
+from ditto_jax.model.cache import KVCache
+from ditto_jax.model.config import ModelConfig
+from ditto_jax.model.layers import StackedLinear, StackedNorm, apply_rope, param, rms_norm, rope_cos_sin, swiglu
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Attention(nnx.Module):
+    """Stacked q/k/v/o projections (+ optional qkv bias and Qwen3 q/k RMSNorm)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        L, h, d, std, dt = cfg.num_layers, cfg.hidden_size, cfg.dim_per_head, cfg.initializer_range, cfg.weight_dtype
+        self.q_proj = StackedLinear(L, h, cfg.num_heads * d, ("embed", "q_heads"), bias=cfg.qkv_bias, dtype=dt, std=std, rngs=rngs)
+        self.k_proj = StackedLinear(L, h, cfg.num_kv_heads * d, ("embed", "kv_heads"), bias=cfg.qkv_bias, dtype=dt, std=std, rngs=rngs)
+        self.v_proj = StackedLinear(L, h, cfg.num_kv_heads * d, ("embed", "kv_heads"), bias=cfg.qkv_bias, dtype=dt, std=std, rngs=rngs)
+        self.o_proj = StackedLinear(L, cfg.num_heads * d, h, ("q_heads", "embed"), bias=False, dtype=dt, std=std, rngs=rngs)
+        self.q_norm = StackedNorm(L, d, dt, rngs) if cfg.qk_norm else None
+        self.k_norm = StackedNorm(L, d, dt, rngs) if cfg.qk_norm else None
+
+
+class MLP(nnx.Module):
+    """Stacked SwiGLU projections."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        L, h, f, std, dt = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range, cfg.weight_dtype
+        self.gate_proj = StackedLinear(L, h, f, ("embed", "mlp"), bias=False, dtype=dt, std=std, rngs=rngs)
+        self.up_proj = StackedLinear(L, h, f, ("embed", "mlp"), bias=False, dtype=dt, std=std, rngs=rngs)
+        self.down_proj = StackedLinear(L, f, h, ("mlp", "embed"), bias=False, dtype=dt, std=std, rngs=rngs)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers, each weight stacked over a leading layer axis."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        dt = cfg.weight_dtype
+        self.input_layernorm = StackedNorm(cfg.num_layers, cfg.hidden_size, dt, rngs)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = StackedNorm(cfg.num_layers, cfg.hidden_size, dt, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+
+def _layer_weights(layers: DecoderLayers) -> dict[str, Any]:
+    """The stacked arrays of all layers as a plain pytree (what ``lax.scan`` slices)."""
+    a, m = layers.self_attn, layers.mlp
+    w: dict[str, Any] = {
+        "ln1": layers.input_layernorm.scale[...], "ln2": layers.post_attention_layernorm.scale[...],
+        "q": a.q_proj.kernel[...], "k": a.k_proj.kernel[...], "v": a.v_proj.kernel[...], "o": a.o_proj.kernel[...],
+        "gate": m.gate_proj.kernel[...], "up": m.up_proj.kernel[...], "down": m.down_proj.kernel[...],
+    }
+    if a.q_proj.bias is not None:
+        w.update(qb=a.q_proj.bias[...], kb=a.k_proj.bias[...], vb=a.v_proj.bias[...])
+    if a.q_norm is not None:
+        w.update(qn=a.q_norm.scale[...], kn=a.k_norm.scale[...])
+    return w
+
+
+class Transformer(nnx.Module):
+    """Decoder-only language model. ``model(input_ids)`` returns float32 logits ``[B, T, vocab]``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = cfg.weight_dtype
+        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt, std=cfg.initializer_range)
+        self.layers = DecoderLayers(cfg, rngs)
+        self.norm = param(rngs, (cfg.hidden_size,), ("norm",), dt, init="ones")
+        self.lm_head = (
+            None if cfg.tie_word_embeddings
+            else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt, std=cfg.initializer_range)
+        )
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 return_hidden: bool = False) -> Any:
+        """Run the decoder.
+
+        Args:
+          input_ids: int32 ``[B, T]``.
+          positions: int32 ``[B, T]`` RoPE positions (default ``arange(T)``, or ``cache.lengths + arange(T)``).
+          segment_ids: int32 ``[B, T]`` for packed sequences (attention never crosses a segment).
+          cache: a ``KVCache``; the new tokens are written at ``cache.lengths`` and attend to the cache.
+          return_hidden: return the final normalised hidden states instead of logits.
+
+        Returns:
+          logits ``[B, T, vocab]`` (float32), or ``(logits, new_cache)`` when a cache is given.
+        """
+        cfg = self.cfg
+        b, t = input_ids.shape
+        if positions is None:
+            base = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
+            positions = base[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(cfg.compute_dtype)
+        cos, sin = rope_cos_sin(positions, cfg)
+        weights = _layer_weights(self.layers)
+
+        if cache is None:
+            def body(h, w):
+                return _decoder_layer(h, w, cfg, cos, sin, segment_ids=segment_ids), None
+
+            body = _maybe_remat(body, cfg.remat)
+            x, _ = _scan_or_loop(body, x, weights, cfg)
+            new_cache = None
+        else:
+            # The whole cache rides in the carry and is updated by scatter: in place inside jit, no per-layer copy.
+            def body(carry, w_and_idx):
+                h, k_all, v_all = carry
+                w, idx = w_and_idx
+                h, k_all, v_all = _decoder_layer_cached(h, w, idx, cfg, cos, sin, k_all, v_all, cache.lengths)
+                return (h, k_all, v_all), None
+
+            idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            (x, k_all, v_all), _ = _scan_or_loop(body, (x, cache.k, cache.v), (weights, idx), cfg)
+            new_cache = KVCache(k=k_all, v=v_all, lengths=cache.lengths + t)
+
+        x = rms_norm(x, self.norm[...], cfg.rms_norm_eps)
+        out = x if return_hidden else self.logits(x)
+        return out if new_cache is None else (out, new_cache)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Project final hidden states ``[..., H]`` to float32 logits ``[..., vocab]``."""
+        if self.lm_head is None:
+            w = self.embed_tokens[...].astype(self.cfg.compute_dtype)
+            out = jnp.einsum("...h,vh->...v", hidden, w, preferred_element_type=jnp.float32)
+        else:
+            w = self.lm_head[...].astype(self.cfg.compute_dtype)
+            out = jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=jnp.float32)
+        return out
+
+
+def _scan_or_loop(body, carry, xs, cfg: ModelConfig):
+    if cfg.scan_layers:
+        return jax.lax.scan(body, carry, xs)
+    for i in range(cfg.num_layers):
+        carry, _ = body(carry, jax.tree.map(lambda a: a[i], xs))
+    return carry, None
+
+
+def _maybe_remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+def _qkv(x: jax.Array, w: dict[str, Any], cfg: ModelConfig, cos: jax.Array, sin: jax.Array):
+    dt = cfg.compute_dtype
+    b, t, _ = x.shape
+    d = cfg.dim_per_head
+    h = rms_norm(x, w["ln1"], cfg.rms_norm_eps)
+    q, k, v = h @ w["q"].astype(dt), h @ w["k"].astype(dt), h @ w["v"].astype(dt)
+    if "qb" in w:
+        q, k, v = q + w["qb"].astype(dt), k + w["kb"].astype(dt), v + w["vb"].astype(dt)
+    q = q.reshape(b, t, cfg.num_heads, d)
+    k = k.reshape(b, t, cfg.num_kv_heads, d)
+    v = v.reshape(b, t, cfg.num_kv_heads, d)
+    if "qn" in w:
+        q, k = rms_norm(q, w["qn"], cfg.rms_norm_eps), rms_norm(k, w["kn"], cfg.rms_norm_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _finish(x: jax.Array, attn: jax.Array, w: dict[str, Any], cfg: ModelConfig) -> jax.Array:
+    dt = cfg.compute_dtype
+    b, t = x.shape[:2]
+    x = x + attn.reshape(b, t, -1) @ w["o"].astype(dt)
+    h = rms_norm(x, w["ln2"], cfg.rms_norm_eps)
+    return x + swiglu(h, w["gate"].astype(dt), w["up"].astype(dt), w["down"].astype(dt))
+
+
+def _decoder_layer(x, w, cfg: ModelConfig, cos, sin, *, segment_ids):
+    q, k, v = _qkv(x, w, cfg, cos, sin)
+    attn = full_attention(q, k, v, impl=cfg.attention, segment_ids=segment_ids, sliding_window=cfg.sliding_window)
+    return _finish(x, attn, w, cfg)
+
+
+def _decoder_layer_cached(x, w, idx, cfg: ModelConfig, cos, sin, k_all, v_all, lengths):
+    q, k, v = _qkv(x, w, cfg, cos, sin)
+    b, t = x.shape[:2]
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+    cols = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    k_all = k_all.at[idx, rows, cols].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[idx, rows, cols].set(v.astype(v_all.dtype), mode="drop")
+    attn = cached_attention(q, k_all[idx], v_all[idx], q_offset=lengths, impl=cfg.attention,
+                            sliding_window=cfg.sliding_window)
+    return _finish(x, attn.astype(x.dtype), w, cfg), k_all, v_all
