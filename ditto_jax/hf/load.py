@@ -1,0 +1,240 @@
+"""Import a Hugging Face causal-LM folder, streamed tensor by tensor straight into the target sharding.
+
+Every tensor is checked (names, shapes) against the family's table before any data is read. Then each of our
+parameters is built on device: a per-layer tensor is read as the slices its devices need
+(``jax.make_array_from_callback`` over safetensors' lazy slices) and written into a preallocated, already
+sharded stacked buffer by a donated in-place update. Host memory peaks at about one tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from safetensors import SafetensorError, safe_open
+
+from ditto_jax.hf.config import HFCheckpointError, from_hf_config
+from ditto_jax.hf.mapping import IGNORED, TensorRule, expected_tensors, hf_shape
+from ditto_jax.mesh import param_shardings
+from ditto_jax.model.config import ModelConfig
+from ditto_jax.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of an HF folder (clear errors for a missing path, file or bad JSON)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise HFCheckpointError(f"{path}: not a Hugging Face model folder (no config.json)")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HFCheckpointError(f"{config_file}: invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise HFCheckpointError(f"{config_file}: top level must be an object")
+    return data
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the index file or the single ``model.safetensors``."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise HFCheckpointError(f"{index}: invalid index file ({exc!r}; expected a 'weight_map' object)") from None
+        files = {name: path / fname for name, fname in weight_map.items()}
+        for fname in sorted({str(f) for f in files.values()}):
+            if not Path(fname).is_file():
+                raise HFCheckpointError(f"{index}: shard {Path(fname).name} listed in 'weight_map' does not exist")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        with safe_open_checked(single) as handle:
+            return {name: single for name in handle.keys()}
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+        raise HFCheckpointError(f"{path}: only safetensors weights are read (pickled .bin/.pt files are not loaded)")
+    raise HFCheckpointError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}")
+
+
+
+
+def safe_open_checked(file: Path) -> Any:
+    """``safetensors.safe_open`` (numpy) whose errors name the file."""
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError) as exc:
+        raise HFCheckpointError(f"{file}: corrupt or truncated safetensors file: {exc}") from None
+
+
+class TensorReader:
+    """Lazy access to the tensors of an HF folder, with shapes checked against a ``ModelConfig``."""
+
+    def __init__(self, path: Path, files: Mapping[str, Path]):
+        self.path = path
+        self.files = dict(files)
+        self._handles: dict[Path, Any] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def _handle(self, file: Path) -> Any:
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(safe_open_checked(file))
+        return self._handles[file]
+
+    def slice(self, name: str) -> Any:
+        """The lazy safetensors slice of tensor ``name`` (index it to read only that part)."""
+        file = self.files[name]
+        handle = self._handle(file)
+        if name not in handle.keys():
+            raise HFCheckpointError(f"{file}: tensor {name!r} listed in the index is not in this file")
+        return handle.get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor ``name``."""
+        return tuple(self.slice(name).get_shape())
+
+
+def _check_tensors(reader: TensorReader, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[TensorRule, int | None]]:
+    """Every expected tensor present with the right shape, nothing unexpected; returns the expected map."""
+    expected = expected_tensors(cfg)
+    ignored = [n for n in reader.files if n not in expected and any(p.match(n) for p in IGNORED)]
+    tied_head = [n for n in reader.files if cfg.tie_word_embeddings and n == "lm_head.weight"]
+    extra = sorted(set(reader.files) - set(expected) - set(ignored) - set(tied_head))
+    if extra:
+        shown = ", ".join(f"{n!r} ({reader.files[n].name})" for n in extra[:5])
+        raise HFCheckpointError(
+            f"{reader.path}: {len(extra)} unexpected tensor(s) for a {cfg.architecture} model with "
+            f"{cfg.num_layers} layers: {shown}"
+        )
+    missing = sorted(set(expected) - set(reader.files))
+    if missing:
+        raise HFCheckpointError(f"{reader.path}: {len(missing)} missing tensor(s): {', '.join(map(repr, missing[:5]))}")
+    if ignored or tied_head:
+        log.warning("%s: skipped %d non-parameter tensor(s) (%s)", reader.path, len(ignored) + len(tied_head),
+                    ", ".join((ignored + tied_head)[:3]))
+    for name, (rule, _) in expected.items():
+        want = hf_shape(shapes[rule.ours], rule)
+        got = reader.shape(name)
+        if got != want:
+            raise HFCheckpointError(
+                f"{reader.files[name]}: tensor {name!r} has shape {list(got)}, expected {list(want)} from config.json"
+            )
+    return expected
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding) -> Callable[[], jax.Array]:
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _set_layer(sharding: jax.sharding.Sharding) -> Callable[..., jax.Array]:
+    return jax.jit(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0),
+                   donate_argnums=0, out_shardings=sharding)
+
+
+def _layer_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return sharding
+
+
+def _read_sharded(reader: TensorReader, name: str, rule: TensorRule, shape: tuple[int, ...], dtype: np.dtype,
+                  sharding: jax.sharding.Sharding) -> jax.Array:
+    """One HF tensor as a device array of our ``shape``, each distinct shard read once from disk."""
+    lazy = reader.slice(name)
+    seen: dict[tuple, np.ndarray] = {}
+
+    def fetch(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in seen:
+            hf_index = tuple(reversed(index)) if rule.transpose else index
+            try:
+                part = lazy[hf_index] if hf_index else lazy[:]
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise HFCheckpointError(f"{reader.files[name]}: cannot read tensor {name!r}: {exc}") from None
+            part = np.asarray(part)
+            seen[key] = np.ascontiguousarray(part.T if rule.transpose else part).astype(dtype, copy=False)
+        return seen[key]
+
+    return jax.make_array_from_callback(shape, sharding, fetch)
+
+
+def _build_param(reader: TensorReader, rule: TensorRule, names: list[str], shape: tuple[int, ...], dtype: np.dtype,
+                 sharding: jax.sharding.Sharding) -> jax.Array:
+    if not rule.stacked:
+        return _read_sharded(reader, names[0], rule, shape, dtype, sharding)
+    buf = _zeros(shape, dtype, sharding)()
+    layer_sharding = _layer_sharding(sharding)
+    setter = _set_layer(sharding)
+    for i, name in enumerate(names):
+        layer = _read_sharded(reader, name, rule, shape[1:], dtype, layer_sharding)
+        buf = setter(buf, layer, jnp.int32(i))
+    return buf
+
+
+def load_pretrained(path: str | Path, mesh: Mesh | None = None, dtype: str | np.dtype | None = None,
+                    rules: dict | None = None) -> tuple[Transformer, ModelConfig]:
+    """Load an HF Llama/Qwen2/Qwen3/Mistral folder as ``(model, cfg)``.
+
+    Args:
+      path: folder with ``config.json`` and ``model.safetensors`` or ``model-*.safetensors`` + index.
+      mesh: place every parameter directly in its sharding on this mesh (default: the first device).
+      dtype: parameter and compute dtype (default: the checkpoint's ``torch_dtype``).
+      rules: logical-axis rules overriding ``ditto_jax.mesh.DEFAULT_RULES``.
+    """
+    path = Path(path)
+    hf_cfg = read_hf_config(path)
+    cfg = from_hf_config(hf_cfg, source=str(path / "config.json"))
+    if dtype is not None:
+        name = jnp.dtype(dtype).name
+        cfg = cfg.model_copy(update={"param_dtype": name, "dtype": name})
+    files = weight_files(path)
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract)
+    if mesh is not None:
+        shardings = {p: v.get_value() for p, v in nnx.to_flat_state(param_shardings(abs_state, mesh, rules))}
+    else:
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        shardings = {p: device for p, _ in nnx.to_flat_state(abs_state)}
+    flat = list(nnx.to_flat_state(abs_state))
+    shapes = {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in flat}
+    with TensorReader(path, files) as reader:
+        expected = _check_tensors(reader, cfg, shapes)
+        by_param: dict[str, tuple[TensorRule, list[str]]] = {}
+        for name, (rule, _) in expected.items():
+            by_param.setdefault(rule.ours, (rule, []))[1].append(name)
+        values = []
+        for p, var in flat:
+            key = ".".join(map(str, p))
+            if key not in by_param:
+                raise HFCheckpointError(f"{path}: no rule fills parameter {key!r} (mapping table incomplete)")
+            rule, names = by_param[key]
+            abs_value = var.get_value()
+            arr = _build_param(reader, rule, names, tuple(abs_value.shape), np.dtype(abs_value.dtype), shardings[p])
+            values.append((p, var.replace(arr)))
+    state = nnx.from_flat_state(values)
+    return nnx.merge(graphdef, state), cfg
