@@ -145,15 +145,24 @@ def _check_tensors(reader: TensorReader, cfg: ModelConfig, shapes: dict[str, tup
     return expected
 
 
-@functools.lru_cache(maxsize=None)
-def _zeros(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding) -> Callable[[], jax.Array]:
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+Layout = tuple[tuple[str, tuple[int, ...], np.dtype, jax.sharding.Sharding], ...]
 
 
-@functools.lru_cache(maxsize=None)
-def _set_layer(sharding: jax.sharding.Sharding) -> Callable[..., jax.Array]:
-    return jax.jit(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0),
-                   donate_argnums=0, out_shardings=sharding)
+@functools.lru_cache(maxsize=16)
+def _zeros(layout: Layout) -> Callable[[], dict[str, jax.Array]]:
+    """One jitted function creating every stacked buffer directly in its sharding."""
+    return jax.jit(lambda: {k: jnp.zeros(shape, dt) for k, shape, dt, _ in layout},
+                   out_shardings={k: sh for k, _, _, sh in layout})
+
+
+@functools.lru_cache(maxsize=16)
+def _set_layer(layout: Layout) -> Callable[..., dict[str, jax.Array]]:
+    """One jitted, donated in-place update writing layer ``i`` of every stacked buffer."""
+
+    def update(bufs: dict[str, jax.Array], layer: dict[str, jax.Array], i: jax.Array) -> dict[str, jax.Array]:
+        return {k: jax.lax.dynamic_update_index_in_dim(bufs[k], layer[k], i, 0) for k in bufs}
+
+    return jax.jit(update, donate_argnums=0, out_shardings={k: sh for k, _, _, sh in layout})
 
 
 def _layer_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
@@ -183,17 +192,30 @@ def _read_sharded(reader: TensorReader, name: str, rule: TensorRule, shape: tupl
     return jax.make_array_from_callback(shape, sharding, fetch)
 
 
-def _build_param(reader: TensorReader, rule: TensorRule, names: list[str], shape: tuple[int, ...], dtype: np.dtype,
-                 sharding: jax.sharding.Sharding) -> jax.Array:
-    if not rule.stacked:
-        return _read_sharded(reader, names[0], rule, shape, dtype, sharding)
-    buf = _zeros(shape, dtype, sharding)()
-    layer_sharding = _layer_sharding(sharding)
-    setter = _set_layer(sharding)
-    for i, name in enumerate(names):
-        layer = _read_sharded(reader, name, rule, shape[1:], dtype, layer_sharding)
-        buf = setter(buf, layer, jnp.int32(i))
-    return buf
+def _build_params(reader: TensorReader, params: dict[str, tuple[TensorRule, list[str]]],
+                  abstract: dict[str, jax.ShapeDtypeStruct], shardings: dict[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
+    """Every parameter on device: unstacked ones directly, stacked ones layer by layer into donated buffers."""
+    out: dict[str, jax.Array] = {}
+    stacked: dict[str, tuple[TensorRule, list[str]]] = {}
+    for key, (rule, names) in params.items():
+        if rule.stacked:
+            stacked[key] = (rule, names)
+        else:
+            a = abstract[key]
+            out[key] = _read_sharded(reader, names[0], rule, tuple(a.shape), np.dtype(a.dtype), shardings[key])
+    if not stacked:
+        return out
+    layout: Layout = tuple((k, tuple(abstract[k].shape), np.dtype(abstract[k].dtype), shardings[k]) for k in sorted(stacked))
+    bufs = _zeros(layout)()
+    setter = _set_layer(layout)
+    for i in range(len(next(iter(stacked.values()))[1])):
+        layer = {
+            k: _read_sharded(reader, stacked[k][1][i], stacked[k][0], shape[1:], dt, _layer_sharding(sh))
+            for k, shape, dt, sh in layout
+        }
+        bufs = setter(bufs, layer, jnp.int32(i))
+    out.update(bufs)
+    return out
 
 
 def load_pretrained(path: str | Path, mesh: Mesh | None = None, dtype: str | np.dtype | None = None,
@@ -227,14 +249,11 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None, dtype: str | np.
         by_param: dict[str, tuple[TensorRule, list[str]]] = {}
         for name, (rule, _) in expected.items():
             by_param.setdefault(rule.ours, (rule, []))[1].append(name)
-        values = []
-        for p, var in flat:
-            key = ".".join(map(str, p))
-            if key not in by_param:
-                raise HFCheckpointError(f"{path}: no rule fills parameter {key!r} (mapping table incomplete)")
-            rule, names = by_param[key]
-            abs_value = var.get_value()
-            arr = _build_param(reader, rule, names, tuple(abs_value.shape), np.dtype(abs_value.dtype), shardings[p])
-            values.append((p, var.replace(arr)))
-    state = nnx.from_flat_state(values)
+        keys = {".".join(map(str, p)): p for p, _ in flat}
+        unfilled = sorted(set(keys) - set(by_param))
+        if unfilled:
+            raise HFCheckpointError(f"{path}: no rule fills parameter(s) {unfilled} (mapping table incomplete)")
+        abstract_values = {k: v.get_value() for k, v in zip(keys, (v for _, v in flat))}
+        arrays = _build_params(reader, by_param, abstract_values, {k: shardings[p] for k, p in keys.items()})
+    state = nnx.from_flat_state([(p, var.replace(arrays[".".join(map(str, p))])) for p, var in flat])
     return nnx.merge(graphdef, state), cfg
