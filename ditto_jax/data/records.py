@@ -76,22 +76,24 @@ def expand_paths(spec: str | Path | Iterable[str | Path], suffix: str = ".jsonl"
     return out
 
 
-def iter_json_lines(path: Path) -> Iterator[tuple[int, Any | RecordError]]:
-    """``(line_number, object)`` per non-blank line, or ``(line_number, RecordError)`` when unreadable."""
+def decode_json(raw: bytes, origin: str, line: int) -> Any | RecordError:
+    """One JSON value from raw bytes, or the ``RecordError`` saying why not (invalid UTF-8, malformed JSON)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return RecordError(origin, line, f"invalid UTF-8 at byte {exc.start}", "invalid_utf8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return RecordError(origin, line, f"malformed JSON: {exc.msg} (column {exc.colno})", "malformed_json")
+
+
+def iter_json_lines(path: Path) -> Iterator[tuple[str, int, Any | RecordError]]:
+    """``(path, line_number, object or RecordError)`` per non-blank line of a JSONL file."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, RecordError(str(path), number, f"invalid UTF-8 at byte {exc.start}", "invalid_utf8")
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield number, RecordError(str(path), number, f"malformed JSON: {exc.msg} (column {exc.colno})",
-                                          "malformed_json")
+            if raw.strip():
+                yield str(path), number, decode_json(raw, str(path), number)
 
 
 _REASONS = {
@@ -121,38 +123,50 @@ def read_records(
     key: Callable[[T], Any] | None = None,
     report: ReadReport | None = None,
 ) -> tuple[list[T], ReadReport]:
-    """Parse every line with ``parse(obj, path, line)`` (raising ``pydantic.ValidationError`` or
-    ``RecordFileError``); drop duplicates by ``key`` (first kept, counted). Returns records and report."""
+    """Parse every line of JSONL files; see ``read_items``."""
+    items = (item for path in paths for item in iter_json_lines(path))
+    return read_items(items, parse, on_error, key, report)
+
+
+def read_items(
+    items: Iterable[tuple[str, int, Any]],
+    parse: Callable[[Any, str, int], T],
+    on_error: OnError = "fail",
+    key: Callable[[T], Any] | None = None,
+    report: ReadReport | None = None,
+) -> tuple[list[T], ReadReport]:
+    """Parse ``(origin, line, object or RecordError)`` items with ``parse(obj, origin, line)`` (raising
+    ``pydantic.ValidationError`` or ``RecordFileError``); drop duplicates by ``key`` (first kept, counted).
+    Returns the records and the report."""
     report = report or ReadReport()
     out: list[T] = []
     seen: set[Any] = set()
-    for path in paths:
-        for number, obj in iter_json_lines(path):
-            report.read += 1
-            errors: list[RecordError] = []
-            if isinstance(obj, RecordError):
-                errors = [obj]
-            else:
-                try:
-                    rec = parse(obj, str(path), number)
-                except pydantic.ValidationError as exc:
-                    errors = pydantic_errors(str(path), number, exc)
-                except RecordFileError as exc:
-                    errors = exc.errors
-            if errors:
-                report.errors += errors
-                if on_error == "fail":
-                    raise RecordFileError(errors)
-                report.skipped[errors[0].reason] += 1
+    for path, number, obj in items:
+        report.read += 1
+        errors: list[RecordError] = []
+        if isinstance(obj, RecordError):
+            errors = [obj]
+        else:
+            try:
+                rec = parse(obj, str(path), number)
+            except pydantic.ValidationError as exc:
+                errors = pydantic_errors(str(path), number, exc)
+            except RecordFileError as exc:
+                errors = exc.errors
+        if errors:
+            report.errors += errors
+            if on_error == "fail":
+                raise RecordFileError(errors)
+            report.skipped[errors[0].reason] += 1
+            continue
+        if key is not None:
+            k = key(rec)
+            if k in seen:
+                report.duplicates += 1
+                report.errors.append(RecordError(str(path), number, f"duplicate of an earlier record ({k})",
+                                                 "duplicate"))
                 continue
-            if key is not None:
-                k = key(rec)
-                if k in seen:
-                    report.duplicates += 1
-                    report.errors.append(RecordError(str(path), number, f"duplicate of an earlier record ({k})",
-                                                     "duplicate"))
-                    continue
-                seen.add(k)
-            out.append(rec)
-            report.kept += 1
+            seen.add(k)
+        out.append(rec)
+        report.kept += 1
     return out, report
