@@ -1,0 +1,130 @@
+"""Model checkpoint directories and the one ``load_model`` entry point.
+
+A model checkpoint is a folder::
+
+    model.yaml     the ModelConfig
+    params/        Orbax checkpoint of the nnx Param state (a nested dict, restored straight into its sharding)
+    tokenizer/     optional, the tokenizer's files (``Tokenizer.save``)
+
+``load_model`` accepts such a folder or a Hugging Face folder (``config.json``); it is a small dispatch that
+other kinds of folders (training workdirs) can extend.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from ditto_jax.config import dump_config, load_config
+from ditto_jax.fileio import atomic_write_text
+from ditto_jax.mesh import param_shardings
+from ditto_jax.model.config import ModelConfig
+from ditto_jax.model.transformer import Transformer
+
+MODEL_CONFIG_FILE = "model.yaml"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+
+
+def is_model_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a model checkpoint folder (``model.yaml`` + ``params/``)."""
+    path = Path(path)
+    return (path / MODEL_CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def save_model_checkpoint(model: nnx.Module, cfg: ModelConfig | None, path: str | Path, tokenizer: Any = None,
+                          overwrite: bool = False) -> Path:
+    """Write ``model`` as a model checkpoint folder, atomically (a partial sibling renamed when complete).
+
+    Every process of a multi-process run must call it (Orbax writes each process's shards); process 0 writes
+    the config and tokenizer and renames.
+    """
+    cfg = cfg or model.cfg
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True, or --overwrite, to replace it)")
+    if path.exists() and not is_model_checkpoint(path):
+        raise FileExistsError(f"{path} exists and is not a model checkpoint; refusing to replace it")
+    # A deterministic temporary name: every process must pass Orbax the same path.
+    partial = path.parent / f".{path.name}.partial"
+    writer = jax.process_index() == 0
+    if writer:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    multihost_utils.sync_global_devices(f"ckpt-begin:{path}")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((partial / PARAMS_DIR).absolute(), nnx.state(model, nnx.Param).to_pure_dict())
+    checkpointer.wait_until_finished()
+    if writer:
+        atomic_write_text(partial / MODEL_CONFIG_FILE, dump_config(cfg))
+        if tokenizer is not None:
+            tokenizer.save(partial / TOKENIZER_DIR)
+        old = path.parent / f".{path.name}.old"
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        partial.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    multihost_utils.sync_global_devices(f"ckpt-end:{path}")
+    return path
+
+
+def load_model_checkpoint(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None,
+                          rules: dict | None = None) -> tuple[Transformer, ModelConfig]:
+    """Restore a model checkpoint folder, every parameter directly in its sharding (``dtype`` casts)."""
+    path = Path(path)
+    cfg = load_config(ModelConfig, path / MODEL_CONFIG_FILE)
+    if dtype is not None:
+        name = jnp.dtype(dtype).name
+        cfg = cfg.model_copy(update={"param_dtype": name, "dtype": name})
+    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    if mesh is not None:
+        shardings = param_shardings(abs_state, mesh, rules)
+    else:
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abs_state)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abs_state.to_pure_dict(), shardings.to_pure_dict(),
+    )
+    try:
+        restored = ocp.StandardCheckpointer().restore((path / PARAMS_DIR).absolute(), target)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        raise ValueError(f"{path / PARAMS_DIR}: cannot restore parameters for {path / MODEL_CONFIG_FILE}: {exc}") from exc
+    nnx.replace_by_pure_dict(abs_state, restored)
+    return nnx.merge(graphdef, abs_state), cfg
+
+
+def load_model(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None,
+               rules: dict | None = None) -> tuple[Transformer, ModelConfig]:
+    """``(model, cfg)`` from a Hugging Face folder (``config.json``) or a model checkpoint (``model.yaml``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if is_model_checkpoint(path):
+        return load_model_checkpoint(path, mesh=mesh, dtype=dtype, rules=rules)
+    if (path / "config.json").is_file():
+        from ditto_jax.hf.load import load_pretrained
+
+        return load_pretrained(path, mesh=mesh, dtype=dtype, rules=rules)
+    raise ValueError(
+        f"{path}: not a model: expected a Hugging Face folder (config.json + safetensors) "
+        f"or a model checkpoint ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/)"
+    )
+
+
+def tokenizer_dir(path: str | Path) -> Path | None:
+    """The folder holding a model's tokenizer files (``tokenizer/`` of a checkpoint, or the HF folder itself)."""
+    path = Path(path)
+    for cand in (path / TOKENIZER_DIR, path):
+        if (cand / "tokenizer.json").exists() or (cand / "tokenizer.model").exists():
+            return cand
+    return None
