@@ -1,0 +1,99 @@
+"""The ``ditto-jax eval`` config schema (``configs/eval/*.yaml``).
+
+One or more ``candidates`` (models under test, e.g. the seed model and its Ditto fine-tune) answer the same test
+sessions; one ``judge`` scores every answer. Each candidate gets ``WORKDIR/runs/<name>/report.json``; the first
+candidate's report is also ``WORKDIR/report.json`` (DESIGN.md's contract) and ``WORKDIR/report.md`` shows all
+candidates side by side.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from ditto_jax.config import StrictModel
+from ditto_jax.mesh import MeshConfig
+from ditto_jax.model_source import ModelSource
+
+
+class GenerationConfig(StrictModel):
+    """Sampling of candidate answers (default: the paper's top-p 0.8, repetition penalty 1.1)."""
+
+    temperature: float = pydantic.Field(0.7, ge=0.0)
+    top_k: int = pydantic.Field(0, ge=0)
+    top_p: float = pydantic.Field(0.8, gt=0.0, le=1.0)
+    repetition_penalty: float = pydantic.Field(1.1, gt=0.0)
+    max_new_tokens: int = pydantic.Field(1024, ge=1)
+
+
+class CandidateConfig(StrictModel):
+    """A model under test: a short ``name`` (a folder name and the report's row label) and its source."""
+
+    name: str = pydantic.Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=64)
+    model: ModelSource
+
+
+class EngineConfig(StrictModel):
+    """Sampling engine shape, for the candidates and the judge: slots, cache length, device mesh."""
+
+    batch_size: int = pydantic.Field(16, ge=1)
+    max_len: int = pydantic.Field(8192, ge=16)
+    mesh: MeshConfig = pydantic.Field(default_factory=MeshConfig)
+
+
+class JudgeConfig(StrictModel):
+    """The judge model and how it is asked.
+
+    ``samples``: judgements per turn and metric (paper: 3 at temperature 0.2). ``constrained``: decode under the
+    output regex (letter / integer / 0-1) so every finished output parses. ``rejection_tie``: how a tied
+    refusal vote resolves (see ``ditto_jax.eval.metrics``). ``knowledge_turns``: ``all`` turns (paper) or only
+    ``answerable`` ones (rejection label 0). ``max_*_chars``: text cut before it enters a judge prompt; a prompt
+    still longer than the engine's ``max_len`` is shortened further, then counted as ``too_long`` if it cannot fit.
+    """
+
+    model: ModelSource
+    samples: int = pydantic.Field(3, ge=1)
+    temperature: float = pydantic.Field(0.2, ge=0.0)
+    top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+    constrained: bool = True
+    max_new_tokens: int = pydantic.Field(4, ge=1, description="constrained outputs need at most 3 tokens")
+    rejection_tie: Literal["not_refused", "refused"] = "not_refused"
+    knowledge_turns: Literal["all", "answerable"] = "all"
+    max_answer_chars: int = pydantic.Field(2000, ge=16)
+    max_summary_chars: int = pydantic.Field(1500, ge=16)
+    max_evidence_chars: int = pydantic.Field(1500, ge=16)
+
+
+class TestSetConfig(StrictModel):
+    """What to evaluate on. ``wikiroleeval``: a WikiRoleEval JSONL (ours or the Ditto release; ``null`` = the shipped
+    tiny set). ``characters``: the knowledge base that describes the multiple-choice candidates (``null`` = the
+    embedded one). ``limit``: first N sessions (after the language filter). ``mtbench``: MT-Bench
+    ``question.jsonl`` (``null`` = the shipped roleplay questions), used when ``mtbench_enabled``."""
+
+    wikiroleeval: str | None = None
+    characters: str | None = None
+    langs: list[Literal["en", "zh"]] = pydantic.Field(default_factory=lambda: ["en", "zh"])
+    limit: int | None = pydantic.Field(None, ge=1)
+    mtbench: str | None = None
+    mtbench_enabled: bool = True
+    mtbench_limit: int | None = pydantic.Field(None, ge=1)
+
+
+class EvalConfig(StrictModel):
+    """Everything ``ditto-jax eval`` needs."""
+
+    seed: int = 0
+    candidates: list[CandidateConfig] = pydantic.Field(min_length=1)
+    judge: JudgeConfig
+    testset: TestSetConfig = pydantic.Field(default_factory=TestSetConfig)
+    answer: GenerationConfig = pydantic.Field(default_factory=GenerationConfig)
+    engine: EngineConfig = pydantic.Field(default_factory=EngineConfig)
+
+    @pydantic.model_validator(mode="after")
+    def _unique_names(self) -> "EvalConfig":
+        names = [c.name for c in self.candidates]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"candidate names must be unique, repeated: {dupes}")
+        return self
