@@ -15,12 +15,22 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Sequence
 
 import pydantic
 
-from ditto_jax.data.records import OnError, ReadReport, RecordError, RecordFileError, expand_paths, read_records
+from ditto_jax.data.records import (
+    OnError,
+    ReadReport,
+    RecordError,
+    RecordFileError,
+    expand_paths,
+    find_dataset_dir,
+    pydantic_errors,
+    read_records,
+)
 from ditto_jax.fileio import atomic_directory, atomic_write_json, atomic_write_jsonl
 
 NonEmpty = Annotated[str, pydantic.StringConstraints(strict=True, min_length=1)]
@@ -77,8 +87,6 @@ def parse_session(obj: Any, path: str = "<memory>", line: int = 0) -> Session:
     try:
         return Session.model_validate(obj)
     except pydantic.ValidationError as exc:
-        from ditto_jax.data.records import pydantic_errors
-
         errors = pydantic_errors(path, line, exc)
         errors = [RecordError(e.path, e.line, e.message, "unknown_role", e.field)
                   if e.field and e.field.endswith(".role") and e.reason == "bad_value" else e for e in errors]
@@ -140,9 +148,9 @@ def build_corpus(inputs: str | Path | Iterable[str | Path], out_dir: str | Path,
 def load_corpus(path: str | Path | Iterable[str | Path], split: str | None = "train",
                 on_error: OnError = "fail") -> list[Session]:
     """Sessions of a built TFDS corpus split (``split=None``: all splits), or of JSONL file(s) (all)."""
-    from ditto_jax.data import tfds_builder
+    if isinstance(path, (str, Path)) and Path(path).is_dir() and (ds := find_dataset_dir(path)):
+        from ditto_jax.data import tfds_builder
 
-    if isinstance(path, (str, Path)) and Path(path).is_dir() and (ds := tfds_builder.find_dataset_dir(path)):
         splits = tfds_builder.split_names(ds) if split is None else [split]
         out = []
         for name in splits:
@@ -186,3 +194,28 @@ def corpus_stats(sessions: Iterable[Session], tokenizer: Any | None = None) -> d
         "by_reject": dict(sorted(rejects.items())),
         "tokenizer_vocab": tokenizer.vocab_size,
     }
+
+
+def write_array_record(sessions: Sequence[Session | dict], path: str | Path) -> Path:
+    """Write sessions as one JSON record each into an ``array_record`` file (atomically); the pipeline reads
+    it with ``format: array_record``."""
+    import os
+    import tempfile
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = ArrayRecordWriter(tmp, "group_size:1")
+        for s in sessions:
+            rec = s.to_json() if isinstance(s, Session) else s
+            writer.write(json.dumps(rec, ensure_ascii=False).encode("utf-8"))
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -170,3 +170,12 @@ def read_items(
         out.append(rec)
         report.kept += 1
     return out, report
+
+
+def find_dataset_dir(path: str | Path) -> Path | None:
+    """The TFDS version folder at or under ``path`` (the folder holding ``dataset_info.json``), or None."""
+    path = Path(path)
+    if (path / "dataset_info.json").exists():
+        return path
+    found = sorted(p.parent for p in path.glob("*/*/dataset_info.json"))
+    return found[-1] if found else None

@@ -12,6 +12,8 @@ from typing import Any, Iterable, Mapping
 
 import tensorflow_datasets as tfds
 
+from ditto_jax.data.records import find_dataset_dir  # noqa: F401  (re-exported)
+
 FILE_FORMAT = "array_record"
 
 
@@ -66,15 +68,6 @@ def build(builder_cls: type[JsonRecordsBuilder], records_by_split: Mapping[str, 
     builder = builder_cls(records_by_split=splits, data_dir=str(data_dir), file_format=FILE_FORMAT)
     builder.download_and_prepare()
     return Path(builder.data_dir)
-
-
-def find_dataset_dir(path: str | Path) -> Path | None:
-    """The TFDS version folder at or under ``path`` (the folder holding ``dataset_info.json``), or None."""
-    path = Path(path)
-    if (path / "dataset_info.json").exists():
-        return path
-    found = sorted(p.parent for p in path.glob("*/*/dataset_info.json"))
-    return found[-1] if found else None
 
 
 def split_names(dataset_dir: str | Path) -> list[str]:
