@@ -1,0 +1,175 @@
+"""Kernel choice and tuning: which lowering runs, with which block sizes.
+
+Backends (``backend=`` argument of the kernels, or the ``DITTO_ATTN_BACKEND`` environment variable):
+- ``mosaic_gpu``: Pallas Mosaic GPU (Hopper: TMA, wgmma, warp specialisation); bf16/fp16, head dim % 64 == 0.
+- ``triton``: Pallas Triton lowering (any NVIDIA/AMD GPU, any dtype).
+- ``mosaic_tpu``: Pallas Mosaic TPU.
+- ``interpret``: the ``triton`` kernels run by the generic Pallas interpreter (CPU; slow, for tests).
+- ``tpu_interpret``: the ``mosaic_tpu`` kernels run by the TPU interpreter (CPU; tests the TPU lowering's logic).
+- ``mosaic_gpu_interpret``: the ``mosaic_gpu`` kernels run by the GPU interpreter (CPU; tests their logic).
+- ``auto``: ``mosaic_tpu`` on TPU, ``mosaic_gpu`` on Hopper when the shape allows (else ``triton``),
+  ``interpret`` on CPU.
+
+Block sizes come from ``BlockSizes`` defaults per backend, overridden by ``DITTO_ATTN_BLOCKS`` (e.g.
+``"block_q=128,block_kv=64,num_warps=8,num_stages=3"``) and then by an explicit ``block_sizes=`` argument,
+so a GPU tuning run can sweep them without code changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from functools import lru_cache
+
+import jax
+
+BACKENDS = ("auto", "mosaic_gpu", "triton", "mosaic_tpu", "interpret", "tpu_interpret", "mosaic_gpu_interpret")
+BACKEND_ENV = "DITTO_ATTN_BACKEND"
+BLOCKS_ENV = "DITTO_ATTN_BLOCKS"
+DECODE_BLOCKS_ENV = "DITTO_DECODE_BLOCKS"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and launch parameters of the flash-attention kernels (hashable: a static argument).
+
+    ``block_q``/``block_kv`` tile the forward pass; ``*_dq``/``*_dkv`` the two backward kernels (None = the
+    forward value). ``num_warps``/``num_stages`` go to Triton; ``max_concurrent_steps`` is the Mosaic GPU
+    pipeline depth (TMA stages in flight).
+    """
+
+    block_q: int = 128
+    block_kv: int = 128
+    block_q_dq: int | None = None
+    block_kv_dq: int | None = None
+    block_q_dkv: int | None = None
+    block_kv_dkv: int | None = None
+    num_warps: int | None = None
+    num_stages: int = 2
+    num_warps_bwd: int | None = None
+    num_stages_bwd: int | None = None
+    max_concurrent_steps: int = 2
+
+    @property
+    def dq(self) -> tuple[int, int]:
+        """``(block_q, block_kv)`` of the dq kernel."""
+        return self.block_q_dq or self.block_q, self.block_kv_dq or self.block_kv
+
+    @property
+    def dkv(self) -> tuple[int, int]:
+        """``(block_q, block_kv)`` of the dk/dv kernel."""
+        return self.block_q_dkv or self.block_q, self.block_kv_dkv or self.block_kv
+
+    def replace(self, **changes: int | None) -> "BlockSizes":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBlockSizes:
+    """Tiles of the decode kernel: ``block_kv`` cache rows per step, ``num_splits`` split-K partitions
+    (None = chosen from the shape so the grid fills the chip), Triton ``num_warps``/``num_stages``."""
+
+    block_kv: int = 128
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def replace(self, **changes: int | None) -> "DecodeBlockSizes":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULT_BLOCKS = {
+    # Hopper, D=128 bf16: 2 consumer warpgroups x 64 query rows, 128 kv rows per TMA stage.
+    "mosaic_gpu": BlockSizes(block_q=64, block_kv=128, block_q_dq=64, block_kv_dq=64, block_q_dkv=64,
+                             block_kv_dkv=64, max_concurrent_steps=2),
+    "triton": BlockSizes(block_q=128, block_kv=64, block_q_dq=64, block_kv_dq=64, block_q_dkv=64,
+                         block_kv_dkv=64, num_warps=None, num_stages=3, num_warps_bwd=8, num_stages_bwd=2),
+    "mosaic_tpu": BlockSizes(block_q=512, block_kv=512, block_q_dq=256, block_kv_dq=512, block_q_dkv=256,
+                             block_kv_dkv=512),
+}
+
+
+def _parse_kv(text: str, source: str) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{source}: expected key=value, got {item!r}")
+        out[key.strip()] = None if value.strip().lower() == "none" else int(value)
+    return out
+
+
+def default_blocks(backend: str, override: BlockSizes | None = None) -> BlockSizes:
+    """Block sizes for ``backend`` (its family default, then ``DITTO_ATTN_BLOCKS``, then ``override``)."""
+    if override is not None:
+        return override
+    family = {"interpret": "triton", "tpu_interpret": "mosaic_tpu", "mosaic_gpu_interpret": "mosaic_gpu"}
+    blocks = DEFAULT_BLOCKS[family.get(backend, backend)]
+    env = os.environ.get(BLOCKS_ENV)
+    if env:
+        fields = {f.name for f in dataclasses.fields(BlockSizes)}
+        changes = _parse_kv(env, BLOCKS_ENV)
+        unknown = set(changes) - fields
+        if unknown:
+            raise ValueError(f"{BLOCKS_ENV}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
+        blocks = blocks.replace(**changes)
+    return blocks
+
+
+def default_decode_blocks(override: DecodeBlockSizes | None = None) -> DecodeBlockSizes:
+    """Decode tiles: defaults, then ``DITTO_DECODE_BLOCKS``, then ``override``."""
+    if override is not None:
+        return override
+    blocks = DecodeBlockSizes()
+    env = os.environ.get(DECODE_BLOCKS_ENV)
+    if env:
+        fields = {f.name for f in dataclasses.fields(DecodeBlockSizes)}
+        changes = _parse_kv(env, DECODE_BLOCKS_ENV)
+        unknown = set(changes) - fields
+        if unknown:
+            raise ValueError(f"{DECODE_BLOCKS_ENV}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
+        blocks = blocks.replace(**changes)
+    return blocks
+
+
+@lru_cache(maxsize=None)
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """``(major, minor)`` of the first GPU, or None without one."""
+    try:
+        dev = jax.devices("gpu")[0]
+    except RuntimeError:
+        return None
+    cc = getattr(dev, "compute_capability", None)
+    if not cc:
+        return None
+    major, _, minor = str(cc).partition(".")
+    return int(major), int(minor or 0)
+
+
+def platform() -> str:
+    """``tpu`` | ``gpu`` | ``cpu`` of the default backend."""
+    return jax.default_backend()
+
+
+def resolve_backend(backend: str | None, *, mosaic_gpu_ok: bool = True) -> str:
+    """The concrete backend for a request (``None`` reads ``DITTO_ATTN_BACKEND``, default ``auto``).
+
+    ``mosaic_gpu_ok`` says whether the call's shape and dtype suit the Mosaic GPU kernels; ``auto`` falls
+    back to Triton when they don't, an explicit ``mosaic_gpu`` raises.
+    """
+    backend = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} not in {BACKENDS}")
+    if backend != "auto":
+        return backend
+    plat = platform()
+    if plat == "tpu":
+        return "mosaic_tpu"
+    if plat == "gpu":
+        cc = gpu_compute_capability()
+        if mosaic_gpu_ok and cc is not None and cc[0] == 9:
+            return "mosaic_gpu"
+        return "triton"
+    return "interpret"
