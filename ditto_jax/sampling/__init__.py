@@ -1,1 +1,19 @@
-"""ditto_jax.sampling"""
+"""Sampling: jitted prefill + decode over a donated KV cache, continuous batching, constraints, resumable runs.
+
+```python
+from ditto_jax.sampling import SamplingEngine, Request, SamplingParams
+engine = SamplingEngine(model, tokenizer, batch_size=16, max_len=2048, mesh=mesh)
+for result in engine.generate(Request(id, ids, SamplingParams(top_p=0.8, repetition_penalty=1.1)) for ...):
+    ...
+```
+"""
+
+from ditto_jax.sampling.constraints import (Constraint, choice_constraint, integer_constraint, json_schema_constraint,
+                                            json_schema_regex, regex_constraint)
+from ditto_jax.sampling.params import Request, Result, SamplingParams
+from ditto_jax.sampling.scheduler import SamplingEngine
+
+__all__ = [
+    "Constraint", "Request", "Result", "SamplingEngine", "SamplingParams", "choice_constraint", "integer_constraint",
+    "json_schema_constraint", "json_schema_regex", "regex_constraint",
+]

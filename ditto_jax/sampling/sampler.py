@@ -1,0 +1,279 @@
+"""The device half of sampling: slot state, jitted prefill-into-slots and a chunked decode ``while_loop``.
+
+``Sampler`` owns ``B`` slots. Each slot is a row of one preallocated ``KVCache [L, B, S, Hkv, D]`` plus
+per-row decoding state (last token, counters, sampling parameters, stop ids, repetition-penalty presence,
+constraint state). Two jitted functions act on it, both donating the state so the cache is updated in place:
+
+- ``prefill(rows)``: run ``G`` prompts (right-padded to a length bucket) through the model into a fresh
+  ``[L, G, P]`` cache, scatter it into the chosen slots' rows, and sample each prompt's first token.
+- ``decode(steps)``: up to ``steps`` decode steps for all slots inside one ``lax.while_loop`` (it exits early
+  when every slot is idle), returning the chunk's tokens and log-probabilities for the host.
+
+Shapes are static per ``(G, P)`` bucket for prefill and fixed for decode: after warm-up nothing recompiles.
+With a mesh, rows are split over the data axes and cached kv heads over ``tensor``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ditto_jax.mesh import logical_to_spec
+from ditto_jax.model.cache import KVCache, init_cache
+from ditto_jax.sampling.logits import select_tokens
+
+FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
+FINISH_NAMES = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
+
+
+@flax.struct.dataclass
+class SlotState:
+    """Per-slot decoding state (leading axis = slot); see the module docstring."""
+
+    cache: KVCache
+    last_token: jax.Array  # [B] int32, sampled but not yet fed
+    num_generated: jax.Array  # [B] int32
+    active: jax.Array  # [B] bool
+    finish: jax.Array  # [B] int32 FINISH_*
+    key: jax.Array  # [B, 2] uint32 threefry key data of the request
+    temperature: jax.Array  # [B] f32
+    top_k: jax.Array  # [B] int32
+    top_p: jax.Array  # [B] f32
+    repetition_penalty: jax.Array  # [B] f32
+    max_new: jax.Array  # [B] int32
+    stop_ids: jax.Array  # [B, MS] int32, -1 padded
+    presence: jax.Array  # [B, V] bool
+    cstate: jax.Array  # [B] int32 global constraint state, -1 = unconstrained
+    ccon: jax.Array  # [B] int32 constraint index
+
+
+@flax.struct.dataclass
+class RowParams:
+    """Per-request settings for ``G`` rows being prefilled (same fields as ``SlotState``)."""
+
+    key: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    repetition_penalty: jax.Array
+    max_new: jax.Array
+    stop_ids: jax.Array
+    cstate: jax.Array
+    ccon: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Static shape knobs: slots, cache length, decode chunk, stop-id width, top-k bound, rejection rounds."""
+
+    batch_size: int
+    max_len: int
+    chunk: int = 16
+    max_stop_ids: int = 8
+    max_top_k: int = 64
+    max_rounds: int = 32
+
+
+def _constraint_mask(tables: tuple[jax.Array, jax.Array], cstate: jax.Array, ccon: jax.Array,
+                     scores: jax.Array) -> jax.Array:
+    next_state, token_class = tables
+
+    def masked(s):
+        cls = token_class[ccon]  # [B, V]
+        allowed = next_state[jnp.maximum(cstate, 0)[:, None], cls] >= 0
+        allowed = allowed | (cstate < 0)[:, None]
+        return jnp.where(allowed, s, -jnp.inf)
+
+    return jax.lax.cond(jnp.any(cstate >= 0), masked, lambda s: s, scores)
+
+
+def _advance_constraint(tables, cstate, ccon, tokens, emit):
+    next_state, token_class = tables
+    cls = token_class[ccon, tokens]
+    nxt = next_state[jnp.maximum(cstate, 0), cls]
+    return jnp.where(emit & (cstate >= 0), nxt, cstate)
+
+
+def _choose(logits, s: SlotState | RowParams, presence, cstate, ccon, num_generated, tables, cfg: SamplerConfig):
+    keys = jax.vmap(lambda kd, n: jax.random.fold_in(jax.random.wrap_key_data(kd, impl="threefry2x32"), n))(
+        s.key, num_generated)
+    scores = _constraint_mask(tables, cstate, ccon, logits)
+    tokens, logprobs = select_tokens(
+        logits, scores=scores, presence=presence, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        repetition_penalty=s.repetition_penalty, keys=keys, max_top_k=cfg.max_top_k, max_rounds=cfg.max_rounds)
+    return tokens, logprobs
+
+
+def _finish_codes(tokens, stop_ids, num_generated, max_new, lengths, max_len, emit):
+    is_stop = jnp.any(tokens[:, None] == stop_ids, axis=-1)
+    is_len = (num_generated >= max_new) | (lengths >= max_len)
+    code = jnp.where(is_stop, FINISH_STOP, jnp.where(is_len, FINISH_LENGTH, FINISH_NONE))
+    return jnp.where(emit, code, FINISH_NONE)
+
+
+def prefill_fn(graphdef, params, state: SlotState, tables, slots: jax.Array, tokens: jax.Array,
+               lengths: jax.Array, rows: RowParams, *, cfg: SamplerConfig):
+    """Prefill ``G`` prompts ``tokens [G, P]`` (true ``lengths [G]``) into ``slots [G]`` (``>= B`` = padding row)."""
+    model = nnx.merge(graphdef, params)
+    g, p = tokens.shape
+    mcfg = model.cfg
+    small = init_cache(mcfg, g, p)
+    hidden, small = model(tokens, cache=small, return_hidden=True)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = model.logits(last)
+    vocab = logits.shape[-1]
+    valid = jnp.arange(p)[None, :] < lengths[:, None]
+    presence = jnp.zeros((g, vocab), bool).at[jnp.arange(g)[:, None], tokens].max(valid)
+    zeros = jnp.zeros((g,), jnp.int32)
+    tok, lp = _choose(logits, rows, presence, rows.cstate, rows.ccon, zeros, tables, cfg)
+    presence = presence.at[jnp.arange(g), tok].set(True)
+    ones = zeros + 1
+    code = _finish_codes(tok, rows.stop_ids, ones, rows.max_new, lengths, cfg.max_len, jnp.ones((g,), bool))
+    cstate = _advance_constraint(tables, rows.cstate, rows.ccon, tok, jnp.ones((g,), bool))
+
+    cache = state.cache
+    cols = jnp.arange(p)[None, :]
+    k = cache.k.at[:, slots[:, None], cols].set(small.k.astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[:, slots[:, None], cols].set(small.v.astype(cache.v.dtype), mode="drop")
+
+    def put(arr, val):
+        return arr.at[slots].set(val.astype(arr.dtype), mode="drop")
+
+    new = state.replace(
+        cache=KVCache(k=k, v=v, lengths=put(cache.lengths, lengths)),
+        last_token=put(state.last_token, tok),
+        num_generated=put(state.num_generated, ones),
+        active=put(state.active, code == FINISH_NONE),
+        finish=put(state.finish, code),
+        key=put(state.key, rows.key),
+        temperature=put(state.temperature, rows.temperature),
+        top_k=put(state.top_k, rows.top_k),
+        top_p=put(state.top_p, rows.top_p),
+        repetition_penalty=put(state.repetition_penalty, rows.repetition_penalty),
+        max_new=put(state.max_new, rows.max_new),
+        stop_ids=put(state.stop_ids, rows.stop_ids),
+        presence=put(state.presence, presence),
+        cstate=put(state.cstate, cstate),
+        ccon=put(state.ccon, rows.ccon),
+    )
+    return new, tok, lp, code
+
+
+def decode_fn(graphdef, params, state: SlotState, tables, keep: jax.Array, *, cfg: SamplerConfig):
+    """Up to ``cfg.chunk`` decode steps for every active slot; ``keep [B]`` deactivates slots first (host stops).
+
+    Returns ``(state, tokens [B, K] (-1 where nothing was emitted), logprobs [B, K], steps_run)``.
+    """
+    model = nnx.merge(graphdef, params)
+    b, k_steps = state.last_token.shape[0], cfg.chunk
+    rows = jnp.arange(b)
+    state = state.replace(active=state.active & keep)
+
+    def cond(carry):
+        i, s, _, _ = carry
+        return (i < k_steps) & jnp.any(s.active)
+
+    def body(carry):
+        i, s, out_tok, out_lp = carry
+        emit = s.active
+        logits, cache = model(s.last_token[:, None], cache=s.cache)
+        lengths = jnp.where(emit, s.cache.lengths + 1, s.cache.lengths)
+        tok, lp = _choose(logits[:, 0], s, s.presence, s.cstate, s.ccon, s.num_generated, tables, cfg)
+        n = s.num_generated + emit
+        code = _finish_codes(tok, s.stop_ids, n, s.max_new, lengths, cfg.max_len, emit)
+        s = s.replace(
+            cache=KVCache(k=cache.k, v=cache.v, lengths=lengths),
+            last_token=jnp.where(emit, tok, s.last_token),
+            num_generated=n,
+            active=emit & (code == FINISH_NONE),
+            finish=jnp.where(emit, code, s.finish),
+            presence=s.presence.at[rows, tok].max(emit),
+            cstate=_advance_constraint(tables, s.cstate, s.ccon, tok, emit),
+        )
+        out_tok = out_tok.at[:, i].set(jnp.where(emit, tok, -1))
+        out_lp = out_lp.at[:, i].set(jnp.where(emit, lp, 0.0))
+        return i + 1, s, out_tok, out_lp
+
+    init = (jnp.int32(0), state, jnp.full((b, k_steps), -1, jnp.int32), jnp.zeros((b, k_steps), jnp.float32))
+    steps, state, out_tok, out_lp = jax.lax.while_loop(cond, body, init)
+    return state, out_tok, out_lp, steps
+
+
+class Sampler:
+    """Device-side slots for one model: ``prefill`` and ``decode`` (jitted once per shape), state donated."""
+
+    def __init__(self, model: Any, cfg: SamplerConfig, mesh: jax.sharding.Mesh | None = None):
+        self.model_cfg = model.cfg
+        self.cfg = cfg
+        self.mesh = mesh
+        self.vocab_size = model.cfg.vocab_size
+        self.graphdef, self.params = nnx.split(model)
+        self.state = self._init_state()
+        self._shardings = None if mesh is None else self._state_shardings()
+        if self._shardings is not None:
+            self.state = jax.device_put(self.state, self._shardings)
+        out_state = self._shardings
+        self._prefill = jax.jit(
+            functools.partial(prefill_fn, self.graphdef, cfg=cfg), donate_argnums=(1,),
+            out_shardings=None if out_state is None else (out_state, None, None, None))
+        self._decode = jax.jit(
+            functools.partial(decode_fn, self.graphdef, cfg=cfg), donate_argnums=(1,),
+            out_shardings=None if out_state is None else (out_state, None, None, None))
+
+    def _init_state(self) -> SlotState:
+        b, v, ms = self.cfg.batch_size, self.vocab_size, self.cfg.max_stop_ids
+
+        def full(value, dtype, shape=(b,)):  # a fresh buffer per field: the state is donated leaf by leaf
+            return jnp.full(shape, value, dtype)
+
+        return SlotState(
+            cache=init_cache(self.model_cfg, b, self.cfg.max_len), last_token=full(0, jnp.int32),
+            num_generated=full(0, jnp.int32), active=full(False, bool), finish=full(0, jnp.int32),
+            key=full(0, jnp.uint32, (b, 2)), temperature=full(0, jnp.float32), top_k=full(0, jnp.int32),
+            top_p=full(1, jnp.float32), repetition_penalty=full(1, jnp.float32), max_new=full(0, jnp.int32),
+            stop_ids=full(-1, jnp.int32, (b, ms)), presence=full(False, bool, (b, v)), cstate=full(-1, jnp.int32),
+            ccon=full(0, jnp.int32))
+
+    def _state_shardings(self) -> SlotState:
+        mesh = self.mesh
+
+        def spec(axes, shape):
+            return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+        def for_leaf(x):
+            return spec(("batch",) + (None,) * (x.ndim - 1), x.shape)
+
+        s = jax.tree.map(for_leaf, self.state)
+        kv = spec(("layers", "batch", "seq", "cache_heads", None), self.state.cache.k.shape)
+        return s.replace(cache=KVCache(k=kv, v=kv, lengths=for_leaf(self.state.cache.lengths)))
+
+    def prefill(self, tables, slots: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, rows: RowParams):
+        """Prefill rows into slots (host arrays in); returns host ``(first_tokens, logprobs, finish_codes)``."""
+        with _maybe_mesh(self.mesh):
+            self.state, tok, lp, code = self._prefill(self.params, self.state, tables, jnp.asarray(slots),
+                                                       jnp.asarray(tokens), jnp.asarray(lengths), rows)
+        return np.asarray(tok), np.asarray(lp), np.asarray(code)
+
+    def decode(self, tables, keep: np.ndarray):
+        """One decode chunk; returns host ``(tokens [B, K], logprobs [B, K], finish [B], steps)``."""
+        with _maybe_mesh(self.mesh):
+            self.state, tok, lp, steps = self._decode(self.params, self.state, tables, jnp.asarray(keep))
+        return np.asarray(tok), np.asarray(lp), np.asarray(self.state.finish), int(steps)
+
+    def compile_count(self) -> int:
+        """Number of distinct compiled executables so far (prefill buckets + decode)."""
+        return self._prefill._cache_size() + self._decode._cache_size()
+
+
+def _maybe_mesh(mesh):
+    import contextlib
+
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
