@@ -67,6 +67,18 @@ def keep_common_chars(sentences: list[str], max_chars: int) -> tuple[list[str], 
     return [s for s in filtered if s.strip()], kept_fraction
 
 
+def _without_temp_paths(model: bytes) -> bytes:
+    """The trainer spec records the temporary input/output paths; blank them so the file is reproducible."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.input.append("ditto_jax/data/assets/*.jsonl")
+    proto.trainer_spec.model_prefix = "tokenizer"
+    return proto.SerializeToString(deterministic=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train and write the model; prints a short summary."""
     import sentencepiece as spm
@@ -108,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             shuffle_input_sentence=False,
             minloglevel=2,
         )
-        model = (Path(tmp) / "m.model").read_bytes()
+        model = _without_temp_paths((Path(tmp) / "m.model").read_bytes())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model)

@@ -128,3 +128,11 @@ def test_embedded_default_when_present():
     assert len(chars) >= 60 and {c.lang for c in chars} == {"en", "zh"}
     assert len(ch.held_out(chars)) >= 10
     assert cli_main(["characters", "validate", *map(str, files)]) == 0
+
+
+def test_tfds_roundtrip(tmp_path):
+    path = tmp_path / "kb.jsonl"
+    write_jsonl(path, [make_character(1), make_character(2, "zh", split="heldout")])
+    chars = ch.load_characters(path)
+    ch.build_characters_tfds(chars, tmp_path / "tfds")
+    assert sorted(ch.load_characters(tmp_path / "tfds"), key=lambda c: c.id) == chars

@@ -17,7 +17,17 @@ from typing import Annotated, Any, Iterable, Literal
 
 import pydantic
 
-from ditto_jax.data.records import OnError, ReadReport, RecordError, RecordFileError, expand_paths, read_records
+from ditto_jax.data.records import (
+    OnError,
+    ReadReport,
+    RecordError,
+    RecordFileError,
+    decode_json,
+    expand_paths,
+    find_dataset_dir,
+    read_items,
+    read_records,
+)
 
 NonEmpty = Annotated[str, pydantic.StringConstraints(strict=True, min_length=1)]
 Category = Literal["real", "fictional"]
@@ -175,13 +185,32 @@ def default_character_files() -> list[Path]:
 
 
 def read_characters(
-    path: str | Path | Iterable[str | Path] | None = None, on_error: OnError = "fail", layout: Layout = "auto"
+    path: str | Path | Iterable[str | Path] | None = None, on_error: OnError = "fail", layout: Layout = "auto",
+    split: str = "train",
 ) -> tuple[list[Character], ReadReport]:
-    """Characters and a ``ReadReport`` (skips by reason, duplicate ids dropped after the first, all errors)."""
+    """Characters and a ``ReadReport`` (skips by reason, duplicate ids dropped after the first, all errors).
+
+    ``path``: JSONL file(s)/folder/glob, or a TFDS dataset folder written by ``build_characters_tfds`` (then
+    ``split`` names the TFDS split); None = the embedded default.
+    """
+    parse = lambda o, p, n: parse_character(o, p, n, layout)  # noqa: E731
+    if isinstance(path, (str, Path)) and Path(path).is_dir() and (ds := find_dataset_dir(path)):
+        from ditto_jax.data.tfds_builder import open_split
+
+        source, origin = open_split(ds, split), f"{ds}[{split}]"
+        items = ((origin, i, decode_json(source[i]["json"], origin, i)) for i in range(len(source)))
+        return read_items(items, parse, on_error, key=lambda c: c.id)
     files = default_character_files() if path is None else expand_paths(path)
     if not files:
         raise FileNotFoundError(f"no character files found at {path or 'the embedded default'}")
-    return read_records(files, lambda o, p, n: parse_character(o, p, n, layout), on_error, key=lambda c: c.id)
+    return read_records(files, parse, on_error, key=lambda c: c.id)
+
+
+def build_characters_tfds(characters: Iterable[Character], data_dir: str | Path, split: str = "train") -> Path:
+    """Write characters as a TFDS ``array_record`` dataset (one split); returns its version folder."""
+    from ditto_jax.data.tfds_builder import CharacterKb, build
+
+    return build(CharacterKb, {split: [c.model_dump(mode="json") for c in characters]}, data_dir)
 
 
 def load_characters(
