@@ -174,6 +174,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "torch_dtype": cfg.param_dtype,
         "use_cache": True,
     }
+    if arch == "qwen2" and cfg.head_dim is None:
+        del out["head_dim"]  # Qwen2Config has no head_dim field (derived from hidden_size / heads)
     if arch == "llama":
         out.update(attention_bias=False, mlp_bias=False)
     if arch == "qwen3":

@@ -60,13 +60,19 @@ def save_model_checkpoint(model: nnx.Module, cfg: ModelConfig | None, path: str 
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     multihost_utils.sync_global_devices(f"ckpt-begin:{path}")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((partial / PARAMS_DIR).absolute(), nnx.state(model, nnx.Param).to_pure_dict())
-    checkpointer.wait_until_finished()
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save((partial / PARAMS_DIR).absolute(), nnx.state(model, nnx.Param).to_pure_dict())
+        checkpointer.wait_until_finished()
+        if writer:
+            atomic_write_text(partial / MODEL_CONFIG_FILE, dump_config(cfg))
+            if tokenizer is not None:
+                tokenizer.save(partial / TOKENIZER_DIR)
+    except BaseException:
+        if writer:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     if writer:
-        atomic_write_text(partial / MODEL_CONFIG_FILE, dump_config(cfg))
-        if tokenizer is not None:
-            tokenizer.save(partial / TOKENIZER_DIR)
         old = path.parent / f".{path.name}.old"
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
