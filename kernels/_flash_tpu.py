@@ -54,8 +54,8 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
 
     in_specs = [
         pl.BlockSpec((None, None, bq, d), lambda bb, h, i, j: (bb, h, i, 0)),
-        pl.BlockSpec((None, None, bk, d), lambda bb, h, i, j: (bb, h // g, kv_block(i, j), 0)),
-        pl.BlockSpec((None, None, bk, d), lambda bb, h, i, j: (bb, h // g, kv_block(i, j), 0)),
+        pl.BlockSpec((None, None, bk, d), lambda bb, h, i, j: (bb, lax.div(h, g), kv_block(i, j), 0)),
+        pl.BlockSpec((None, None, bk, d), lambda bb, h, i, j: (bb, lax.div(h, g), kv_block(i, j), 0)),
     ]
     args = [_bhsd(q), _bhsd(k), _bhsd(v)]
     if p.has_segments:
@@ -150,7 +150,7 @@ def _dq(q, k, v, do, lse, delta, segs, p: FlashProblem, bq: int, bk: int, interp
         return jnp.minimum(j, jnp.maximum(hi - 1, 0))
 
     row = lambda bb, h, i, j: (bb, h, i, 0)  # noqa: E731
-    kv = lambda bb, h, i, j: (bb, h // g, kv_block(i, j), 0)  # noqa: E731
+    kv = lambda bb, h, i, j: (bb, lax.div(h, g), kv_block(i, j), 0)  # noqa: E731
     in_specs = [pl.BlockSpec((None, None, bq, d), row), pl.BlockSpec((None, None, bk, d), kv),
                 pl.BlockSpec((None, None, bk, d), kv), pl.BlockSpec((None, None, bq, d), row),
                 pl.BlockSpec((None, None, bq, 1), row), pl.BlockSpec((None, None, bq, 1), row)]
@@ -214,9 +214,9 @@ def _dkv(q, k, v, do, lse, delta, segs, p: FlashProblem, bq: int, bk: int, inter
 
     def q_block(j, t):
         lo, _ = q_range(p, j, bq, bk)
-        return jnp.maximum(t % nq, jnp.minimum(lo, nq - 1))
+        return jnp.maximum(lax.rem(t, nq), jnp.minimum(lo, nq - 1))
 
-    row = lambda bb, h, j, t: (bb, h * g + t // nq, q_block(j, t), 0)  # noqa: E731
+    row = lambda bb, h, j, t: (bb, h * g + lax.div(t, nq), q_block(j, t), 0)  # noqa: E731
     kv = lambda bb, h, j, t: (bb, h, j, 0)  # noqa: E731
     in_specs = [pl.BlockSpec((None, None, bq, d), row), pl.BlockSpec((None, None, bk, d), kv),
                 pl.BlockSpec((None, None, bk, d), kv), pl.BlockSpec((None, None, bq, d), row),
@@ -232,7 +232,7 @@ def _dkv(q, k, v, do, lse, delta, segs, p: FlashProblem, bq: int, bk: int, inter
             q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
             qs_ref = ks_ref = None
         j, t_all = pl.program_id(2), pl.program_id(3)
-        t = t_all % nq
+        t = lax.rem(t_all, nq)
         lo, mid = q_range(p, j, bq, bk)
 
         @pl.when(t_all == 0)

@@ -83,8 +83,8 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
     num_warps = blocks.num_warps or (4 if d <= 64 else 8)
     in_specs = [
         pl.BlockSpec((None, bq, None, d), lambda i, bb, h: (bb, i, h, 0)),
-        pl.BlockSpec((None, sk, None, d), lambda i, bb, h: (bb, 0, h // g, 0)),
-        pl.BlockSpec((None, sk, None, d), lambda i, bb, h: (bb, 0, h // g, 0)),
+        pl.BlockSpec((None, sk, None, d), lambda i, bb, h: (bb, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((None, sk, None, d), lambda i, bb, h: (bb, 0, lax.div(h, g), 0)),
     ]
     args = [q, k, v]
     if p.has_segments:
@@ -199,8 +199,8 @@ def flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p: FlashProblem, blocks: Block
     bq, bk = blocks.dq
     in_specs = [
         pl.BlockSpec((None, bq, None, d), lambda i, bb, h: (bb, i, h, 0)),
-        pl.BlockSpec((None, sk, None, d), lambda i, bb, h: (bb, 0, h // g, 0)),
-        pl.BlockSpec((None, sk, None, d), lambda i, bb, h: (bb, 0, h // g, 0)),
+        pl.BlockSpec((None, sk, None, d), lambda i, bb, h: (bb, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((None, sk, None, d), lambda i, bb, h: (bb, 0, lax.div(h, g), 0)),
         pl.BlockSpec((None, bq, None, d), lambda i, bb, h: (bb, i, h, 0)),
         pl.BlockSpec((None, None, bq), lambda i, bb, h: (bb, h, i)),
         pl.BlockSpec((None, None, bq), lambda i, bb, h: (bb, h, i)),
