@@ -8,7 +8,7 @@ no dummy prefix, and fixed special ids::
 
     0 <pad>   1 <unk>   2 <|endoftext|> (eos)   3 <|im_start|>   4 <|im_end|>   5..260 <0x00>..<0xFF>
 
-    python scripts/make_tokenizer.py [--vocab-size 512] [--out ditto_jax/data/assets/tokenizer.model]
+    python scripts/make_tokenizer.py [--vocab-size 2048] [--max-chars 600] [--out ditto_jax/data/assets/tokenizer.model]
 
 Training is single-threaded, so the same text gives the same model.
 """
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     import sentencepiece as spm
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab-size", type=int, default=512)
-    parser.add_argument("--max-chars", type=int, default=160, help="characters kept as pieces")
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--max-chars", type=int, default=600, help="characters kept as pieces")
     parser.add_argument("--input", action="append", default=None, help="glob(s) of training text")
     parser.add_argument("--out", default=str(ASSETS / "tokenizer.model"))
     args = parser.parse_args(argv)

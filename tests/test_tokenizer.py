@@ -136,7 +136,7 @@ def test_hf_tokenizer_without_chatml_gets_appended_tokens():
 
 def test_default_tokenizer_roundtrip_and_token_bytes():
     tok = default_tokenizer()
-    assert tok.vocab_size == 512
+    assert tok.vocab_size == 2048
     assert tok.chat_format == "chatml" and tok.bos_id is None
     assert {tok.pad_id, tok.eos_id, tok.im_start_id, tok.im_end_id} <= tok.special_ids
     for text in TEXTS:
