@@ -106,6 +106,8 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         _require_false(hf, "attention_bias", source)
     if arch == "llama":
         _require_false(hf, "mlp_bias", source)
+    if hf.get("quantization_config"):
+        raise HFCheckpointError(f"{source}: quantized checkpoints are not supported (field 'quantization_config')")
     for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if field not in hf:
             raise HFCheckpointError(f"{source}: required field {field!r} is missing")

@@ -32,6 +32,7 @@ from ditto_jax.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
+STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 SINGLE_FILE = "model.safetensors"
 
 
@@ -112,6 +113,14 @@ class TensorReader:
             raise HFCheckpointError(f"{file}: tensor {name!r} listed in the index is not in this file")
         return handle.get_slice(name)
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype of tensor ``name`` as a numpy name; only float32/bfloat16/float16 are accepted."""
+        stored = self.slice(name).get_dtype()
+        if stored not in STORED_DTYPES:
+            raise HFCheckpointError(f"{self.files[name]}: tensor {name!r} has dtype {stored}; "
+                                    f"supported: {', '.join(STORED_DTYPES)}")
+        return STORED_DTYPES[stored]
+
     def shape(self, name: str) -> tuple[int, ...]:
         """The stored shape of tensor ``name``."""
         return tuple(self.slice(name).get_shape())
@@ -137,6 +146,7 @@ def _check_tensors(reader: TensorReader, cfg: ModelConfig, shapes: dict[str, tup
                     ", ".join((ignored + tied_head)[:3]))
     for name, (rule, _) in expected.items():
         want = hf_shape(shapes[rule.ours], rule)
+        reader.dtype(name)
         got = reader.shape(name)
         if got != want:
             raise HFCheckpointError(
@@ -225,35 +235,30 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None, dtype: str | np.
     Args:
       path: folder with ``config.json`` and ``model.safetensors`` or ``model-*.safetensors`` + index.
       mesh: place every parameter directly in its sharding on this mesh (default: the first device).
-      dtype: parameter and compute dtype (default: the checkpoint's ``torch_dtype``).
+      dtype: parameter and compute dtype (default: the dtype the tensors are stored in).
       rules: logical-axis rules overriding ``ditto_jax.mesh.DEFAULT_RULES``.
     """
     path = Path(path)
-    hf_cfg = read_hf_config(path)
-    cfg = from_hf_config(hf_cfg, source=str(path / "config.json"))
-    if dtype is not None:
-        name = jnp.dtype(dtype).name
+    cfg = from_hf_config(read_hf_config(path), source=str(path / "config.json"))
+    with TensorReader(path, weight_files(path)) as reader:
+        name = jnp.dtype(dtype).name if dtype is not None else reader.dtype("model.embed_tokens.weight")
         cfg = cfg.model_copy(update={"param_dtype": name, "dtype": name})
-    files = weight_files(path)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abs_state = nnx.split(abstract)
-    if mesh is not None:
-        shardings = {p: v.get_value() for p, v in nnx.to_flat_state(param_shardings(abs_state, mesh, rules))}
-    else:
-        device = SingleDeviceSharding(jax.local_devices()[0])
-        shardings = {p: device for p, _ in nnx.to_flat_state(abs_state)}
-    flat = list(nnx.to_flat_state(abs_state))
-    shapes = {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in flat}
-    with TensorReader(path, files) as reader:
-        expected = _check_tensors(reader, cfg, shapes)
-        by_param: dict[str, tuple[TensorRule, list[str]]] = {}
-        for name, (rule, _) in expected.items():
-            by_param.setdefault(rule.ours, (rule, []))[1].append(name)
+        graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+        flat = list(nnx.to_flat_state(abs_state))
         keys = {".".join(map(str, p)): p for p, _ in flat}
+        abstract = {k: v.get_value() for k, (_, v) in zip(keys, flat)}
+        if mesh is not None:
+            by_path = {p: v.get_value() for p, v in nnx.to_flat_state(param_shardings(abs_state, mesh, rules))}
+            shardings = {k: by_path[p] for k, p in keys.items()}
+        else:
+            shardings = {k: SingleDeviceSharding(jax.local_devices()[0]) for k in keys}
+        expected = _check_tensors(reader, cfg, {k: tuple(a.shape) for k, a in abstract.items()})
+        by_param: dict[str, tuple[TensorRule, list[str]]] = {}
+        for tensor, (rule, _) in expected.items():
+            by_param.setdefault(rule.ours, (rule, []))[1].append(tensor)
         unfilled = sorted(set(keys) - set(by_param))
         if unfilled:
             raise HFCheckpointError(f"{path}: no rule fills parameter(s) {unfilled} (mapping table incomplete)")
-        abstract_values = {k: v.get_value() for k, v in zip(keys, (v for _, v in flat))}
-        arrays = _build_params(reader, by_param, abstract_values, {k: shardings[p] for k, p in keys.items()})
-    state = nnx.from_flat_state([(p, var.replace(arrays[".".join(map(str, p))])) for p, var in flat])
+        arrays = _build_params(reader, by_param, abstract, shardings)
+    state = nnx.from_flat_state([(p, var.replace(arrays[k])) for k, (p, var) in zip(keys, flat)])
     return nnx.merge(graphdef, state), cfg
