@@ -1,0 +1,100 @@
+"""Judge prompts (EN/ZH), option text, output constraints over the real tokenizer, and parsers."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ditto_jax.data.characters import default_characters
+from ditto_jax.eval import judge as J
+from ditto_jax.eval.testsets import load_wikiroleeval
+from ditto_jax.eval.wikiroleeval import session_options
+from ditto_jax.tokenizer import default_tokenizer
+
+
+def test_prompts_in_session_language_contain_the_turn():
+    en = J.consistency_messages("en", "Who are you?", "I am a sailor.", ["A one", "B two", "C three", "D four"])
+    assert en[0]["role"] == "system" and en[1]["role"] == "user"
+    assert "Who are you?" in en[1]["content"] and "I am a sailor." in en[1]["content"]
+    assert "A. A one" in en[1]["content"] and "D. D four" in en[1]["content"] and "A, B, C, D" in en[1]["content"]
+    zh = J.knowledge_messages("zh", "张衡", "东汉天文学家。", ["造地动仪"], "地动仪？", "它有八条龙。")
+    assert "张衡" in zh[1]["content"] and "- 造地动仪" in zh[1]["content"] and "10（" in zh[1]["content"]
+    assert "参考事实" in zh[1]["content"]
+    none = J.knowledge_messages("en", "X", "s", [], "q", "a")
+    assert "(none for this question)" in none[1]["content"]
+    rej = J.rejection_messages("en", "Ada", "Do you use a smartphone?", "What is that?")
+    assert "Reply with 1 or 0 only" in rej[1]["content"] and "Ada" in rej[1]["content"]
+    mt = J.mtbench_messages(["first q", "second q"], ["ans1", "ans2"], 1)
+    assert "first q" in mt[1]["content"] and "ans2" in mt[1]["content"] and "second question" in mt[1]["content"]
+    mt0 = J.mtbench_messages(["first q", "second q"], ["ans1"], 0)
+    assert "second q" not in mt0[1]["content"]
+
+
+def test_options_use_first_sentence_of_kb_description():
+    assert J.first_sentence("King of England. Won at Crecy.") == "King of England."
+    assert J.first_sentence("东汉天文学家。发明地动仪。") == "东汉天文学家。"
+    assert J.first_sentence("no period here") == "no period here"
+    sessions, _ = load_wikiroleeval()
+    descriptions = J.descriptions_by_label(default_characters())
+    for s in sessions:
+        opts = session_options(s, descriptions)
+        assert len(opts) == 4
+        for cand, opt in zip(s.candidates, opts):
+            assert opt.startswith(cand)
+            if cand in descriptions:
+                assert J.first_sentence(descriptions[cand]) in opt
+    unknown = session_options(sessions[0].model_copy(update={"candidates": ("Nobody Known", sessions[0].label)}), {})
+    assert unknown[0] == "Nobody Known"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("B", 1), (" C\n", 2), ("(A)", 0), ("D.", 3), ("Answer: B", 1), ("答案：C", 2), ("E", None), ("", None),
+    ("I think", None), ("The answer is d", None),
+])
+def test_parse_choice(text, expected):
+    assert J.parse_choice(text, 4) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("7", 7), ("10", 10), ("1", 1), (" 3 ", 3), ("0", None), ("11", None), ("Score: 8", 8), ("[[6]]", 6),
+    ("analysis...\n9", 9), ("seven", None), ("", None),
+])
+def test_parse_score(text, expected):
+    assert J.parse_score(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [("1", 1), ("0", 0), (" 0\n", 0), ("yes", None), ("10", None)])
+def test_parse_binary(text, expected):
+    assert J.parse_binary(text) == expected
+
+
+def test_parse_output_dispatch_and_none():
+    assert J.parse_output("rejection", None) is None
+    assert J.parse_output("mtbench", "5") == 5
+    with pytest.raises(ValueError):
+        J.parse_output("style", "1")
+
+
+@pytest.mark.parametrize("metric,accepted,rejected", [
+    ("consistency", ["A", "B", "C", "D"], ["E", "AB", ""]),
+    ("knowledge", [str(i) for i in range(1, 11)], ["0", "11", "01", ""]),
+    ("rejection", ["0", "1"], ["2", "10", ""]),
+])
+def test_output_patterns(metric, accepted, rejected):
+    pattern = J.output_pattern(metric, 4)
+    for text in accepted:
+        assert re.fullmatch(pattern, text) and J.parse_output(metric, text, 4) is not None
+    for text in rejected:
+        assert not re.fullmatch(pattern, text)
+
+
+def test_constraints_compile_over_the_embedded_tokenizer():
+    tok = default_tokenizer()
+    c = J.judge_constraint("knowledge", tok, tok.vocab_size + 8)
+    allowed = [i for i in range(tok.vocab_size) if c.allowed(c.initial_state)[i]]
+    texts = {tok.decode([i]) for i in allowed}
+    assert texts and all(t.strip().isdigit() for t in texts)
+    c = J.judge_constraint("consistency", tok, tok.vocab_size, num_options=3)
+    texts = {tok.decode([i]) for i in range(tok.vocab_size) if c.allowed(c.initial_state)[i]}
+    assert texts <= {"A", "B", "C"} and texts
