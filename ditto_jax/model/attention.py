@@ -1,8 +1,20 @@
 """The one attention dispatch of the model: ``xla`` | ``pallas`` | ``cudnn`` | ``auto``.
 
 ``full_attention`` serves training and scoring (causal, packed segments); ``cached_attention`` serves
-sampling (new tokens against a ragged KV cache). Both share the semantics of
-``ditto_jax.kernels.reference`` and fall back to it where a kernel does not apply.
+sampling (new tokens against a ragged KV cache). Both share the semantics of ``ditto_jax.kernels.reference``.
+
+- ``xla``: the plain-XLA reference (any backend, any feature).
+- ``pallas``: ``ditto_jax.kernels`` (flash attention with fused backward; split-K decode for one new token
+  per row), lowered for the platform (Mosaic TPU, Mosaic GPU on Hopper, Triton on other GPUs, the
+  interpreter on CPU). With an active mesh (``jax.set_mesh``) the kernels run under ``shard_map`` over batch
+  (``data``/``fsdp``) and heads (``tensor``).
+- ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on GPU. cuDNN's packed-sequence
+  interface needs per-row segment offsets rather than segment ids, so calls with ``segment_ids`` use
+  ``pallas`` instead; so do cache calls (decode).
+- ``auto``: ``pallas`` on TPU, ``cudnn`` on GPU (``pallas`` where cuDNN does not apply), ``xla`` on CPU
+  (the interpreter is for tests, not speed).
+
+Sliding-window attention is not in the kernels: it always takes the ``xla`` path.
 """
 
 from __future__ import annotations
@@ -10,43 +22,60 @@ from __future__ import annotations
 import jax
 
 from ditto_jax.kernels.reference import attention_reference
+from ditto_jax.kernels.sharding import shard_over_batch_and_heads
+from ditto_jax.mesh import DEFAULT_RULES
 
 
 def resolve_impl(impl: str) -> str:
     """Map ``auto`` to the best implementation for the default backend."""
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
-    if backend == "gpu":
-        return "cudnn"
-    if backend == "tpu":
-        return "pallas"
-    return "xla"
+    return {"tpu": "pallas", "gpu": "cudnn"}.get(jax.default_backend(), "xla")
+
+
+def _mesh_axes() -> dict[str, tuple[str, ...]]:
+    return {"batch_axes": DEFAULT_RULES["batch"] or (), "head_axes": DEFAULT_RULES["q_heads"] or ()}
+
+
+def _pallas_full(q, k, v, segment_ids):
+    from ditto_jax.kernels import flash_attention
+
+    def fn(q, k, v, seg):
+        return flash_attention(q, k, v, causal=True, segment_ids=seg)
+
+    return shard_over_batch_and_heads(
+        fn, (q, k, v, segment_ids), ("bshd", "bskd", "bskd", "bs"), "bshd",
+        batch=q.shape[0], q_heads=q.shape[2], kv_heads=k.shape[2], **_mesh_axes(),
+    )
 
 
 def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, segment_ids: jax.Array | None,
                    sliding_window: int | None = None) -> jax.Array:
     """Causal self-attention over a whole (possibly packed) sequence: q ``[B,T,Hq,D]``, k/v ``[B,T,Hkv,D]``."""
     impl = resolve_impl(impl)
-    if impl == "pallas" and sliding_window is None:
-        from ditto_jax.kernels import flash_attention
-
-        return flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
-    if impl == "cudnn" and sliding_window is None and segment_ids is None:
+    if sliding_window is not None or impl == "xla":
+        return attention_reference(q, k, v, causal=True, segment_ids=segment_ids, sliding_window=sliding_window)
+    if impl == "cudnn" and segment_ids is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    return attention_reference(q, k, v, causal=True, segment_ids=segment_ids, sliding_window=sliding_window)
+    if impl in ("pallas", "cudnn"):
+        return _pallas_full(q, k, v, segment_ids)
+    raise ValueError(f"attention implementation {impl!r} not in xla|pallas|cudnn|auto")
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_offset: jax.Array, impl: str,
                      sliding_window: int | None = None) -> jax.Array:
     """New tokens q ``[B,T,Hq,D]`` (at cache positions ``q_offset[b] + t``) against caches ``[B,S,Hkv,D]``.
 
-    The cache already holds the new tokens' keys and values. One new token per row uses the decode kernel
-    when ``impl`` is ``pallas``; everything else uses the masked XLA path.
+    The cache already holds the new tokens' keys and values. One new token per row uses the split-K decode
+    kernel under ``pallas``/``cudnn``; prefill chunks and sliding windows use the masked XLA path.
     """
     impl = resolve_impl(impl)
-    if q.shape[1] == 1 and impl == "pallas" and sliding_window is None:
+    if q.shape[1] == 1 and impl in ("pallas", "cudnn") and sliding_window is None:
         from ditto_jax.kernels import decode_attention
 
-        return decode_attention(q[:, 0], k_cache, v_cache, q_offset + 1)[:, None]
+        o = shard_over_batch_and_heads(
+            decode_attention, (q[:, 0], k_cache, v_cache, q_offset + 1), ("bhd", "bskd", "bskd", "b"), "bhd",
+            batch=q.shape[0], q_heads=q.shape[2], kv_heads=k_cache.shape[2], **_mesh_axes(),
+        )
+        return o[:, None]
     return attention_reference(q, k_cache, v_cache, causal=True, q_offset=q_offset, sliding_window=sliding_window)
