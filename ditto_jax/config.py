@@ -41,7 +41,8 @@ def resolve_config_path(name: str | Path) -> Path:
     if path.exists():
         return path
     rel = Path(*path.parts[1:]) if path.parts and path.parts[0] == "configs" else path
-    for cand in (packaged_configs_dir() / rel, packaged_configs_dir() / rel.with_suffix(".yaml")):
+    # Append (not replace) the suffix: a preset name may contain dots ("qwen2.5-0.5b").
+    for cand in (packaged_configs_dir() / rel, packaged_configs_dir() / rel.parent / f"{rel.name}.yaml"):
         if cand.exists():
             return cand
     raise ConfigError(f"config not found: {name} (neither a file nor a preset under {packaged_configs_dir()})")
