@@ -116,9 +116,6 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch.")
     if dtype not in DTYPES:
         raise HFCheckpointError(f"{source}: unsupported dtype {dtype!r} (field 'torch_dtype'/'dtype')")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim == hf["hidden_size"] // hf["num_attention_heads"]:
-        head_dim = None
     values = dict(
         architecture=arch,
         vocab_size=hf["vocab_size"],
@@ -126,7 +123,7 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         num_layers=num_layers,
         num_heads=hf["num_attention_heads"],
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=head_dim,
+        head_dim=hf.get("head_dim"),
         intermediate_size=hf["intermediate_size"],
         rope_theta=theta,
         rope_scaling=scaling,
