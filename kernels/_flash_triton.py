@@ -177,11 +177,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
-    carry = (jnp.zeros(k.shape, acc_t), jnp.zeros(v.shape, acc_t))
-    for g in range(p.groups):  # static: GQA groups are small
+    def group(g, carry):
         carry = lax.fori_loop(lo, mid, functools.partial(body, masked=True, g=g), carry)
-        carry = lax.fori_loop(mid, nq, functools.partial(body, masked=False, g=g), carry)
-    dk, dv = carry
+        return lax.fori_loop(mid, nq, functools.partial(body, masked=False, g=g), carry)
+
+    carry = (jnp.zeros(k.shape, acc_t), jnp.zeros(v.shape, acc_t))
+    dk, dv = lax.fori_loop(0, p.groups, group, carry) if p.groups > 1 else group(0, carry)
     dk_ref[...] = (dk * p.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
