@@ -1,0 +1,45 @@
+"""``ditto-jax train --config FILE --workdir DIR [dotted.key=value ...]``: SFT; re-running resumes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``train``."""
+    p = subparsers.add_parser("train", help="supervised fine-tuning on a role-play corpus",
+                              description="Supervised fine-tuning. Re-running with the same --workdir resumes from "
+                                          "the newest complete checkpoint.")
+    p.add_argument("--config", required=True, help="SFT config YAML (a path or a preset such as sft/tiny)")
+    p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, tensorboard, export")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optim.peak_lr=1e-5")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process runs)")
+    p.add_argument("--num-processes", type=int, default=None, help="number of processes in the run")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the config (before JAX starts), start the distributed runtime, train."""
+    from ditto_jax.config import ConfigError
+    from ditto_jax.train.config import load_sft_config
+
+    try:
+        cfg = load_sft_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from ditto_jax import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, platform=cfg.platform)
+    from ditto_jax.train.loop import TrainingError, run_training
+
+    try:
+        result = run_training(cfg, args.workdir)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{result.status}: step {result.step}, loss {result.metrics.get('loss', float('nan')):.4f}, "
+          f"checkpoint {result.last_checkpoint}")
+    return 0

@@ -1,0 +1,274 @@
+"""``ditto-jax train``: the SFT loop (resume, steps, validation, checkpoints, NaN guard, SIGTERM, HF export)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ditto_jax.config import dump_config
+from ditto_jax.distributed import global_batch, is_primary
+from ditto_jax.fileio import atomic_write_json, atomic_write_text
+from ditto_jax.mesh import make_mesh
+from ditto_jax.model import ModelConfig, Transformer
+from ditto_jax.train import step as steplib
+from ditto_jax.train.checkpoint import Checkpoints
+from ditto_jax.train.config import SFTConfig, resolve_asset_paths
+from ditto_jax.train.metrics import MetricsWriter, device_peak_flops
+from ditto_jax.train.optim import lr_schedule, make_optimizer
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad input, non-finite loss); the message says why and what was kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """How a ``run_training`` call ended."""
+
+    status: str  # "completed" | "preempted" | "non_finite"
+    step: int
+    last_checkpoint: int | None
+    metrics: dict[str, Any]
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag checked between steps (the state is then checkpointed)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def __enter__(self) -> "_Preemption":
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _tokenizer(cfg: SFTConfig) -> Any:
+    from ditto_jax.model.checkpoint import tokenizer_dir
+    from ditto_jax.tokenizer import default_tokenizer, load_tokenizer
+
+    path = cfg.model.tokenizer or (tokenizer_dir(cfg.model.path) if cfg.model.path else None)
+    return load_tokenizer(path) if path else default_tokenizer()
+
+
+def _pipeline(cfg: SFTConfig, tokenizer: Any, eval_split: bool = False) -> Any:
+    from ditto_jax.data.pipeline import make_pipeline
+
+    data = cfg.data.model_copy(update={"paths": resolve_asset_paths(cfg.data.paths)})
+    if eval_split:
+        paths = resolve_asset_paths(cfg.eval.paths) if cfg.eval.paths is not None else data.paths
+        data = data.model_copy(update={"paths": paths, "split": cfg.eval.split, "shuffle": False})
+    try:
+        pipe = make_pipeline(data, tokenizer)
+    except FileNotFoundError as exc:
+        raise TrainingError(f"{'eval' if eval_split else 'data'}.paths: corpus not found: {exc}") from exc
+    except ValueError as exc:
+        raise TrainingError(f"{'eval' if eval_split else 'data'}: {exc} (paths: {data.paths}; "
+                            f"{_skip_reasons(data, tokenizer)})") from exc
+    return pipe
+
+
+def _skip_reasons(data: Any, tokenizer: Any) -> str:
+    from ditto_jax.data.pipeline import prepare_examples, reason_counts
+
+    try:
+        _, summary = prepare_examples(data, tokenizer, jax.process_index(), jax.process_count())
+    except Exception as exc:  # noqa: BLE001 - only used to enrich an error message
+        return f"summary unavailable: {exc}"
+    return f"sessions read: {summary.read.read}, skipped/dropped: {reason_counts(summary) or 'none'}"
+
+
+def _check_mesh(cfg: SFTConfig, mesh: jax.sharding.Mesh) -> None:
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.data.global_batch_size // cfg.train.grad_accum
+    if micro % dp:
+        raise TrainingError(f"micro-batch {micro} (data.global_batch_size / train.grad_accum) is not divisible "
+                            f"by the {dp} data-parallel devices (mesh data x fsdp)")
+    if cfg.data.global_batch_size % jax.process_count():
+        raise TrainingError(f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by the "
+                            f"{jax.process_count()} processes")
+
+
+def _model_config(cfg: SFTConfig, meta: dict[str, Any] | None) -> ModelConfig | None:
+    return ModelConfig.model_validate(meta["model_config"]) if meta and "model_config" in meta else None
+
+
+def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
+    """Train (or resume training) in ``workdir``; see the module docstring for what is written there."""
+    from ditto_jax.model_source import load_model_source
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_primary():
+        atomic_write_text(workdir / "config.yaml", dump_config(cfg))
+
+    tokenizer = _tokenizer(cfg)
+    pipe = _pipeline(cfg, tokenizer)
+    eval_pipe = _pipeline(cfg, tokenizer, eval_split=True) if cfg.eval.every else None
+    mesh = make_mesh(cfg.mesh)
+    _check_mesh(cfg, mesh)
+    rules = cfg.mesh.logical_rules()
+
+    ckpts = Checkpoints(workdir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
+    total = cfg.train.steps
+    tx = make_optimizer(cfg.optim, total)
+    schedule = lr_schedule(cfg.optim, total)
+    data_it = pipe.iterator()
+
+    restored = None
+    if ckpts.steps():
+        from ditto_jax.train.checkpoint import read_meta
+
+        meta = read_meta(ckpts.directory / str(ckpts.steps()[-1]))
+        model_cfg = _model_config(cfg, meta)
+        abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+        target = steplib.abstract_state(abstract_model, tx, mesh, rules)
+        restored = ckpts.restore_latest(target.params, _train_part(target))
+    if restored is not None:
+        model_cfg = _model_config(cfg, restored.meta)
+        graphdef, _ = nnx.split(abstract_model, nnx.Param)
+        state = steplib.TrainState(params=restored.params, **restored.train)
+        data_it.set_state(restored.data)
+        _say(f"resumed from {ckpts.directory / str(restored.step)} (step {restored.step})")
+    else:
+        model, model_cfg, _ = load_model_source(cfg.model, mesh=mesh)
+        _say(f"model: {cfg.model.describe()}, {model_cfg.num_params() / 1e6:.1f}M parameters")
+        graphdef, state = steplib.init_state(model, tx, mesh, cfg.train.seed, rules)
+        del model
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise TrainingError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                            f"{model_cfg.vocab_size}: token ids would fall outside the embedding")
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    start = int(jax.device_get(state.step))
+
+    seq, batch = cfg.data.seq_len, cfg.data.global_batch_size
+    t0 = time.perf_counter()
+    train_fn = steplib.compile_train_step(graphdef, shardings, tx, schedule, accum=cfg.train.grad_accum,
+                                          loss_chunk=cfg.train.loss_chunk, mesh=mesh)
+    train_step = train_fn.lower(state, steplib.abstract_batch(batch, seq, mesh)).compile()
+    eval_step = None
+    if eval_pipe is not None:
+        eval_step = steplib.compile_eval_step(graphdef, shardings, loss_chunk=cfg.train.loss_chunk, mesh=mesh)
+    _say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
+
+    peak, peak_source = device_peak_flops(model_cfg.dtype)
+    flops_per_token = model_cfg.flops_per_token(seq)
+    meta = {"sft_config": cfg.model_dump(mode="json"), "model_config": model_cfg.model_dump(mode="json"),
+            "process_count": jax.process_count()}
+    writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard, resume_step=start)
+    if is_primary():
+        atomic_write_json(workdir / "data_summary.json", pipe.summary.to_dict())
+
+    def save(step: int, st: steplib.TrainState) -> None:
+        ckpts.save(step, st.params, _train_part(st), data_it.get_state(), dict(meta, step=step))
+
+    last_saved = restored.step if restored is not None else None
+    status, record = "completed", {}
+    progress = _progress(cfg, start, total)
+    try:
+        with _Preemption() as preempt:
+            step = start
+            last = time.perf_counter()
+            while step < total:
+                local = next(data_it)
+                state, metrics = train_step(state, global_batch(local, mesh))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                step += 1
+                dt, last = now - last, now
+                if not metrics.pop("finite"):
+                    status = "non_finite"
+                    record = dict(metrics, step=step)
+                    break
+                tps = batch * seq / dt
+                record = {"step": step, **{k: metrics[k] for k in ("loss", "accuracy", "lr", "grad_norm")},
+                          "trained_tokens": int(metrics["tokens"]), "tokens_per_s": tps, "step_time_s": dt,
+                          "mfu": flops_per_token * tps / (peak * jax.device_count())}
+                if eval_step is not None and (step % cfg.eval.every == 0 or step == total):
+                    record.update(_evaluate(eval_step, state.params, eval_pipe, cfg, mesh))
+                    last = time.perf_counter()
+                writer.write(record)
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:.0f}")
+                if step % cfg.checkpoint.every == 0 or step == total or preempt.requested:
+                    save(step, state)
+                    last_saved = step
+                    last = time.perf_counter()
+                if preempt.requested:
+                    status = "preempted"
+                    break
+    finally:
+        progress.close()
+        ckpts.close()
+        writer.close()
+
+    if status == "non_finite":
+        where = (f"the last good checkpoint is {ckpts.directory / str(last_saved)} (step {last_saved})"
+                 if last_saved is not None else "no checkpoint was written")
+        raise TrainingError(f"non-finite loss or gradient at step {record['step']} (loss={record.get('loss')}, "
+                            f"grad_norm={record.get('grad_norm')}); training stopped, {where}. Lower optim.peak_lr, "
+                            f"check the data, or raise optim.clip_norm.")
+    if status == "preempted":
+        _say(f"SIGTERM: checkpoint saved at step {last_saved}; re-run the same command to resume")
+    elif cfg.export_hf:
+        _export(graphdef, state, model_cfg, tokenizer, workdir)
+    result = TrainResult(status=status, step=int(jax.device_get(state.step)), last_checkpoint=last_saved,
+                         metrics=record)
+    if is_primary():
+        atomic_write_json(workdir / "train_summary.json", dataclasses.asdict(result))
+    return result
+
+
+def _train_part(state: steplib.TrainState) -> dict[str, Any]:
+    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def _evaluate(eval_step: Any, params: Any, pipe: Any, cfg: SFTConfig, mesh: Any) -> dict[str, float]:
+    it = pipe.iterator()
+    loss = correct = tokens = 0.0
+    for _ in range(cfg.eval.batches):
+        out = jax.device_get(eval_step(params, global_batch(next(it), mesh)))
+        loss, correct, tokens = loss + float(out["loss_sum"]), correct + float(out["correct"]), tokens + float(out["tokens"])
+    if tokens == 0:
+        return {"eval_loss": math.nan, "eval_accuracy": math.nan}
+    return {"eval_loss": loss / tokens, "eval_accuracy": correct / tokens}
+
+
+def _export(graphdef: Any, state: steplib.TrainState, model_cfg: ModelConfig, tokenizer: Any, workdir: Path) -> None:
+    from ditto_jax import hf
+
+    model = steplib.merge_model(graphdef, state.params)
+    out = workdir / "export" / "hf"
+    hf.save_pretrained(model, model_cfg, out, tokenizer=tokenizer)
+    _say(f"exported the Hugging Face model to {out}")
+
+
+def _progress(cfg: SFTConfig, start: int, total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step",
+                disable=not (cfg.log.progress and is_primary()), dynamic_ncols=True)
+
+
+def _say(message: str) -> None:
+    if is_primary():
+        print(message, flush=True)
