@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,3 +93,38 @@ def test_packed_segments_and_positions_match_separate_sequences(saved):
     # Other relative positions change the logits (RoPE is applied), so the test above is not vacuous.
     shifted = np.asarray(run(model, packed, positions * 2, segments))[0]
     assert np.abs(shifted[1:7] - out[1:7]).max() > 1e-4
+
+
+def test_import_streams_tensors_instead_of_materialising_the_model(tmp_path):
+    """Host (numpy) memory during a load peaks near one layer's tensors, far below the model size."""
+    import tracemalloc
+
+    hf_model = make_hf_model("qwen2", hidden_size=128, intermediate_size=1024, num_hidden_layers=8)
+    path = save_hf(hf_model, tmp_path / "wide")
+    model_bytes = sum(p.numel() * 4 for p in hf_model.parameters())
+    hf.load_pretrained(path)  # imports and compilations first: they are not what is measured
+    tracemalloc.start()
+    try:
+        model, _ = hf.load_pretrained(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(np.asarray(model.layers.mlp.down_proj.kernel[...])[7],
+                          hf_model.model.layers[7].mlp.down_proj.weight.detach().numpy().T)
+    assert peak < model_bytes / 4, (peak, model_bytes)
+
+
+def test_tied_checkpoint_with_a_stored_lm_head_is_loaded_and_the_skip_reported(saved, tmp_path, caplog):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    hf_model, src = saved["llama"]
+    path = Path(shutil.copytree(src, tmp_path / "tied"))
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level("WARNING"):
+        model, cfg = hf.load_pretrained(path)
+    assert cfg.tie_word_embeddings and model.lm_head is None
+    assert "skipped 1 non-parameter tensor(s) (lm_head.weight)" in caplog.text
