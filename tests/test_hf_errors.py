@@ -77,27 +77,19 @@ def test_invalid_config_json(bad):
         hf.load_pretrained(bad)
 
 
-def test_missing_tensor(bad):
-    _edit_tensors(bad, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
-    with pytest.raises(HFCheckpointError, match=r"missing tensor.*model\.layers\.1\.self_attn\.k_proj\.bias"):
-        hf.load_pretrained(bad)
-
-
-def test_extra_tensor(bad):
-    _edit_tensors(bad, lambda t: t.update({"model.layers.7.mlp.gate_proj.weight": np.zeros((64, 32), np.float32)}))
-    with pytest.raises(HFCheckpointError, match=r"unexpected tensor.*model\.layers\.7\.mlp\.gate_proj\.weight"):
-        hf.load_pretrained(bad)
-
-
-def test_non_float_tensor(bad):
-    _edit_tensors(bad, lambda t: t.update({"model.norm.weight": np.ones((32,), np.int8)}))
-    with pytest.raises(HFCheckpointError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has dtype I8"):
-        hf.load_pretrained(bad)
-
-
-def test_shape_mismatch(bad):
-    _edit_tensors(bad, lambda t: t.update({"model.layers.0.mlp.up_proj.weight": np.zeros((60, 32), np.float32)}))
-    with pytest.raises(HFCheckpointError, match=r"model\.safetensors.*up_proj\.weight.*\[60, 32\].*\[64, 32\]"):
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"),
+     r"missing tensor.*model\.layers\.1\.self_attn\.k_proj\.bias"),
+    (lambda t: t.update({"model.layers.7.mlp.gate_proj.weight": np.zeros((64, 32), np.float32)}),
+     r"unexpected tensor.*model\.layers\.7\.mlp\.gate_proj\.weight"),
+    (lambda t: t.update({"model.norm.weight": np.ones((32,), np.int8)}),
+     r"model\.safetensors: tensor 'model\.norm\.weight' has dtype I8"),
+    (lambda t: t.update({"model.layers.0.mlp.up_proj.weight": np.zeros((60, 32), np.float32)}),
+     r"model\.safetensors.*up_proj\.weight.*\[60, 32\].*\[64, 32\]"),
+], ids=["missing", "extra", "int8", "shape"])
+def test_bad_tensors(bad, edit, message):
+    _edit_tensors(bad, edit)
+    with pytest.raises(HFCheckpointError, match=message):
         hf.load_pretrained(bad)
 
 
