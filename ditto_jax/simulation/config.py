@@ -102,10 +102,11 @@ class SessionsConfig(StrictModel):
 
 
 class EngineConfig(StrictModel):
-    """Sampling engine shape: slots of continuous batching, cache length, device mesh."""
+    """Sampling engine of each process: slots of continuous batching, cache length, mesh over local devices."""
 
     batch_size: int = pydantic.Field(16, ge=1)
     max_len: int = pydantic.Field(4096, ge=16)
+    devices: int | None = pydantic.Field(None, ge=1, description="use the first N local devices (None = all)")
     mesh: MeshConfig = pydantic.Field(default_factory=MeshConfig)
 
 

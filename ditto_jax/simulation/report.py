@@ -1,0 +1,99 @@
+"""The simulation report: counts per stage and filter, sessions/turns by language and kind, sample sessions."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Sequence
+
+from ditto_jax.simulation.filters import REASONS
+
+
+def corpus_counts(sessions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Sessions and turns (user/assistant exchanges) overall, by language, by query kind and by language x kind."""
+    by_lang: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    by_kind: collections.Counter = collections.Counter()
+    for s in sessions:
+        users = [t for t in s["turns"] if t["role"] == "user"]
+        by_lang[s["lang"]]["sessions"] += 1
+        by_lang[s["lang"]]["turns"] += len(users)
+        for t in users:
+            by_lang[s["lang"]][t["kind"]] += 1
+            by_kind[t["kind"]] += 1
+    turns = sum(c["turns"] for c in by_lang.values())
+    return {
+        "sessions": len(sessions),
+        "turns": turns,
+        "mean_turns": round(turns / len(sessions), 2) if sessions else 0.0,
+        "characters": len({s["character"] for s in sessions}),
+        "by_lang": {lang: dict(sorted(c.items())) for lang, c in sorted(by_lang.items())},
+        "by_kind": dict(sorted(by_kind.items())),
+    }
+
+
+def sample_sessions(sessions: Sequence[dict[str, Any]], k: int = 3) -> list[dict[str, Any]]:
+    """Up to ``k`` sessions to show: the first of each language, then the longest of the rest (deterministic)."""
+    picked: list[dict[str, Any]] = []
+    for lang in ("en", "zh"):
+        first = next((s for s in sessions if s["lang"] == lang), None)
+        if first is not None:
+            picked.append(first)
+    rest = sorted((s for s in sessions if s not in picked), key=lambda s: (-len(s["turns"]), s["id"]))
+    return (picked + rest)[:k]
+
+
+def build_report(sim: Any, characters: Sequence[Any], pairings: Sequence[Any], plans: Sequence[Any],
+                 sessions: Sequence[dict[str, Any]], corpus: dict[str, Any]) -> dict[str, Any]:
+    """The JSON report of a ``Simulation`` run."""
+    cfg = sim.cfg
+    filters = sim.counts.as_dict()
+    dropped = collections.Counter()
+    for stage in filters.values():
+        dropped.update({r: stage[r] for r in REASONS if stage[r]})
+    return {
+        "supervision_model": cfg.supervision_model.describe(),
+        "seed_model": cfg.seed_model.model_dump(mode="json"),
+        "seed_model_config": str(sim.workdir / "seed_model.yaml"),
+        "seed": cfg.seed,
+        "processes": sim.process_count,
+        "characters": {"total": len(characters),
+                       "by_lang": dict(sorted(collections.Counter(c.lang for c in characters).items()))},
+        "partners": {"strategy": cfg.partners.strategy, "rounds": cfg.partners.rounds,
+                     "cross_language": sum(p.cross_language for p in pairings)},
+        "planned": {"sessions": len(plans), "turns": sum(len(p.turns) for p in plans)},
+        "stages": sim.stage_stats,
+        "filters": filters,
+        "dropped_by_reason": dict(sorted(dropped.items())),
+        "corpus": {**corpus_counts(sessions), **corpus},
+        "samples": sample_sessions(sessions),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A human-readable summary of the report (printed at the end of ``ditto-jax simulate``)."""
+    lines = ["", "== simulation report ==",
+             f"supervision model: {report['supervision_model']}",
+             f"characters: {report['characters']['total']} {report['characters']['by_lang']}, "
+             f"partners: {report['partners']}"]
+    lines.append("stages:")
+    for name, st in report["stages"].items():
+        lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
+    lines.append("filters (kept / dropped by reason):")
+    for stage, c in report["filters"].items():
+        drops = ", ".join(f"{r}={c[r]}" for r in REASONS if c[r]) or "none dropped"
+        lines.append(f"  {stage}: kept {c['kept']}/{c['total']}; {drops}")
+    corpus = report["corpus"]
+    lines.append(f"corpus: {corpus['sessions']} sessions, {corpus['turns']} turns (mean {corpus['mean_turns']}), "
+                 f"{corpus['characters']} characters")
+    for lang, c in corpus["by_lang"].items():
+        lines.append(f"  {lang}: " + ", ".join(f"{k}={v}" for k, v in c.items()))
+    if corpus.get("jsonl"):
+        lines.append(f"  jsonl: {', '.join(corpus['jsonl'])}")
+    if corpus.get("tfds"):
+        lines.append(f"  tfds: {corpus['tfds']['dataset']} {corpus['tfds']['splits']}")
+    for i, s in enumerate(report["samples"], 1):
+        lines.append(f"sample {i}: {s['id']} ({s['lang']}) system: {s['system']}")
+        for t in s["turns"]:
+            tag = f" [{t['kind']}, reject={t['reject']}]" if t["role"] == "user" else ""
+            text = t["content"].replace("\n", " ")
+            lines.append(f"  {t['role']}{tag}: {text[:160]}{'…' if len(text) > 160 else ''}")
+    return "\n".join(lines)
