@@ -133,3 +133,22 @@ def test_assembled_session_is_valid_and_has_no_profile_in_system(chars):
         assert all(u["evidence"] for u in users)
         assert session.lang == c.lang
     assert assemble_session(plans[0], [None] * len(plans[0].turns), ids[plans[0].character], {}) is None
+
+
+def test_response_tasks_and_dialogue_history(chars):
+    from ditto_jax.simulation.prompts import ProfileBudget
+    from ditto_jax.simulation.responses import response_tasks, task_messages
+
+    cs, ids, _, plans, _ = _plan(chars)
+    every = response_tasks(plans)
+    assert len(every) == sum(len(p.turns) for p in plans)
+    assert [t.request_id for t in every] == sorted(t.request_id for t in every)
+    wave = response_tasks(plans, 2)
+    assert all(t.index == 2 for t in wave) and len(wave) == len(plans)
+    t = wave[0]
+    history = [(t.plan.turns[0].query, "first answer"), (t.plan.turns[1].query, "second answer")]
+    messages = task_messages(t, ids, history, ProfileBudget())
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert messages[-1]["content"] == t.plan.turns[2].query and messages[2]["content"] == "first answer"
+    assert ids[t.plan.character].label in messages[0]["content"]
+    assert len(task_messages(t, ids, [], ProfileBudget())) == 2  # independent: profile + the query only

@@ -48,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
+    import jax
+
+    if jax.process_index() != 0:
+        print(f"process {jax.process_index()}: done (process 0 writes the corpus and the report)")
+    elif args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
         print(format_report(report))

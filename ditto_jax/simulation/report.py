@@ -41,6 +41,20 @@ def sample_sessions(sessions: Sequence[dict[str, Any]], k: int = 3) -> list[dict
     return (picked + rest)[:k]
 
 
+def sft_overrides(seed_model: Any, corpus_dir: str) -> list[str]:
+    """Dotted ``ditto-jax train`` overrides that fine-tune ``seed_model`` on the simulated corpus.
+
+    Every ``ModelSource`` field is set (``null`` clears a field the SFT config had), so the SFT run trains
+    exactly the seed model named in the simulate config, whatever its ``model:`` entry said.
+    """
+    import json as _json
+
+    out = [f"data.paths=[{corpus_dir}]"]
+    for key, value in seed_model.model_dump(mode="json").items():
+        out.append(f"model.{key}={'null' if value is None else _json.dumps(value) if not isinstance(value, str) else value}")
+    return out
+
+
 def build_report(sim: Any, characters: Sequence[Any], pairings: Sequence[Any], plans: Sequence[Any],
                  sessions: Sequence[dict[str, Any]], corpus: dict[str, Any]) -> dict[str, Any]:
     """The JSON report of a ``Simulation`` run."""
@@ -53,6 +67,7 @@ def build_report(sim: Any, characters: Sequence[Any], pairings: Sequence[Any], p
         "supervision_model": cfg.supervision_model.describe(),
         "seed_model": cfg.seed_model.model_dump(mode="json"),
         "seed_model_config": str(sim.workdir / "seed_model.yaml"),
+        "sft_overrides": sft_overrides(cfg.seed_model, str(sim.workdir / "corpus")),
         "seed": cfg.seed,
         "processes": sim.process_count,
         "characters": {"total": len(characters),
@@ -90,6 +105,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  jsonl: {', '.join(corpus['jsonl'])}")
     if corpus.get("tfds"):
         lines.append(f"  tfds: {corpus['tfds']['dataset']} {corpus['tfds']['splits']}")
+    lines.append("fine-tune the seed model on it: ditto-jax train --config configs/sft/... --workdir RUN "
+                 + " ".join(report["sft_overrides"]))
     for i, s in enumerate(report["samples"], 1):
         lines.append(f"sample {i}: {s['id']} ({s['lang']}) system: {s['system']}")
         for t in s["turns"]:
