@@ -3,7 +3,8 @@
 Every tensor is checked (names, shapes) against the family's table before any data is read. Then each of our
 parameters is built on device: a per-layer tensor is read as the slices its devices need
 (``jax.make_array_from_callback`` over safetensors' lazy slices) and written into a preallocated, already
-sharded stacked buffer by a donated in-place update. Host memory peaks at about one tensor.
+sharded stacked buffer by a donated in-place update, one layer at a time: host memory holds at most one
+layer's tensors (on an accelerator each is freed as soon as it is copied), never the model.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import functools
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -73,8 +73,6 @@ def weight_files(path: Path) -> dict[str, Path]:
     if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
         raise HFCheckpointError(f"{path}: only safetensors weights are read (pickled .bin/.pt files are not loaded)")
     raise HFCheckpointError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}")
-
-
 
 
 def safe_open_checked(file: Path) -> Any:
@@ -241,7 +239,10 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None, dtype: str | np.
     path = Path(path)
     cfg = from_hf_config(read_hf_config(path), source=str(path / "config.json"))
     with TensorReader(path, weight_files(path)) as reader:
-        name = jnp.dtype(dtype).name if dtype is not None else reader.dtype("model.embed_tokens.weight")
+        if not reader.files:
+            raise HFCheckpointError(f"{path}: the checkpoint holds no tensors")
+        stored = "model.embed_tokens.weight" if "model.embed_tokens.weight" in reader.files else next(iter(reader.files))
+        name = jnp.dtype(dtype).name if dtype is not None else reader.dtype(stored)
         cfg = cfg.model_copy(update={"param_dtype": name, "dtype": name})
         graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
         flat = list(nnx.to_flat_state(abs_state))
