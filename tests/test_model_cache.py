@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from ditto_jax.model import ModelConfig, create_model, init_cache
@@ -39,3 +40,5 @@ def test_cached_decoding_equals_full_recompute():
         want = np.stack([reference[b, n + t] for b, n in enumerate(prompt_lens)])
         np.testing.assert_allclose(np.asarray(logits)[:, 0], want, atol=1e-5, rtol=0)
     assert np.asarray(cache.lengths).tolist() == (prompt_lens + steps).tolist()
+    with pytest.raises(ValueError, match="segment_ids cannot be combined with a KV cache"):
+        model(prompts, segment_ids=np.ones_like(prompts), cache=cache)

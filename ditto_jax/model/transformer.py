@@ -104,6 +104,8 @@ class Transformer(nnx.Module):
           logits ``[B, T, vocab]`` (float32), or ``(logits, new_cache)`` when a cache is given.
         """
         cfg = self.cfg
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids cannot be combined with a KV cache (packed rows are for full passes)")
         b, t = input_ids.shape
         if positions is None:
             base = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
