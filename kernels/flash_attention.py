@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import warnings
 
 import jax
 import jax.numpy as jnp
 
 from ditto_jax.kernels._common import KV_PAD_SEGMENT, Q_PAD_SEGMENT, FlashProblem
-from ditto_jax.kernels._config import BlockSizes, default_blocks, resolve_backend
+from ditto_jax.kernels._config import BACKEND_ENV, BlockSizes, default_blocks, resolve_backend
 from ditto_jax.kernels.reference import SegmentIds, split_segment_ids
 
 
@@ -46,6 +48,42 @@ def _fit_blocks(blocks: BlockSizes, sq: int, sk: int, backend: str) -> BlockSize
 def _mosaic_gpu_ok(q: jax.Array, k: jax.Array) -> bool:
     d = q.shape[-1]
     return q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and d % 64 == 0 and d <= 256
+
+
+@functools.lru_cache(maxsize=None)
+def mosaic_gpu_self_check(head_dim: int, dtype_name: str) -> str | None:
+    """Compile and run the Mosaic GPU kernels once on a small causal, padded GQA case and compare with XLA.
+
+    Returns None when they agree, else the reason. ``auto`` uses Mosaic GPU only after this passes (the
+    kernels cannot be executed on CPU CI, so a miscompile on a new jax/CUDA must degrade to Triton, not to
+    wrong numbers). ``DITTO_ATTN_SELFCHECK=0`` skips it.
+    """
+    if os.environ.get("DITTO_ATTN_SELFCHECK", "1") == "0":
+        return None
+    from ditto_jax.kernels.reference import attention_reference
+
+    try:
+        dtype = jnp.dtype(dtype_name)
+        ks = jax.random.split(jax.random.key(0), 4)
+        q = jax.random.normal(ks[0], (1, 200, 4, head_dim), jnp.float32).astype(dtype)
+        k = jax.random.normal(ks[1], (1, 330, 2, head_dim), jnp.float32).astype(dtype)
+        v = jax.random.normal(ks[2], (1, 330, 2, head_dim), jnp.float32).astype(dtype)
+        do = jax.random.normal(ks[3], q.shape, jnp.float32).astype(dtype)
+
+        def both(fn):
+            o, vjp = jax.vjp(fn, q, k, v)
+            return (o, *vjp(do))
+
+        got = jax.jit(lambda: both(lambda q, k, v: flash_attention(q, k, v, backend="mosaic_gpu")))()
+        want = jax.jit(lambda: both(lambda q, k, v: attention_reference(q, k, v, causal=True)))()
+        for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+            a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+            err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-6))
+            if not err <= 3e-2:
+                return f"{name} relative error {err:.3g}"
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not pick this lowering automatically
+        return f"{type(exc).__name__}: {str(exc)[:500]}"
+    return None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -136,7 +174,13 @@ def flash_attention(
     _check_inputs(q, k, v)
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
-    backend = resolve_backend(backend, mosaic_gpu_ok=_mosaic_gpu_ok(q, k))
+    requested = backend
+    backend = resolve_backend(backend, mosaic_gpu_ok=_mosaic_gpu_ok(q, k) and segment_ids is None)
+    if backend == "mosaic_gpu" and (requested or os.environ.get(BACKEND_ENV) or "auto") == "auto":
+        reason = mosaic_gpu_self_check(d, jnp.dtype(q.dtype).name)
+        if reason is not None:
+            warnings.warn(f"flash_attention: Mosaic GPU self-check failed ({reason}); using Triton", stacklevel=2)
+            backend = "triton"
     if backend in ("mosaic_gpu", "mosaic_gpu_interpret") and not _mosaic_gpu_ok(q, k):
         raise ValueError(f"mosaic_gpu flash attention needs bf16/fp16 and head dim % 64 == 0; got {q.dtype}, D={d}")
     blocks = _fit_blocks(default_blocks(backend, block_sizes), sq, sk, backend)
