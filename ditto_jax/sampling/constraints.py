@@ -56,10 +56,11 @@ def _byte_vocabulary(tokenizer: Any, vocab_size: int) -> dict[bytes, list[int]]:
     special = set(getattr(tokenizer, "special_ids", ()) or ())
     special.add(tokenizer.eos_id)
     vocab: dict[bytes, list[int]] = {}
+    all_bytes = tokenizer.vocab_bytes() if hasattr(tokenizer, "vocab_bytes") else None
     for tid in range(min(vocab_size, tokenizer.vocab_size)):
         if tid in special:
             continue
-        b = tokenizer.token_bytes(tid)
+        b = all_bytes[tid] if all_bytes is not None else tokenizer.token_bytes(tid)
         if b:
             vocab.setdefault(bytes(b), []).append(tid)
     return vocab

@@ -218,8 +218,8 @@ class Sampler:
         self.graphdef, self.params = nnx.split(model)
         self.state = self._init_state()
         self._shardings = None if mesh is None else self._state_shardings()
-        if self._shardings is not None:
-            self.state = jax.device_put(self.state, self._shardings)
+        # Committed from the start, so the first call compiles the same executable as every later one.
+        self.state = jax.device_put(self.state, self._shardings or jax.devices()[0])
         out_state = self._shardings
         self._prefill = jax.jit(
             functools.partial(prefill_fn, self.graphdef, cfg=cfg), donate_argnums=(1,),

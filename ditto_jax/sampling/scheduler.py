@@ -49,7 +49,8 @@ class SamplingEngine:
 
     Args:
       model: a ``ditto_jax.model.Transformer`` (sharded over ``mesh`` when given).
-      tokenizer: provides ``eos_id`` and ``decode`` (texts and stop strings); may be None (no text, stop ids only).
+      tokenizer: provides ``stop_ids``/``eos_id`` (default stop tokens, with the model config's EOS ids) and
+        ``decode`` (texts and stop strings); may be None (no text; stops on the config's EOS ids only).
       batch_size: number of slots ``B`` decoded together.
       max_len: cache capacity per slot (prompt + generated tokens).
       mesh: device mesh; slots are split over its data axes, cached kv heads over ``tensor``.
@@ -74,8 +75,8 @@ class SamplingEngine:
         self.prefill_batch = prefill_batch or batch_size
         self.default_params = default_params or SamplingParams()
         eos = set(model.cfg.eos_ids)
-        if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
-            eos.add(int(tokenizer.eos_id))
+        if tokenizer is not None:  # end of sequence and end of turn (a chat reply ends at <|im_end|>)
+            eos.update(int(t) for t in getattr(tokenizer, "stop_ids", None) or [tokenizer.eos_id])
         self.eos_ids = sorted(eos)
         self.constraints = ConstraintTables(self.vocab_size)
         self._tables = None
