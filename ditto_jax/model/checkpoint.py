@@ -87,7 +87,14 @@ def load_model_checkpoint(path: str | Path, mesh: Mesh | None = None, dtype: str
                           rules: dict | None = None) -> tuple[Transformer, ModelConfig]:
     """Restore a model checkpoint folder, every parameter directly in its sharding (``dtype`` casts)."""
     path = Path(path)
-    cfg = load_config(ModelConfig, path / MODEL_CONFIG_FILE)
+    return restore_model(load_config(ModelConfig, path / MODEL_CONFIG_FILE), path / PARAMS_DIR, mesh, dtype, rules)
+
+
+def restore_model(cfg: ModelConfig, params_dir: str | Path, mesh: Mesh | None = None, dtype: str | None = None,
+                  rules: dict | None = None) -> tuple[Transformer, ModelConfig]:
+    """A ``Transformer`` of ``cfg`` with the Orbax parameter tree in ``params_dir`` (a model checkpoint's
+    ``params/``, or a training checkpoint's ``params`` item), every parameter restored in its sharding."""
+    params_dir = Path(params_dir)
     if dtype is not None:
         name = jnp.dtype(dtype).name
         cfg = cfg.model_copy(update={"param_dtype": name, "dtype": name})
@@ -102,9 +109,10 @@ def load_model_checkpoint(path: str | Path, mesh: Mesh | None = None, dtype: str
         abs_state.to_pure_dict(), shardings.to_pure_dict(),
     )
     try:
-        restored = ocp.StandardCheckpointer().restore((path / PARAMS_DIR).absolute(), target)
+        restored = ocp.StandardCheckpointer().restore(params_dir.absolute(), target)
     except (ValueError, KeyError, FileNotFoundError) as exc:
-        raise ValueError(f"{path / PARAMS_DIR}: cannot restore parameters for {path / MODEL_CONFIG_FILE}: {exc}") from exc
+        raise ValueError(f"{params_dir}: cannot restore parameters for the model config "
+                         f"({cfg.architecture}, {cfg.num_layers} layers, hidden {cfg.hidden_size}): {exc}") from exc
     nnx.replace_by_pure_dict(abs_state, restored)
     return nnx.merge(graphdef, abs_state), cfg
 
