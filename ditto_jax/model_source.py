@@ -43,7 +43,6 @@ def load_model_source(src: ModelSource, mesh: Any = None) -> tuple[Any, Any, Any
     """Load ``(model, model_config, tokenizer)`` for a ``ModelSource`` (sharded over ``mesh`` when given)."""
     from ditto_jax.config import apply_overrides, validate
     from ditto_jax.model import ModelConfig, create_model
-    from ditto_jax.tokenizer import default_tokenizer, load_tokenizer
 
     if src.path is not None:
         from ditto_jax.model.checkpoint import load_model
@@ -54,7 +53,6 @@ def load_model_source(src: ModelSource, mesh: Any = None) -> tuple[Any, Any, Any
         if src.overrides:
             cfg = validate(ModelConfig, apply_overrides(cfg.model_dump(), src.overrides), f"{src.path} overrides")
             model.cfg = cfg
-        tok_path = src.tokenizer or _checkpoint_tokenizer(Path(src.path))
     else:
         from ditto_jax.config import read_yaml
 
@@ -63,13 +61,21 @@ def load_model_source(src: ModelSource, mesh: Any = None) -> tuple[Any, Any, Any
             data["param_dtype"] = data["dtype"] = src.dtype
         cfg = validate(ModelConfig, apply_overrides(data, src.overrides), str(src.config))
         model = create_model(cfg, mesh=mesh, seed=src.seed)
-        tok_path = src.tokenizer
-    tokenizer = load_tokenizer(tok_path) if tok_path else default_tokenizer()
+    tokenizer = source_tokenizer(src)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size} ({src.describe()})"
         )
     return model, cfg, tokenizer
+
+
+def source_tokenizer(src: ModelSource) -> Any:
+    """The tokenizer of a ``ModelSource``: ``tokenizer`` if given, else the checkpoint's own files, else the
+    embedded default tokenizer."""
+    from ditto_jax.tokenizer import default_tokenizer, load_tokenizer
+
+    path = src.tokenizer or (_checkpoint_tokenizer(Path(src.path)) if src.path else None)
+    return load_tokenizer(path) if path else default_tokenizer()
 
 
 def _checkpoint_tokenizer(path: Path) -> str | None:
