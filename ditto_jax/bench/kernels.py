@@ -275,11 +275,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     impls = args.impls.split(",") if args.impls else _default_impls(platform)
     modes = [m for m in args.modes.split(",") if m]
     iters = args.iters or (20 if platform in ("gpu", "tpu") else 3)
-    copy_gbs = _measure_copy_gbs(platform, iters)
+    copy_gbs = _measure_copy_gbs(platform, max(iters, 5))
     peak = device["peak_tflops"]
     peak_source = "table"
     if peak is None:
-        peak, peak_source = _measure_matmul_tflops(iters), "measured float32 1024^3 matmul"
+        peak, peak_source = _measure_matmul_tflops(max(iters, 5)), "measured float32 1024^3 matmul"
 
     flash_rows: list[dict[str, Any]] = []
     for case in flash_cases:
