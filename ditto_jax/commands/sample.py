@@ -1,0 +1,106 @@
+"""``ditto-jax sample --model DIR --prompts FILE.jsonl --out DIR``: sharded, resumable batched sampling."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The decoding flags shared by ``sample`` and ``bench sample``."""
+    g = p.add_argument_group("decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (the paper: 0.8; default 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="the paper: 1.1 (default 1.0 = off)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
+                   help="extra stop token id (repeatable); EOS and end-of-turn always stop unless --ignore-eos")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    g.add_argument("--seed", type=int, default=0, help="folded with each prompt id: outputs independent of batching")
+
+
+def sampling_params_from_args(args: argparse.Namespace):
+    """``SamplingParams`` from the decoding flags."""
+    from ditto_jax.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                          stop_strings=list(args.stop), stop_token_ids=list(args.stop_token_id),
+                          ignore_eos=args.ignore_eos, seed=args.seed)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``sample``."""
+    p = subparsers.add_parser(
+        "sample", help="sharded, resumable batched sampling over a prompts file",
+        description="Complete every prompt of a JSONL file ({\"id\", \"prompt\" | \"messages\" | \"input_ids\"} a "
+                    "line) into OUT/part-*.jsonl ({\"id\", \"output_ids\", \"text\", \"finish_reason\"} a line) with "
+                    "a manifest. Kill it at any moment and run it again: it resumes, and the output holds every "
+                    "prompt exactly once. With several processes each takes its share of the prompts.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="Hugging Face folder or model checkpoint folder")
+    src.add_argument("--config", help="random-init model preset (e.g. model/tiny), for tests and demos")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model folder's, else the embedded one)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="cast the weights")
+    p.add_argument("--prompts", required=True, help="input JSONL")
+    p.add_argument("--out", required=True, help="output folder (shards + manifest); re-running resumes")
+    add_sampling_arguments(p)
+    e = p.add_argument_group("engine")
+    e.add_argument("--batch-size", type=int, default=16, help="slots decoded together")
+    e.add_argument("--max-len", type=int, default=None,
+                   help="cache tokens per slot (default: longest prompt + max new tokens, within the model's limit)")
+    e.add_argument("--chunk", type=int, default=16, help="decode steps per device call")
+    e.add_argument("--tensor", type=int, default=1, help="tensor-parallel size over this process's devices")
+    e.add_argument("--shard-size", type=int, default=512, help="results per output shard")
+    e.add_argument("--logprobs", action="store_true", help="also write per-token log-probabilities")
+    e.add_argument("--no-progress", action="store_true")
+    d = p.add_argument_group("multi-process")
+    d.add_argument("--coordinator", default=None, help="host:port of process 0")
+    d.add_argument("--num-processes", type=int, default=None)
+    d.add_argument("--process-id", type=int, default=None)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, read the prompts, run (or resume) the sampling run, print a JSON summary."""
+    from ditto_jax import distributed
+
+    try:
+        params = sampling_params_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    from ditto_jax.mesh import MeshConfig, make_mesh
+    from ditto_jax.model_source import ModelSource, load_model_source
+    from ditto_jax.sampling import Request, SamplingEngine
+    from ditto_jax.sampling.inputs import read_prompt_file
+    from ditto_jax.sampling.runner import run_sampling
+
+    mesh = make_mesh(MeshConfig(data=-1, tensor=args.tensor), devices=jax.local_devices())
+    source = ModelSource(path=args.model, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype)
+    model, cfg, tokenizer = load_model_source(source, mesh)
+    try:
+        prompts = read_prompt_file(args.prompts, tokenizer)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    longest = max((len(ids) for _, ids in prompts), default=1)
+    max_len = args.max_len or min(longest + args.max_new_tokens, max(cfg.max_position_embeddings, longest + 1))
+    if longest > max_len:
+        print(f"error: a prompt has {longest} tokens but --max-len is {max_len}", file=sys.stderr)
+        return 2
+    engine = SamplingEngine(model, tokenizer, args.batch_size, max_len, mesh=mesh, chunk=args.chunk,
+                            max_top_k=max(64, args.top_k))
+    count, index = jax.process_count(), jax.process_index()
+    share = len(range(index, len(prompts), count))
+    summary = run_sampling(engine, (Request(rid, ids, params) for rid, ids in prompts), args.out, partition=True,
+                           shard_size=args.shard_size, with_logprobs=args.logprobs, progress=not args.no_progress,
+                           total=share, desc=f"sample p{index}" if count > 1 else "sample")
+    print(json.dumps({"out": args.out, "model": source.describe(), "max_len": max_len, **summary.to_json()}))
+    return 0
