@@ -35,11 +35,16 @@ class CandidateConfig(StrictModel):
 
 
 class EngineConfig(StrictModel):
-    """Sampling engine shape, for the candidates and the judge: slots, cache length, device mesh."""
+    """Sampling engine shape, for the candidates and the judge: slots, cache length, device mesh (``null`` = one
+    device, unsharded). Prompts are padded to power-of-two buckets from ``min_bucket`` up to ``max_len`` (each
+    bucket compiles once: a larger ``min_bucket`` means fewer compilations, more padding); ``chunk`` = decode
+    steps per device call."""
 
     batch_size: int = pydantic.Field(16, ge=1)
     max_len: int = pydantic.Field(8192, ge=16)
-    mesh: MeshConfig = pydantic.Field(default_factory=MeshConfig)
+    min_bucket: int = pydantic.Field(64, ge=1)
+    chunk: int = pydantic.Field(16, ge=1)
+    mesh: MeshConfig | None = pydantic.Field(default_factory=MeshConfig)
 
 
 class JudgeConfig(StrictModel):
@@ -68,13 +73,15 @@ class JudgeConfig(StrictModel):
 class TestSetConfig(StrictModel):
     """What to evaluate on. ``wikiroleeval``: a WikiRoleEval JSONL (ours or the Ditto release; ``null`` = the shipped
     tiny set). ``characters``: the knowledge base that describes the multiple-choice candidates (``null`` = the
-    embedded one). ``limit``: first N sessions (after the language filter). ``mtbench``: MT-Bench
+    embedded one). ``limit``: first N sessions (after the language filter); ``max_turns``: first N turns of
+    each. ``mtbench``: MT-Bench
     ``question.jsonl`` (``null`` = the shipped roleplay questions), used when ``mtbench_enabled``."""
 
     wikiroleeval: str | None = None
     characters: str | None = None
     langs: list[Literal["en", "zh"]] = pydantic.Field(default_factory=lambda: ["en", "zh"])
     limit: int | None = pydantic.Field(None, ge=1)
+    max_turns: int | None = pydantic.Field(None, ge=1, description="first N turns of each session")
     mtbench: str | None = None
     mtbench_enabled: bool = True
     mtbench_limit: int | None = pydantic.Field(None, ge=1)
