@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 MAX_TABLE_ENTRIES = 64 * 1024 * 1024
+# Smallest table capacities: the usual constraints (a JSON schema, a few choices) fit without a recompilation.
+MIN_STATES, MIN_CLASSES, MIN_CONSTRAINTS = 1024, 64, 8
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -150,7 +152,7 @@ def integer_constraint(low: int, high: int, tokenizer: Any, vocab_size: int | No
 class ConstraintTables:
     """All constraints of an engine stacked for the device: global state ids (each constraint's states at an
     offset), ``next_state [S_cap, C_cap]`` and ``token_class [N_cap, V]``, padded to power-of-two capacities
-    so adding a constraint recompiles only when a capacity doubles."""
+    (at least ``MIN_*``) so adding a constraint recompiles only when a capacity doubles."""
 
     vocab_size: int
     constraints: list[Constraint] = dataclasses.field(default_factory=list)
@@ -174,7 +176,8 @@ class ConstraintTables:
         """``(next_state [S_cap, C_cap] int32 with global ids, token_class [N_cap, V] int32)``."""
         total_states = sum(c.num_states for c in self.constraints)
         max_classes = max((c.num_classes for c in self.constraints), default=1)
-        s_cap, c_cap, n_cap = (_pow2(total_states), _pow2(max_classes), _pow2(len(self.constraints)))
+        s_cap, c_cap, n_cap = (max(_pow2(total_states), MIN_STATES), max(_pow2(max_classes), MIN_CLASSES),
+                               max(_pow2(len(self.constraints)), MIN_CONSTRAINTS))
         next_state = np.full((s_cap, c_cap), -1, np.int32)
         token_class = np.zeros((n_cap, self.vocab_size), np.int32)
         for i, (c, off) in enumerate(zip(self.constraints, self.offsets)):
