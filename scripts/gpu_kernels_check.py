@@ -132,6 +132,29 @@ def check_decode(spec: tuple, backend: str, platform: str) -> dict[str, Any]:
     return {"status": "pass" if ok else "fail", "errors": {"o": err}, "zero_rows_ok": zero_rows_ok, "tolerance": tol}
 
 
+def _run_child(backend: str, args: argparse.Namespace, flash_specs: dict, decode_specs: dict) -> list[dict]:
+    """This script for one backend in a child process; a timeout or crash becomes error entries."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "child.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--backends", backend, "--isolate", "off", "--out", str(out)]
+        if args.small:
+            cmd.append("--small")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            sys.stderr.write(proc.stderr[-4000:])
+            if out.exists():
+                return json.loads(out.read_text())["entries"]
+            error = f"child exited {proc.returncode}: {proc.stderr[-1500:]}"
+        except subprocess.TimeoutExpired:
+            error = f"timeout after {args.timeout:.0f} s (a kernel hung, or compiling took too long)"
+    names = [("flash", n) for n in flash_specs] + [("decode", n) for n in decode_specs]
+    print(f"[check] {backend}: {error[:200]}", file=sys.stderr, flush=True)
+    return [{"kind": kind, "name": name, "backend": backend, "status": "error", "error": error} for kind, name in names]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every entry; returns (and prints) the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -139,6 +162,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backends", default=None, help="comma list (default: mosaic_gpu,triton,auto on GPU)")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
     parser.add_argument("--strict", action="store_true", help="exit 1 when an entry does not pass")
+    parser.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
+                        help="one child process per backend with --timeout (auto: on for GPU), so a kernel that "
+                             "hangs or kills the process is reported as an error instead of stopping the check")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per isolated backend")
     args = parser.parse_args(argv)
 
     import jax
@@ -161,6 +188,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         report["mosaic_gpu_self_check"] = {f"d{d}": mosaic_gpu_self_check(d, "bfloat16") or "pass" for d in (64, 128)}
 
+    isolate = args.isolate == "on" or (args.isolate == "auto" and platform == "gpu" and len(backends) > 1)
+    if isolate:
+        for backend in backends:
+            report["entries"] += _run_child(backend, args, flash_specs, decode_specs)
+        backends = []
     for backend in backends:
         for name, spec in flash_specs.items():
             entry: dict[str, Any] = {"kind": "flash", "name": name, "backend": backend}

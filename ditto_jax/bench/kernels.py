@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out-dir", default="benchmarks/kernels", help="where kernels.{json,md,png} go")
     parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
+                        help="run each impl in a child process with --impl-timeout (auto: on for GPU), so a "
+                             "kernel that hangs or crashes the process costs only its own rows")
+    parser.add_argument("--impl-timeout", type=float, default=240.0, help="seconds per isolated impl")
 
 
 def _default_impls(platform: str) -> list[str]:
@@ -282,8 +286,6 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the sweep, write JSON/markdown/PNG to ``--out-dir`` and return the result."""
-    from ditto_jax.fileio import atomic_write_json, atomic_write_text
-
     device = _device_info()
     platform = device["platform"]
     preset = args.preset or ("gpu" if platform == "gpu" else "tpu" if platform == "tpu" else "cpu")
@@ -297,6 +299,75 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if peak is None:
         peak, peak_source = _measure_matmul_tflops(max(iters, 5)), "measured float32 1024^3 matmul"
 
+    isolate = args.isolate == "on" or (args.isolate == "auto" and platform == "gpu" and len(impls) > 1)
+    if isolate:
+        flash_rows, decode_rows = _run_isolated(args, preset, impls, flash_cases, decode_cases)
+        for row in flash_rows:
+            for mode in ("fwd", "bwd"):
+                if f"{mode}_tflops" in row:
+                    row[f"{mode}_pct_peak"] = 100.0 * row[f"{mode}_tflops"] / peak
+        for row in decode_rows:
+            if "gbs" in row:
+                row["pct_copy_bw"] = 100.0 * row["gbs"] / copy_gbs
+    else:
+        flash_rows, decode_rows = _run_here(args, platform, impls, modes, iters, flash_cases, decode_cases, peak,
+                                            copy_gbs)
+    keys = ("batch", "seq", "heads", "kv_heads", "head_dim", "causal", "dtype")
+    for mode in ("fwd", "bwd"):
+        _add_ratios(flash_rows, keys, f"{mode}_ms", f"{mode}_speedup_vs_xla", "xla")
+        _add_ratios(flash_rows, keys, f"{mode}_ms", f"{mode}_speedup_vs_cudnn", "cudnn")
+    _add_ratios(decode_rows, ("batch", "cache", "heads", "kv_heads", "head_dim", "dtype"), "ms",
+                "speedup_vs_xla", "xla")
+    return _finish(args, device, preset, peak, peak_source, copy_gbs, iters, flash_rows, decode_rows)
+
+
+def _decode_impls(impls: list[str], platform: str) -> list[str]:
+    if platform == "gpu":
+        return ["pallas:triton", "xla"]
+    return [i for i in impls if i.startswith("pallas")][:1] + ["xla"]
+
+
+def _run_isolated(args, preset, impls, flash_cases, decode_cases):
+    """Each impl in its own process (``--isolate off`` there); a timeout or crash becomes error rows."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from ditto_jax.kernels._config import platform as current_platform
+
+    flash_rows: list[dict[str, Any]] = []
+    decode_rows: list[dict[str, Any]] = []
+    decode_impls = set(_decode_impls(impls, current_platform())) if not args.no_decode else set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for impl in impls:
+            out_dir = Path(tmp) / str(len(flash_rows))
+            cmd = [sys.executable, "-c", "import sys; from ditto_jax.cli import main; sys.exit(main())", "bench",
+                   "kernels", "--preset", preset, "--impls", impl, "--modes", args.modes, "--iters",
+                   str(args.iters or 20), "--warmup", str(args.warmup), "--out-dir", str(out_dir), "--isolate", "off"]
+            if impl not in decode_impls:
+                cmd.append("--no-decode")
+            error = None
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.impl_timeout)
+                if proc.returncode != 0:
+                    error = f"child exited {proc.returncode}: {proc.stderr[-1500:]}"
+            except subprocess.TimeoutExpired:
+                error = f"timeout after {args.impl_timeout:.0f} s (hung or too slow)"
+            report = out_dir / "kernels.json"
+            if error is None and report.exists():
+                child = json.loads(report.read_text())
+                flash_rows += child["flash"]
+                decode_rows += [r for r in child["decode"] if r["impl"] == impl]
+                continue
+            flash_rows += [{**dataclasses.asdict(c), "impl": impl, "error": error or "no report"} for c in flash_cases]
+            if impl in decode_impls:
+                decode_rows += [{**dataclasses.asdict(c), "impl": impl, "error": error or "no report"}
+                                for c in decode_cases]
+    return flash_rows, decode_rows
+
+
+def _run_here(args, platform, impls, modes, iters, flash_cases, decode_cases, peak, copy_gbs):
     flash_rows: list[dict[str, Any]] = []
     for case in flash_cases:
         for impl in impls:
@@ -310,26 +381,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as exc:  # noqa: BLE001 - one failing lowering must not end the sweep
                 row = {**dataclasses.asdict(case), "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:2000]}
             flash_rows.append(row)
-    keys = ("batch", "seq", "heads", "kv_heads", "head_dim", "causal", "dtype")
-    for mode in ("fwd", "bwd"):
-        _add_ratios(flash_rows, keys, f"{mode}_ms", f"{mode}_speedup_vs_xla", "xla")
-        _add_ratios(flash_rows, keys, f"{mode}_ms", f"{mode}_speedup_vs_cudnn", "cudnn")
 
     decode_rows: list[dict[str, Any]] = []
     if not args.no_decode:
-        decode_impls = [i for i in impls if i.startswith("pallas")][:1] + ["xla"]
-        if platform == "gpu":
-            decode_impls = ["pallas:triton", "xla"]
         for case in decode_cases:
-            for impl in decode_impls:
+            for impl in _decode_impls(impls, platform):
                 try:
                     row = _decode_entry(case, impl, iters, args.warmup)
                     row["pct_copy_bw"] = 100.0 * row["gbs"] / copy_gbs
                 except Exception as exc:  # noqa: BLE001
                     row = {**dataclasses.asdict(case), "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:2000]}
                 decode_rows.append(row)
-        _add_ratios(decode_rows, ("batch", "cache", "heads", "kv_heads", "head_dim", "dtype"), "ms",
-                    "speedup_vs_xla", "xla")
+    return flash_rows, decode_rows
+
+
+def _finish(args, device, preset, peak, peak_source, copy_gbs, iters, flash_rows, decode_rows) -> dict[str, Any]:
+    from ditto_jax.fileio import atomic_write_json, atomic_write_text
 
     pallas_fwd = [r["fwd_tflops"] for r in flash_rows if r["impl"].startswith("pallas") and "fwd_tflops" in r]
     result: dict[str, Any] = {
