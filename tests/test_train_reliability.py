@@ -1,0 +1,123 @@
+"""Trainer reliability through the real CLI: kill -9 and resume exactly, corrupt checkpoint fallback,
+invalid configs and corpora rejected before compilation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train_fixtures import REPO, env, load_params, metrics, run_train, train_cmd, write_corpus
+
+STEPS = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=5"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "sessions.jsonl")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = run_train(workdir, corpus, *STEPS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def test_uninterrupted_run_writes_metrics_and_checkpoints(reference_run: Path) -> None:
+    lines = metrics(reference_run)
+    assert [m["step"] for m in lines] == list(range(1, 7))
+    for m in lines:
+        assert {"loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu"} <= set(m)
+        assert np.isfinite(m["loss"]) and m["mfu"] > 0
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    steps = sorted(int(p.name) for p in (reference_run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2, 4, 6]
+
+
+def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path: Path, corpus: Path, reference_run: Path) -> None:
+    proc = subprocess.Popen(train_cmd(tmp_path, corpus, *STEPS), env=env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "checkpoints" / "2" / "_CHECKPOINT_METADATA").exists() and \
+                any(m["step"] >= 3 for m in metrics(tmp_path)):
+            break  # a finished checkpoint exists and training went past it
+        time.sleep(0.05)
+    assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(m["step"] for m in metrics(tmp_path))
+    assert killed_at < 6
+    resumed = run_train(tmp_path, corpus, *STEPS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert [m["step"] for m in metrics(tmp_path)] == list(range(1, 7))
+    a, b = load_params(reference_run / "checkpoints" / "6"), load_params(tmp_path / "checkpoints" / "6")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    ref_losses = [m["loss"] for m in metrics(reference_run)]
+    assert [m["loss"] for m in metrics(tmp_path)] == ref_losses
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path, corpus: Path, reference_run: Path) -> None:
+    import shutil
+
+    work = tmp_path / "run"
+    shutil.copytree(reference_run, work)
+    shutil.rmtree(work / "checkpoints" / "6")
+    for f in (work / "checkpoints" / "4" / "params").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"\0garbage" * 64)
+    proc = run_train(work, corpus, *STEPS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "checkpoints/4 is unreadable" in out and "resumed from" in out and "(step 2)" in out
+    a, b = load_params(reference_run / "checkpoints" / "6"), load_params(work / "checkpoints" / "6")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.peak_lr=-1", "optim.peak_lr"),
+    ("train.grad_accum=3", "multiple of train.grad_accum"),
+    ("train.stepz=3", "train.stepz"),
+    ("data.seq_len=100", "multiple of train.loss_chunk"),
+])
+def test_invalid_config_fails_before_compiling(tmp_path: Path, corpus: Path, override: str, message: str) -> None:
+    t0 = time.time()
+    proc = run_train(tmp_path, corpus, override, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "compiled" not in proc.stdout
+    assert not (tmp_path / "checkpoints").exists()
+    assert time.time() - t0 < 60
+
+
+def test_missing_and_empty_corpus_are_clear_errors(tmp_path: Path) -> None:
+    missing = run_train(tmp_path / "a", tmp_path / "nope.jsonl", timeout=120)
+    assert missing.returncode == 1 and "corpus not found" in missing.stderr and "nope.jsonl" in missing.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = run_train(tmp_path / "b", empty, timeout=120)
+    assert proc.returncode == 1 and "no training examples" in proc.stderr
+    assert "compiled" not in proc.stdout
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, corpus: Path) -> None:
+    proc = run_train(tmp_path, corpus, "train.steps=6", "checkpoint.every=2", "optim.peak_lr=1e30",
+                     "optim.end_lr=1e29", "optim.warmup_fraction=0", "optim.clip_norm=null")
+    assert proc.returncode == 1
+    assert "non-finite loss or gradient at step" in proc.stderr
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) \
+        if (tmp_path / "checkpoints").exists() else []
+    for s in steps:
+        params = load_params(tmp_path / "checkpoints" / str(s))
+        assert all(np.isfinite(v).all() for v in params.values())
