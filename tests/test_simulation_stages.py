@@ -22,7 +22,7 @@ from ditto_jax.simulation.queries import parse_questions
 OVERRIDES = [
     "queries.sampling.max_new_tokens=160", "queries.max_question_chars=32", "queries.max_profile_chars=120",
     "responses.sampling.max_new_tokens=12", "responses.max_profile_chars=120",
-    "engine.batch_size=2", "engine.max_len=1024",
+    "engine.batch_size=2", "engine.max_len=1024", "engine.flush_seconds=0",
 ]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,3 +153,14 @@ def test_kill_and_resume_equals_uninterrupted(full_run, cache, tmp_path):
     assert sim._backend is None
     assert after["filters"] == before["filters"] and after["corpus"]["sessions"] == before["corpus"]["sessions"]
     assert _corpus_bytes(workdir) == _corpus_bytes(full_run)
+
+
+def test_rerun_with_a_different_config_is_refused(full_run):
+    from ditto_jax.config import ConfigError, load_config
+    from ditto_jax.simulation.config import SimulateConfig
+    from ditto_jax.simulation.stages import Simulation
+
+    for change in (["seed=1"], ["queries.sampling.top_p=0.9"], ["engine.max_len=2048"]):
+        cfg = load_config(SimulateConfig, "simulate/tiny", OVERRIDES + change)
+        with pytest.raises(ConfigError, match="different config"):
+            Simulation(cfg, full_run, log=lambda m: None, process_index=0, process_count=1).run()

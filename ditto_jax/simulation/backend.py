@@ -36,6 +36,8 @@ class Backend:
                                      mesh=self.mesh)
         self.stop_ids = sorted(self.tokenizer.stop_ids)
         self._constraints: dict[str, Any] = {}
+        self.free_text = (tokenizer_vocab_constraint(self.tokenizer, self.model_cfg.vocab_size)
+                          if self.model_cfg.vocab_size > self.tokenizer.vocab_size else None)
         self.shortened = 0
         self.last_stats: dict[str, Any] = {}
 
@@ -66,63 +68,53 @@ class Backend:
         return ids
 
     def request(self, request_id: str, ids: list[int], sampling: SamplingConfig, seed: int, constraint: Any) -> Any:
-        """An engine ``Request`` (seeded by ``seed`` folded with ``request_id`` inside the engine)."""
+        """An engine ``Request`` (seeded by ``seed`` folded with ``request_id`` inside the engine); free text
+        (``constraint=None``) is kept to the tokenizer's ids."""
         from ditto_jax.sampling import Request
         from ditto_jax.simulation.stages import sampling_params
 
-        return Request(request_id, ids, sampling_params(sampling, seed, self.stop_ids), constraint)
+        return Request(request_id, ids, sampling_params(sampling, seed, self.stop_ids), constraint or self.free_text)
 
-    def run(self, out_dir: Path, requests: list[Any], process_index: int, desc: str) -> None:
-        """Generate every request exactly once into ``out_dir`` (resumable; see ``ditto_jax.sampling``)."""
-        # INTERIM until the sampling runner lands: append finished results, skip ids already written.
-        import os
+    def run(self, out_dir: Path, requests: list[Any], process_index: int, process_count: int, desc: str) -> None:
+        """Generate every request exactly once into ``out_dir`` with the sampling runner (resumable)."""
+        from ditto_jax.sampling.runner import run_sampling
 
-        from tqdm.auto import tqdm
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"outputs.p{process_index}.jsonl"
-        done = _read_file(path)
-        if path.exists():
-            data = path.read_bytes()
-            cut = data.rfind(b"\n") + 1
-            if cut != len(data):
-                with open(path, "r+b") as f:
-                    f.truncate(cut)
-        todo = [r for r in requests if r.id not in done]
-        start, tokens0 = time.perf_counter(), self.engine.generated_tokens
-        bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc=desc, disable=not self.progress)
-        with open(path, "ab") as f:
-            for result in self.engine.generate(todo):
-                f.write((json.dumps(result.to_json(), ensure_ascii=False) + "\n").encode())
-                f.flush()
-                os.fsync(f.fileno())
-                bar.update(1)
-        bar.close()
-        seconds = time.perf_counter() - start
-        tokens = self.engine.generated_tokens - tokens0
-        self.last_stats = {"requests": len(todo), "generated_tokens": tokens, "gen_seconds": round(seconds, 2),
-                           "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0}
-        (out_dir / f"DONE.p{process_index}").write_text("")
+        summary = run_sampling(self.engine, requests, out_dir, partition=False, process_index=process_index,
+                               process_count=process_count, shard_size=self.cfg.engine.shard_size,
+                               flush_seconds=self.cfg.engine.flush_seconds, progress=self.progress, desc=desc,
+                               total=len(requests))
+        self.last_stats = summary.to_json()
 
 
-def _read_file(path: Path) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for raw in path.read_bytes().splitlines(keepends=True):
-            if raw.endswith(b"\n"):
-                rec = json.loads(raw)
-                out.setdefault(rec["id"], rec)
-    return out
+def tokenizer_vocab_constraint(tokenizer: Any, vocab_size: int) -> Any:
+    """A one-state automaton allowing every tokenizer id (special tokens included) and no id beyond it.
+
+    A model's embedding is often larger than its tokenizer (Qwen2.5: 152,064 rows, 151,665 tokens; our 40M
+    preset: 32,000 rows, the embedded tokenizer 2,048). A trained model never samples the extra ids, a
+    random-init one does and its text cannot be decoded; this mask rules them out. Every state accepts, so the
+    row still ends on the usual stop tokens or ``max_new_tokens``.
+    """
+    import numpy as np
+
+    from ditto_jax.sampling.constraints import Constraint
+
+    token_class = np.zeros(vocab_size, np.int32)
+    token_class[tokenizer.vocab_size:] = 1
+    return Constraint(pattern=f"<tokenizer ids < {tokenizer.vocab_size}>", initial_state=0,
+                      next_state=np.array([[0, -1]], np.int32), token_class=token_class, eos_id=int(tokenizer.eos_id))
 
 
-def stage_complete(out_dir: Path, process_index: int) -> bool:
-    """Whether this process's share of a generation stage has finished."""
-    return (out_dir / f"DONE.p{process_index}").exists()
+def stage_complete(out_dir: Path, process_index: int, process_count: int) -> bool:
+    """Whether this process finished its share of a generation stage in a run with the same process count."""
+    path = out_dir / f"manifest-p{process_index:05d}.json"  # the runner's manifest (see ditto_jax.sampling.runner)
+    if not path.exists():
+        return False
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    return bool(manifest.get("complete")) and manifest.get("process_count") == process_count
 
 
 def read_outputs(out_dir: Path) -> dict[str, dict[str, Any]]:
     """Every output record of a generation stage (all processes), keyed by request id."""
-    out: dict[str, dict[str, Any]] = {}
-    for path in sorted(out_dir.glob("outputs.p*.jsonl")):
-        out.update(_read_file(path))
-    return out
+    from ditto_jax.sampling.runner import read_outputs as runner_outputs
+
+    return runner_outputs(out_dir) if out_dir.exists() else {}

@@ -108,6 +108,9 @@ class EngineConfig(StrictModel):
     max_len: int = pydantic.Field(4096, ge=16)
     devices: int | None = pydantic.Field(None, ge=1, description="use the first N local devices (None = all)")
     mesh: MeshConfig = pydantic.Field(default_factory=MeshConfig)
+    shard_size: int = pydantic.Field(256, ge=1, description="runner: results per output shard")
+    flush_seconds: float = pydantic.Field(30.0, ge=0.0, description="runner: write a shard at least this often "
+                                          "(a kill loses at most this much generation)")
 
 
 class CorpusConfig(StrictModel):

@@ -42,9 +42,16 @@ from ditto_jax.simulation.sessions import SessionPlan, assemble_session, plan_se
 
 Log = Callable[[str], None]
 
-# Config sections that decide the output; a re-run in the same workdir must not change them.
+# Config sections that decide the output; a re-run in the same workdir must not change them. The rest of
+# ``engine`` (slots, mesh, devices) may change: per-request seeds make outputs independent of batching.
 OUTPUT_SECTIONS = ("seed", "supervision_model", "characters", "partners", "queries", "responses", "filters",
-                   "sessions", "corpus")
+                   "sessions", "corpus", "engine.max_len")
+
+
+def _output_config(data: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in data.items() if k in OUTPUT_SECTIONS}
+    out["engine.max_len"] = (data.get("engine") or {}).get("max_len")  # decides how prompts are shortened
+    return out
 
 
 def select_characters(cfg: SimulateConfig) -> list[Any]:
@@ -113,12 +120,11 @@ class Simulation:
     def _check_workdir(self) -> None:
         """Record the config on the first run; refuse a re-run whose output-deciding config differs."""
         path = self.workdir / "config.yaml"
-        current = {k: v for k, v in self.cfg.model_dump(mode="json").items() if k in OUTPUT_SECTIONS}
+        current = _output_config(self.cfg.model_dump(mode="json"))
         if path.exists():
             import yaml
 
-            stored = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            stored = {k: v for k, v in stored.items() if k in OUTPUT_SECTIONS}
+            stored = _output_config(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
             if stored != current:
                 diff = sorted(k for k in OUTPUT_SECTIONS if stored.get(k) != current.get(k))
                 raise ConfigError(f"{self.workdir} was simulated with a different config (sections {diff} differ); "
@@ -135,8 +141,9 @@ class Simulation:
         if self.process_count == 1:
             return
         marks = self.stages / "barriers"
-        atomic_write_text(marks / f"{name}.p{self.process_index}", "")
-        while not all((marks / f"{name}.p{i}").exists() for i in range(self.process_count)):
+        n = self.process_count
+        atomic_write_text(marks / f"{name}.{self.process_index}-of-{n}", "")
+        while not all((marks / f"{name}.{i}-of-{n}").exists() for i in range(n)):
             time.sleep(1.0)
 
     # ---- generation backend (supervision model, loaded only when a stage has work left) ------------------
@@ -156,14 +163,14 @@ class Simulation:
         from ditto_jax.simulation.backend import read_outputs, stage_complete
 
         start = time.perf_counter()
-        if not stage_complete(out_dir, self.process_index):
+        if not stage_complete(out_dir, self.process_index, self.process_count):
             backend = self._load_backend()
             requests = build(backend)
-            backend.run(out_dir, requests, self.process_index, desc=name)
+            backend.run(out_dir, requests, self.process_index, self.process_count, desc=name)
             self.stage_stats.setdefault(name, {}).update(backend.last_stats)
         self._barrier(name)
         outputs = read_outputs(out_dir)
-        self.stage_stats.setdefault(name, {})["seconds"] = round(time.perf_counter() - start, 2)
+        self.stage_stats.setdefault(name, {})["stage_seconds"] = round(time.perf_counter() - start, 2)
         return outputs
 
     # ---- stages ------------------------------------------------------------------------------------------------
