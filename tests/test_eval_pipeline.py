@@ -16,7 +16,7 @@ from ditto_jax.eval import wikiroleeval as W
 from ditto_jax.eval.config import EvalConfig
 from ditto_jax.eval.metrics import aggregate
 from ditto_jax.eval.pipeline import run_eval
-from ditto_jax.eval.stages import DONE, LOG, OUTPUT, read_outputs
+from ditto_jax.eval.stages import DONE, LOG, read_outputs
 from ditto_jax.eval.testsets import default_wikiroleeval_path, load_wikiroleeval
 
 TINY = {"config": "model/tiny", "seed": 0}
@@ -100,22 +100,30 @@ def test_resume_after_kill_does_not_rejudge(finished, testset, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(workdir, resumed)
     judge_dir = resumed / "runs" / "seed" / "judge"
-    lines = (judge_dir / OUTPUT).read_bytes().splitlines(keepends=True)
+    before = read_outputs(judge_dir)
+    shards = sorted(judge_dir.glob("part-*.jsonl"))
+    # what a kill leaves: the shards flushed so far (whole: they are written atomically), a stale temp file,
+    # an incomplete manifest, no DONE marker and no reports
+    records = [json.loads(x) for s in shards for x in s.read_text().splitlines()]
     keep = 17
-    # what a kill leaves: a prefix of fsynced lines, a torn line, no DONE marker, no reports
-    (judge_dir / OUTPUT).write_bytes(b"".join(lines[:keep]) + lines[keep][:10])
+    for s in shards:
+        s.unlink()
+    (judge_dir / "part-p00000-000000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:keep]))
+    (judge_dir / ".part-p00000-000001.jsonl.tmp").write_text('{"id": "torn')
+    manifest = judge_dir / "manifest-p00000.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "complete": False}))
     (judge_dir / DONE).unlink()
-    for name in ("report.json", "report.md", "report.png"):
-        (resumed / name).unlink()
-    (resumed / "runs" / "seed" / "report.json").unlink()
+    for path in (resumed / "report.json", resumed / "report.md", resumed / "report.png",
+                 resumed / "runs" / "seed" / "report.json"):
+        path.unlink()
     again = run_eval(config(testset), resumed)
     assert again == report
-    final = (judge_dir / OUTPUT).read_bytes().splitlines(keepends=True)
-    assert final[:keep] == lines[:keep]  # finished judgements untouched
-    ids = [json.loads(x)["id"] for x in final]
-    assert len(ids) == len(set(ids)) == len(lines)
+    after = read_outputs(judge_dir)  # raises on a duplicated id
+    assert after == before  # same judgements (per-request seeds), each exactly once
+    first = [json.loads(x) for x in (judge_dir / "part-p00000-000000.jsonl").read_text().splitlines()]
+    assert first == records[:keep]  # finished judgements untouched
     log = [json.loads(x) for x in (judge_dir / LOG).read_text().splitlines()]
-    assert log[-1] == {"resumed": keep, "sent": len(lines) - keep, "expected": len(lines)}
+    assert (log[-1]["resumed"], log[-1]["sent"], log[-1]["expected"]) == (keep, len(records) - keep, len(records))
     # answers were complete: no answer stage ran again
     for stage in (resumed / "runs" / "seed" / "answers").iterdir():
         assert len((stage / LOG).read_text().splitlines()) == 1
