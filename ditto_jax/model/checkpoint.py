@@ -12,6 +12,7 @@ other kinds of folders (training workdirs) can extend.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -129,10 +130,31 @@ def load_model(path: str | Path, mesh: Mesh | None = None, dtype: str | None = N
         from ditto_jax.hf.load import load_pretrained
 
         return load_pretrained(path, mesh=mesh, dtype=dtype, rules=rules)
+    step_dir = training_step_dir(path)
+    if step_dir is not None:
+        meta = json.loads((step_dir / TRAIN_META).read_text())
+        cfg = ModelConfig.model_validate(meta["model_config"])
+        return load_model_checkpoint(step_dir, mesh=mesh, dtype=dtype, rules=rules, cfg=cfg)
     raise ValueError(
-        f"{path}: not a model: expected a Hugging Face folder (config.json + safetensors) "
-        f"or a model checkpoint ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/)"
+        f"{path}: not a model: expected a Hugging Face folder (config.json + safetensors), "
+        f"a model checkpoint ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/) or a training workdir / checkpoint step"
     )
+
+
+TRAIN_META = "meta/metadata"
+
+
+def training_step_dir(path: str | Path) -> Path | None:
+    """A training checkpoint step folder (``params/`` + ``meta/metadata``), or the newest one under
+    ``WORKDIR/checkpoints/`` of a training workdir; None if ``path`` is neither."""
+    path = Path(path)
+    if (path / TRAIN_META).is_file() and (path / PARAMS_DIR).is_dir():
+        return path
+    root = path / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / TRAIN_META).is_file()]
+    return root / str(max(steps)) if steps else None
 
 
 def tokenizer_dir(path: str | Path) -> Path | None:
