@@ -121,3 +121,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, co
     for s in steps:
         params = load_params(tmp_path / "checkpoints" / str(s))
         assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_load_model_accepts_a_training_workdir_and_step_dir(reference_run: Path) -> None:
+    import jax
+
+    from ditto_jax.model.checkpoint import load_model, tokenizer_dir
+
+    model, cfg = load_model(reference_run)
+    params = load_params(reference_run / "checkpoints" / "6")
+    np.testing.assert_array_equal(np.asarray(jax.device_get(model.embed_tokens[...])), params["embed_tokens"])
+    _, cfg2 = load_model(reference_run / "checkpoints" / "4")
+    assert cfg2 == cfg and cfg.vocab_size == 2048
+    assert tokenizer_dir(reference_run) == reference_run / "tokenizer"

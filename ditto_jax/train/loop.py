@@ -177,6 +177,8 @@ def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
     writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard, resume_step=start)
     if is_primary():
         atomic_write_json(workdir / "data_summary.json", pipe.summary.to_dict())
+        if not (workdir / "tokenizer").exists():  # lets load_model(WORKDIR) find the tokenizer
+            tokenizer.save(workdir / "tokenizer")
 
     def save(step: int, st: steplib.TrainState) -> None:
         ckpts.save(step, st.params, _train_part(st), data_it.get_state(), dict(meta, step=step))
