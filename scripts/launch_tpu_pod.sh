@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Run `ditto-jax train` on every worker of a Cloud TPU VM slice (v5p-64, v5e-256, ...).
+#
+#   scripts/launch_tpu_pod.sh --name NAME --zone ZONE --type v5p-64 [--create] [--version RUNTIME] \
+#       [--repo PATH_ON_WORKERS] [--logs DIR] -- --config configs/sft/qwen2.5-7b-v5p-64.yaml \
+#       --workdir gs://BUCKET/runs/qwen7b [dotted.overrides ...]
+#
+# Steps: (optionally) create the TPU VM slice; copy this repository to every worker (`--worker=all`);
+# install it with the [tpu] extra; start training on all workers at once. jax.distributed initialises itself
+# from the TPU metadata, so no coordinator flags are needed. Each worker's output goes to
+# LOGS/worker-<i>.log here (and /tmp/ditto-train.log on the worker). Re-running the same command resumes from
+# the newest complete checkpoint in --workdir (use a bucket or a shared filesystem every worker can reach).
+set -euo pipefail
+
+NAME="" ZONE="" TYPE="" CREATE=0 VERSION="v2-alpha-tpuv5" REPO_DIR="ditto-jax" LOGS="logs/tpu" PROJECT_ARGS=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name) NAME="$2"; shift 2 ;;
+    --zone) ZONE="$2"; shift 2 ;;
+    --type) TYPE="$2"; shift 2 ;;
+    --create) CREATE=1; shift ;;
+    --version) VERSION="$2"; shift 2 ;;
+    --repo) REPO_DIR="$2"; shift 2 ;;
+    --logs) LOGS="$2"; shift 2 ;;
+    --project) PROJECT_ARGS=(--project "$2"); shift 2 ;;
+    --) shift; break ;;
+    *) echo "unknown option $1 (train arguments go after --)" >&2; exit 2 ;;
+  esac
+done
+[[ -n "$NAME" && -n "$ZONE" ]] || { echo "usage: $0 --name NAME --zone ZONE [--type TYPE --create] -- TRAIN_ARGS" >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "no train arguments after -- (at least --config and --workdir)" >&2; exit 2; }
+TRAIN_ARGS=$(printf ' %q' "$@")
+GC=(gcloud compute tpus tpu-vm "${PROJECT_ARGS[@]}")
+
+if [[ $CREATE == 1 ]]; then
+  [[ -n "$TYPE" ]] || { echo "--create needs --type (e.g. v5p-64)" >&2; exit 2; }
+  "${GC[@]}" create "$NAME" --zone "$ZONE" --accelerator-type "$TYPE" --version "$VERSION"
+fi
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+echo "copying $ROOT to $REPO_DIR on every worker"
+tar -C "$ROOT" --exclude .git --exclude .venv --exclude 'runs' -czf /tmp/ditto-jax-src.tgz .
+"${GC[@]}" scp /tmp/ditto-jax-src.tgz "$NAME":/tmp/ditto-jax-src.tgz --zone "$ZONE" --worker=all
+"${GC[@]}" ssh "$NAME" --zone "$ZONE" --worker=all --command \
+  "set -e; mkdir -p $REPO_DIR && tar -C $REPO_DIR -xzf /tmp/ditto-jax-src.tgz && cd $REPO_DIR && \
+   python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'"
+
+mkdir -p "$LOGS"
+NUM_WORKERS=$("${GC[@]}" describe "$NAME" --zone "$ZONE" --format='value(networkEndpoints.len())' 2>/dev/null || echo 1)
+echo "starting training on $NUM_WORKERS workers; logs in $LOGS/worker-<i>.log"
+pids=()
+for ((i = 0; i < NUM_WORKERS; i++)); do
+  "${GC[@]}" ssh "$NAME" --zone "$ZONE" --worker="$i" --command \
+    "cd $REPO_DIR && .venv/bin/ditto-jax train$TRAIN_ARGS 2>&1 | tee /tmp/ditto-train.log" \
+    > "$LOGS/worker-$i.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+echo "all workers finished (exit status $status); worker 0 log: $LOGS/worker-0.log"
+exit $status
