@@ -46,16 +46,16 @@ tar -C "$ROOT" --exclude .git --exclude .venv --exclude 'runs' -czf /tmp/ditto-j
    python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'"
 
 mkdir -p "$LOGS"
-NUM_WORKERS=$("${GC[@]}" describe "$NAME" --zone "$ZONE" --format='value(networkEndpoints.len())' 2>/dev/null || echo 1)
-echo "starting training on $NUM_WORKERS workers; logs in $LOGS/worker-<i>.log"
-pids=()
-for ((i = 0; i < NUM_WORKERS; i++)); do
-  "${GC[@]}" ssh "$NAME" --zone "$ZONE" --worker="$i" --command \
-    "cd $REPO_DIR && .venv/bin/ditto-jax train$TRAIN_ARGS 2>&1 | tee /tmp/ditto-train.log" \
-    > "$LOGS/worker-$i.log" 2>&1 &
-  pids+=($!)
-done
+NUM_WORKERS=$("${GC[@]}" describe "$NAME" --zone "$ZONE" --format=json |
+  python3 -c 'import json, sys; print(len(json.load(sys.stdin).get("networkEndpoints", [])) or 1)')
+echo "starting training on all $NUM_WORKERS workers; combined output in $LOGS/all-workers.log"
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-echo "all workers finished (exit status $status); worker 0 log: $LOGS/worker-0.log"
+"${GC[@]}" ssh "$NAME" --zone "$ZONE" --worker=all --command \
+  "cd $REPO_DIR && .venv/bin/ditto-jax train$TRAIN_ARGS > /tmp/ditto-train.log 2>&1; rc=\$?; tail -n 3 /tmp/ditto-train.log; exit \$rc" \
+  2>&1 | tee "$LOGS/all-workers.log" || status=$?
+for ((i = 0; i < NUM_WORKERS; i++)); do  # one log file per worker
+  "${GC[@]}" scp "$NAME":/tmp/ditto-train.log "$LOGS/worker-$i.log" --zone "$ZONE" --worker="$i" >/dev/null 2>&1 ||
+    echo "could not fetch worker $i's log" >&2
+done
+echo "finished (exit status $status); per-worker logs: $LOGS/worker-<i>.log"
 exit $status
