@@ -164,3 +164,13 @@ def test_rerun_with_a_different_config_is_refused(full_run):
         cfg = load_config(SimulateConfig, "simulate/tiny", OVERRIDES + change)
         with pytest.raises(ConfigError, match="different config"):
             Simulation(cfg, full_run, log=lambda m: None, process_index=0, process_count=1).run()
+
+
+def test_cli_rejects_a_bad_config_before_any_work(tmp_path, capsys):
+    from ditto_jax.cli import main
+
+    code = main(["simulate", "--config", "simulate/tiny", "--workdir", str(tmp_path / "w"), "queries.attempts=0",
+                 "partners.strategy=nearest"])
+    err = capsys.readouterr().err
+    assert code == 2 and "queries.attempts" in err and "partners.strategy" in err
+    assert not (tmp_path / "w").exists()
