@@ -95,26 +95,32 @@ def convert_corpus(sessions: Sequence[Any], characters: Sequence[Any], cfg: Buil
     return out, stats
 
 
-def build_testset(cfg: BuildTestSetConfig, workdir: str | Path) -> dict[str, Any]:
+def build_testset(cfg: BuildTestSetConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Simulate the held-out characters (resumable) and write ``workdir/wikiroleeval.jsonl``; returns the counts."""
     from ditto_jax.config import validate
     from ditto_jax.data.characters import load_characters
     from ditto_jax.data.corpus import read_sessions
     from ditto_jax.simulation.config import SimulateConfig
-    from ditto_jax.simulation.stages import run_simulation
+    from ditto_jax.simulation.stages import Simulation
 
     workdir = Path(workdir)
-    sim_cfg = validate(SimulateConfig, cfg.simulation, "build-testset: simulation")
+    data = dict(cfg.simulation)
+    data["corpus"] = {**(data.get("corpus") or {}), "tfds": False, "validation_fraction": 0.0}
+    sim_cfg = validate(SimulateConfig, data, "build-testset: simulation")
     if sim_cfg.characters.split != "heldout":
         raise ConfigError("build-testset: simulation.characters.split must be 'heldout' (test roles are held out "
                           "of training)")
-    run_simulation(sim_cfg, workdir / "simulation")
+    report = Simulation(sim_cfg, workdir / "simulation", progress=progress).run()
     sessions, read = read_sessions(workdir / "simulation" / "corpus")
     characters = load_characters(sim_cfg.characters.path)
     evals, stats = convert_corpus(sessions, characters, cfg)
+    if not evals:
+        raise ValueError(f"the simulation produced no usable session (see {workdir / 'simulation'}"
+                         f"/simulation_report.json)")
     path = workdir / "wikiroleeval.jsonl"
     atomic_write_jsonl(path, [session_to_json(s) for s in evals])
     summary = {"path": str(path), **stats, "corpus": read.to_dict(),
-               "supervision_model": sim_cfg.supervision_model.describe()}
+               "supervision_model": sim_cfg.supervision_model.describe(),
+               "simulation_dropped": report.get("dropped_by_reason", {})}
     atomic_write_json(workdir / "testset_report.json", summary)
     return summary

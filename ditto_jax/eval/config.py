@@ -15,13 +15,14 @@ import pydantic
 from ditto_jax.config import StrictModel
 from ditto_jax.mesh import MeshConfig
 from ditto_jax.model_source import ModelSource
+from ditto_jax.sampling.params import SamplingParams
 
 
-class GenerationConfig(StrictModel):
-    """Sampling of candidate answers (default: the paper's top-p 0.8, repetition penalty 1.1)."""
+class AnswerSampling(SamplingParams):
+    """Candidate sampling (the sampling module's ``SamplingParams``) with the paper's defaults: top-p 0.8,
+    repetition penalty 1.1."""
 
     temperature: float = pydantic.Field(0.7, ge=0.0)
-    top_k: int = pydantic.Field(0, ge=0)
     top_p: float = pydantic.Field(0.8, gt=0.0, le=1.0)
     repetition_penalty: float = pydantic.Field(1.1, gt=0.0)
     max_new_tokens: int = pydantic.Field(1024, ge=1)
@@ -88,13 +89,15 @@ class TestSetConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    """Everything ``ditto-jax eval`` needs."""
+    """Everything ``ditto-jax eval`` needs. ``seed`` seeds the judge's sampling; ``answer`` (the sampling module's
+    ``SamplingParams``, its own ``seed`` included) the candidates'. The tokenizer's end-of-turn ids are always
+    added to ``answer.stop_token_ids``."""
 
     seed: int = 0
     candidates: list[CandidateConfig] = pydantic.Field(min_length=1)
     judge: JudgeConfig
     testset: TestSetConfig = pydantic.Field(default_factory=TestSetConfig)
-    answer: GenerationConfig = pydantic.Field(default_factory=GenerationConfig)
+    answer: AnswerSampling = pydantic.Field(default_factory=AnswerSampling)
     engine: EngineConfig = pydantic.Field(default_factory=EngineConfig)
 
     @pydantic.model_validator(mode="after")

@@ -99,16 +99,22 @@ def load_testset(cfg: EvalConfig) -> TestSet:
 
 
 def _answer_params(cfg: EvalConfig, tokenizer: Any) -> Any:
-    from ditto_jax.sampling import SamplingParams
-
-    a = cfg.answer
-    return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                          repetition_penalty=a.repetition_penalty, max_new_tokens=a.max_new_tokens,
-                          stop_token_ids=sorted(tokenizer.stop_ids), seed=cfg.seed)
+    stops = sorted(set(cfg.answer.stop_token_ids) | set(tokenizer.stop_ids))
+    return cfg.answer.model_copy(update={"stop_token_ids": stops})
 
 
 def _text(record: Mapping[str, Any]) -> str:
     return (record.get("text") or "").strip()
+
+
+def _vocab_mask(loaded: LoadedModel) -> Any:
+    """A constraint keeping free text to the tokenizer's ids when the model's embedding is larger (a random-init
+    model samples the extra rows, whose text cannot be decoded); ``None`` when they agree."""
+    if loaded.model.cfg.vocab_size <= loaded.tokenizer.vocab_size:
+        return None
+    from ditto_jax.simulation.backend import tokenizer_vocab_constraint
+
+    return tokenizer_vocab_constraint(loaded.tokenizer, loaded.model.cfg.vocab_size)
 
 
 def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[int], list[str]],
@@ -123,10 +129,11 @@ def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[i
             cand.load()
             budget = cfg.engine.max_len - cfg.answer.max_new_tokens
             params = _answer_params(cfg, cand.tokenizer)
+            vocab_mask = _vocab_mask(cand)
             for p in prompts(t, answers, W.chat_encoder(cand.tokenizer), budget):
                 if p.id in pending:
                     stats["history_trimmed"] += int(p.trimmed > 0)
-                    yield Request(p.id, p.input_ids, params)
+                    yield Request(p.id, p.input_ids, params, vocab_mask)
 
         records = run_stage(stage_root / f"t{t:02d}", expected(t), make_requests, lambda: cand.load().engine,
                             f"{name}: {desc} turn {t + 1}/{waves}")
