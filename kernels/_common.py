@@ -137,7 +137,7 @@ def block_mask(
 
 def finalize(acc: jax.Array, m: jax.Array, l: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(o, lse)`` from the online-softmax state; rows that saw no valid key give ``o = 0``, ``lse = -MASK``."""
-    empty = m <= MASK
+    empty = m <= MASK / 2  # robust to rounding of a scaled MASK
     safe_l = jnp.where(empty | (l == 0), 1.0, l)
     o = jnp.where(empty[:, None], 0.0, acc / safe_l[:, None])
     lse = jnp.where(empty, -MASK, m + jnp.log2(safe_l))

@@ -35,7 +35,7 @@ class BlockSizes:
 
     ``block_q``/``block_kv`` tile the forward pass; ``*_dq``/``*_dkv`` the two backward kernels (None = the
     forward value). ``num_warps``/``num_stages`` go to Triton; ``max_concurrent_steps`` is the Mosaic GPU
-    pipeline depth (TMA stages in flight).
+    pipeline depth (TMA stages in flight); ``mgpu_bwd=1`` runs the Mosaic GPU backward kernels.
     """
 
     block_q: int = 128
@@ -49,6 +49,7 @@ class BlockSizes:
     num_warps_bwd: int | None = None
     num_stages_bwd: int | None = None
     max_concurrent_steps: int = 2
+    mgpu_bwd: int = 0  # 1: Mosaic GPU backward kernels (experimental) instead of Triton on the mosaic_gpu path
 
     @property
     def dq(self) -> tuple[int, int]:
@@ -173,3 +174,24 @@ def resolve_backend(backend: str | None, *, mosaic_gpu_ok: bool = True) -> str:
             return "mosaic_gpu"
         return "triton"
     return "interpret"
+
+
+def parse_backend_spec(spec: str | None) -> tuple[str | None, BlockSizes | None]:
+    """``backend[@field=value;...]`` -> ``(backend or None, BlockSizes or None)``.
+
+    The ``@`` part overrides the backend's default tiles, so one run can compare tilings and variants,
+    e.g. ``triton@block_q_dkv=128;num_warps_bwd=8`` or ``mosaic_gpu@mgpu_bwd=1``.
+    """
+    if not spec:
+        return None, None
+    backend, _, tiles = spec.partition("@")
+    backend = backend or None
+    if not tiles:
+        return backend, None
+    base = default_blocks(resolve_backend(backend))
+    fields = {f.name for f in dataclasses.fields(BlockSizes)}
+    changes = _parse_kv(tiles.replace(";", ","), spec)
+    unknown = set(changes) - fields
+    if unknown:
+        raise ValueError(f"{spec}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
+    return backend, base.replace(**changes)

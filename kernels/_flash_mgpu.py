@@ -272,7 +272,13 @@ def _triton_blocks(blocks: BlockSizes) -> BlockSizes:
 
 
 def flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p: FlashProblem, blocks: BlockSizes, interpret: bool):
-    """Backward: the Triton dq and dk/dv kernels (same residual format)."""
+    """Backward: the Mosaic GPU kernels when ``blocks.mgpu_bwd`` (experimental), else the Triton dq and
+    dk/dv kernels (same residual format)."""
     from ditto_jax.kernels import _flash_triton
+
+    if blocks.mgpu_bwd and supports(p, q.dtype):
+        from ditto_jax.kernels import _flash_mgpu_bwd
+
+        return _flash_mgpu_bwd.flash_bwd(q, k, v, o, lse, do, p, blocks, interpret)
 
     return _flash_triton.flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, _triton_blocks(blocks), interpret=interpret)

@@ -186,8 +186,9 @@ def flash_attention(
     blocks = _fit_blocks(default_blocks(backend, block_sizes), sq, sk, backend)
     q_mult = max(blocks.block_q, *blocks.dq[:1], *blocks.dkv[:1])
     k_mult = max(blocks.block_kv, blocks.dq[1], blocks.dkv[1])
-    if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
-        q_mult = max(q_mult, 2 * blocks.block_q)  # two consumer warpgroups per query tile
+    if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):  # two consumer warpgroups per tile
+        q_mult = max(q_mult, 2 * blocks.block_q, 2 * blocks.dq[0] if blocks.mgpu_bwd else 0)
+        k_mult = max(k_mult, 2 * blocks.dkv[1] if blocks.mgpu_bwd else 0)
     sq_pad, sk_pad = _round_up(sq, q_mult), _round_up(sk, k_mult)
 
     q_ids, kv_ids = split_segment_ids(segment_ids, sq, sk)

@@ -5,7 +5,7 @@ Each entry (flash forward + backward, decode) runs in its own try block and is r
 ``fail`` (with its relative errors) or ``error`` (with the exception): a lowering that does not compile on
 this jax/CUDA never hides the others. Prints one JSON object (also written to ``--out``).
 
-    python scripts/gpu_kernels_check.py                # GPU: Mosaic GPU, Triton and auto at moderate shapes
+    python scripts/gpu_kernels_check.py                # GPU: Mosaic GPU (Triton / own backward), Triton, auto
     python scripts/gpu_kernels_check.py --small        # CPU: tiny shapes in the Pallas interpreter
     python scripts/gpu_kernels_check.py --backends triton --out check.json
 
@@ -73,6 +73,7 @@ def check_flash(spec: tuple, backend: str, platform: str) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from ditto_jax.kernels import attention_reference, flash_attention
+    from ditto_jax.kernels._config import parse_backend_spec
 
     b, sq, sk, hq, hkv, d, dtype, causal, segmented = spec
     ks = jax.random.split(jax.random.key(0), 4)
@@ -87,8 +88,9 @@ def check_flash(spec: tuple, backend: str, platform: str) -> dict[str, Any]:
         o, vjp = jax.vjp(fn, q, k, v)
         return (o, *vjp(do))
 
+    name, blocks = parse_backend_spec(None if backend == "auto" else backend)
     kernel = jax.jit(lambda: run(lambda q, k, v: flash_attention(q, k, v, causal=causal, segment_ids=seg,
-                                                                  backend=None if backend == "auto" else backend)))
+                                                                  backend=name, block_sizes=blocks)))
     with jax.default_matmul_precision("highest"):
         f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
 
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif platform == "tpu":
         backends = ["mosaic_tpu", "auto"]
     else:
-        backends = ["mosaic_gpu", "triton", "auto"]
+        backends = ["mosaic_gpu", "mosaic_gpu@mgpu_bwd=1", "triton", "auto"]
     flash_specs = SMALL_FLASH if args.small else GPU_FLASH
     decode_specs = SMALL_DECODE if args.small else GPU_DECODE
     report: dict[str, Any] = {"platform": platform, "device_kind": jax.devices()[0].device_kind,
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              trace=traceback.format_exc()[-1500:])
             report["entries"].append(entry)
             print(f"[check] flash {backend:>10} {name:<40} {entry['status']}", file=sys.stderr, flush=True)
-        decode_backend = {"mosaic_gpu": "triton"}.get(backend, backend)
+        decode_backend = "triton" if backend.startswith("mosaic_gpu") else backend.partition("@")[0]
         if decode_backend in {e["backend"] for e in report["entries"] if e["kind"] == "decode"}:
             continue
         for name, spec in decode_specs.items():

@@ -14,7 +14,7 @@ import pytest
 
 from ditto_jax.kernels import BlockSizes, flash_attention
 from ditto_jax.kernels._common import FlashProblem, kv_range, q_range
-from ditto_jax.kernels._config import BLOCKS_ENV, default_blocks, resolve_backend
+from ditto_jax.kernels._config import BLOCKS_ENV, default_blocks, parse_backend_spec, resolve_backend
 from ditto_jax.kernels.reference import attention_reference
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -164,7 +164,8 @@ def test_mosaic_gpu_kernel_in_gpu_interpreter():
     assert _rel_err(o.astype(jnp.float32), ref) <= TOL[jnp.bfloat16]
 
 
-@pytest.mark.parametrize("backend,platform", [("triton", "cuda"), ("mosaic_gpu", "cuda"), ("mosaic_tpu", "tpu")])
+@pytest.mark.parametrize("backend,platform", [("triton", "cuda"), ("mosaic_gpu", "cuda"), ("mosaic_gpu@mgpu_bwd=1", "cuda"),
+                                              ("mosaic_tpu", "tpu")])
 def test_device_lowerings_build(backend, platform):
     """Forward and backward lower for the real devices (cross-platform export; compiling needs the chip)."""
     from jax import export
@@ -172,8 +173,11 @@ def test_device_lowerings_build(backend, platform):
     q = jax.ShapeDtypeStruct((1, 1000, 4, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
 
+    name, blocks = parse_backend_spec(backend)
+
     def fwd_bwd(q, k, v):
-        o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=True, backend=backend), q, k, v)
+        o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=True, backend=name, block_sizes=blocks),
+                         q, k, v)
         return o, vjp(o)
 
     checks = [export.DisabledSafetyCheck.custom_call(n)

@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _default_impls(platform: str) -> list[str]:
     if platform == "gpu":
-        return ["pallas:mosaic_gpu", "pallas:triton", "cudnn", "xla"]
+        return ["pallas:mosaic_gpu", "pallas:mosaic_gpu@mgpu_bwd=1", "pallas:triton", "cudnn", "xla"]
     if platform == "tpu":
         return ["pallas:mosaic_tpu", "xla"]
     return ["pallas:interpret", "xla"]
@@ -152,19 +152,13 @@ def _flash_fn(impl: str, causal: bool) -> Callable:
 
 
 def _parse_pallas_impl(impl: str):
-    """``pallas[:backend][@field=value;...]`` -> ``(backend or None, BlockSizes or None)``.
+    """``pallas[:backend][@field=value;...]`` -> ``(backend or None, BlockSizes or None)``."""
+    from ditto_jax.kernels._config import parse_backend_spec
 
-    The ``@`` part overrides the backend's default tiles, so one run can compare tilings, e.g.
-    ``pallas:triton@block_q_dkv=128;block_kv_dkv=64;num_warps_bwd=8``.
-    """
-    from ditto_jax.kernels._config import _parse_kv, default_blocks, resolve_backend
-
-    head, _, tiles = impl.partition("@")
-    _, _, backend = head.partition(":")
-    if not tiles:
-        return backend or None, None
-    base = default_blocks(resolve_backend(backend or None))
-    return backend or None, base.replace(**_parse_kv(tiles.replace(";", ","), f"--impls {impl}"))
+    _, _, spec = impl.partition(":")
+    if impl.startswith("pallas@"):
+        spec = impl[len("pallas"):]
+    return parse_backend_spec(spec)
 
 
 def _flash_entry(case: FlashCase, impl: str, modes: list[str], iters: int, warmup: int) -> dict[str, Any]:
