@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The single GPU device call (issue: GPU measurement). From the repository root on the lent machine:
+#   bash scripts/gpu_check.sh            # results under $OUT (the device tool's folder) or ./benchmarks
+# The image has jax 0.11.x, flax, optax, orbax, torch, transformers; the wheels it lacks travel in .whl/
+# (see the device tool's README): pydantic, outlines-core, tensorboardX, grain, array-record, portpicker.
+set -u
+cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+# Install the package itself (no deps, offline) so ditto_jax.kernels resolves to kernels/.
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/ditto . || { echo "package install failed"; exit 1; }
+export PYTHONPATH=/tmp/ditto:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi -L || true
+python3 scripts/gpu_check.py --out "${OUT:-benchmarks}" "$@"
