@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -41,15 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from ditto_jax.demo import DemoError, format_summary, run_demo
     from ditto_jax.train.loop import TrainingError
 
-    out = sys.stderr if args.json else sys.stdout
-    log = lambda msg: print(msg, file=out, flush=True)  # noqa: E731
+    stdout = sys.stdout
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
     try:
-        summary = run_demo(cfg, args.workdir, log=log, progress=not args.no_progress)
+        # With --json, stdout carries only the summary: the stages' own prints go to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            summary = run_demo(cfg, args.workdir, log=log, progress=not args.no_progress)
     except (ConfigError, DemoError, TrainingError, RecordFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-    if args.json:
-        print(json.dumps(summary, ensure_ascii=False))
-    else:
-        print(format_summary(summary))
+    print(json.dumps(summary, ensure_ascii=False) if args.json else format_summary(summary), file=stdout)
     return 0

@@ -1,0 +1,170 @@
+"""``ditto-jax demo`` end to end on a still smaller setting (same code path as the default), then resumed.
+
+The demo runs as a subprocess of the real CLI on one CPU device (the tests' 8 simulated devices would only add
+overhead on 2 cores). Its outputs are checked with the project's own readers and with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ditto_jax.config import ConfigError
+from ditto_jax.demo.config import FINETUNED_NAME, SEED_NAME, load_demo_config
+
+# Fewer characters, fewer steps, shorter generations, a smaller test set: the same stages and code path.
+SMALL = [
+    "simulate.characters.limit_per_lang=1",
+    "simulate.queries.num_questions=2",
+    "simulate.queries.sampling.max_new_tokens=96",
+    "simulate.responses.sampling.max_new_tokens=12",
+    "sft.train.steps=4",
+    "sft.checkpoint.every=2",
+    "sft.data.seq_len=256",
+    "sft.data.global_batch_size=2",
+    "eval.testset.limit=2",
+    "eval.testset.mtbench_limit=1",
+    "eval.answer.max_new_tokens=4",
+    "eval.judge.samples=1",
+    "corpus.min_sessions=1",
+]
+
+
+def run_demo_cli(workdir: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``ditto-jax demo --workdir WORKDIR --json`` in a subprocess on one CPU device; returns (process, seconds)."""
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ditto_jax.cli", "demo", "--workdir", str(workdir), "--json",
+                           "--no-progress", *SMALL, *overrides], capture_output=True, text=True, env=env, timeout=900)
+    return proc, time.perf_counter() - start
+
+
+def corpus_bytes(workdir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((workdir / "simulate" / "corpus").glob("*.jsonl"))}
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The demo run twice in the same workdir: outputs after the first run, then the second run."""
+    workdir = tmp_path_factory.mktemp("demo")
+    first, first_s = run_demo_cli(workdir)
+    assert first.returncode == 0, first.stderr[-4000:]
+    snapshot = {
+        "corpus": corpus_bytes(workdir),
+        "metrics": (workdir / "train" / "metrics.jsonl").read_bytes(),
+        "export_mtime": (workdir / "export" / "hf" / "model.safetensors").stat().st_mtime_ns,
+        "report": (workdir / "eval" / "report.json").read_bytes(),
+        "summary": json.loads(first.stdout),
+    }
+    second, second_s = run_demo_cli(workdir)
+    assert second.returncode == 0, second.stderr[-4000:]
+    return {"workdir": workdir, "first": snapshot, "first_s": first_s, "second": second, "second_s": second_s}
+
+
+def test_corpus_is_well_formed(demo_runs: dict) -> None:
+    from ditto_jax.data.corpus import load_corpus, read_sessions
+
+    workdir = demo_runs["workdir"]
+    sessions, report = read_sessions(workdir / "simulate" / "corpus")
+    assert sessions and report.to_dict()["kept"] == len(sessions)
+    for s in sessions:
+        assert s.turns[0].role == "user" and s.turns[-1].role == "assistant"
+        assert all(t.kind in ("role_specific", "contrastive") for t in s.turns[::2])
+        assert "profile" not in s.system.lower()
+    tfds_ids = sorted(s.id for s in load_corpus(workdir / "simulate" / "tfds", split="train"))
+    assert tfds_ids == sorted(s.id for s in sessions)
+    summary = demo_runs["first"]["summary"]
+    assert summary["corpus"]["sessions"] == len(sessions)
+    assert summary["corpus"]["sft_paths"][0] == str(workdir / "simulate" / "corpus")
+    assert summary["corpus"]["mixed_in"] == []  # corpus.min_sessions=1: the simulated corpus alone
+
+
+def test_training_checkpoints_and_export(demo_runs: dict) -> None:
+    import torch
+    import transformers
+
+    from ditto_jax import hf
+    from ditto_jax.train.checkpoint import load_trained_model
+
+    workdir = demo_runs["workdir"]
+    summary = demo_runs["first"]["summary"]
+    assert summary["train"]["steps"] == 4 and summary["train"]["checkpoints"] == [2, 4]
+    assert np.isfinite(summary["train"]["loss_first"]) and np.isfinite(summary["train"]["loss_last"])
+    trained, cfg = load_trained_model(workdir / "train")
+    exported, _ = hf.load_pretrained(workdir / "export" / "hf")
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 24), dtype=np.int32)
+    ours = np.asarray(trained(ids))
+    np.testing.assert_array_equal(ours, np.asarray(exported(ids)))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(workdir / "export" / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = reference(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    check = summary["export"]["transformers_check"]
+    assert check["passed"] is True and check["max_abs_diff"] <= 1e-4
+
+
+def test_evaluation_report_has_the_contract_keys(demo_runs: dict) -> None:
+    workdir = demo_runs["workdir"]
+    report = json.loads((workdir / "eval" / "report.json").read_text())
+    assert {"metrics", "unparsable"} <= set(report)
+    assert set(report["metrics"]) == {"all", "en", "zh"}
+    for split in report["metrics"].values():
+        assert set(split) == {"consistency", "knowledge", "rejection"}
+    assert report["runs"] == [SEED_NAME, FINETUNED_NAME]
+    runs = demo_runs["first"]["summary"]["eval"]["runs"]
+    assert runs[FINETUNED_NAME]["source"] == f"checkpoint {workdir / 'export' / 'hf'}"
+    assert runs[SEED_NAME]["metrics"]["all"]["consistency"] is not None
+    table = demo_runs["first"]["summary"]["eval"]["table"]
+    assert f"| {SEED_NAME} |" in table and f"| {FINETUNED_NAME} |" in table
+    on_disk = json.loads((workdir / "demo_summary.json").read_text())
+    assert on_disk["eval"]["table"] == table and on_disk["random_init"] is True
+
+
+def test_second_run_resumes_with_the_same_outputs(demo_runs: dict) -> None:
+    workdir, first = demo_runs["workdir"], demo_runs["first"]
+    summary = json.loads(demo_runs["second"].stdout)
+    assert {name: t["resumed"] for name, t in summary["stages"].items()} == {
+        "simulate": True, "corpus": False, "train": True, "export": True, "eval": True}
+    assert corpus_bytes(workdir) == first["corpus"]
+    assert (workdir / "train" / "metrics.jsonl").read_bytes() == first["metrics"]
+    assert (workdir / "export" / "hf" / "model.safetensors").stat().st_mtime_ns == first["export_mtime"]
+    assert (workdir / "eval" / "report.json").read_bytes() == first["report"]
+    assert summary["eval"]["table"] == first["summary"]["eval"]["table"]
+    assert demo_runs["second_s"] < demo_runs["first_s"] / 2, (demo_runs["first_s"], demo_runs["second_s"])
+
+
+def test_config_overrides_reach_the_stages(tmp_path: Path) -> None:
+    cfg = load_demo_config("demo", ["model.seed=3", "sft.train.steps=7", "simulate.characters.limit_per_lang=1"],
+                           tmp_path)
+    assert cfg.sft.train.steps == 7 and cfg.simulate.characters.limit_per_lang == 1
+    assert cfg.simulate.queries.num_questions == 3  # from the simulate/tiny base preset
+    assert {cfg.simulate.supervision_model.seed, cfg.simulate.seed_model.seed, cfg.sft.model.seed,
+            cfg.eval.candidates[0].model.seed} == {3}
+    assert cfg.sft.data.paths == [str(tmp_path.absolute() / "simulate" / "corpus")]
+    assert cfg.eval.candidates[1].model.path == str(tmp_path.absolute() / "export" / "hf")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sft.model.seed=1", "sft.model is set by the demo"),
+    ("eval.candidates=[]", "eval.candidates is set by the demo"),
+    ("sft.train.stepz=3", "sft.train.stepz: Extra inputs are not permitted"),
+    ("simulate.base=simulate/nope", "config not found: simulate/nope"),
+])
+def test_bad_config_is_refused_before_any_work(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_demo_config("demo", [override], tmp_path)
+
+
+def test_cli_exits_2_on_a_bad_override(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from ditto_jax.cli import main
+
+    assert main(["demo", "--workdir", str(tmp_path / "w"), "sft.optim.peak_lr=-1"]) == 2
+    assert "sft.optim.peak_lr" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
