@@ -60,6 +60,15 @@ class FlashProblem:
         return self.sm_scale * LOG2E
 
 
+def dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """``a @ b`` (optionally transposed operands) accumulated in float32 (float64 for float64 inputs), at full
+    precision for float inputs (so float32 kernels match the reference to ~1e-6)."""
+    acc = jnp.float64 if a.dtype == jnp.float64 else jnp.float32
+    precision = lax.Precision.HIGHEST if a.dtype in (jnp.float32, jnp.float64) else None
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc)
+
+
 def _floordiv_nonneg(x: jax.Array, d: int) -> jax.Array:
     """``max(x, 0) // d`` with only non-negative operands (portable across Triton/Mosaic lowerings)."""
     return lax.div(jnp.maximum(x, 0), jnp.int32(d))

@@ -102,37 +102,30 @@ def _parse_kv(text: str, source: str) -> dict[str, int | None]:
     return out
 
 
+def _with_env(blocks, env_name: str):
+    """``blocks`` updated with the ``key=value`` pairs of the environment variable ``env_name`` (if set)."""
+    env = os.environ.get(env_name)
+    if not env:
+        return blocks
+    fields = {f.name for f in dataclasses.fields(blocks)}
+    changes = _parse_kv(env, env_name)
+    unknown = set(changes) - fields
+    if unknown:
+        raise ValueError(f"{env_name}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
+    return blocks.replace(**changes)
+
+
 def default_blocks(backend: str, override: BlockSizes | None = None) -> BlockSizes:
     """Block sizes for ``backend`` (its family default, then ``DITTO_ATTN_BLOCKS``, then ``override``)."""
     if override is not None:
         return override
     family = {"interpret": "triton", "tpu_interpret": "mosaic_tpu", "mosaic_gpu_interpret": "mosaic_gpu"}
-    blocks = DEFAULT_BLOCKS[family.get(backend, backend)]
-    env = os.environ.get(BLOCKS_ENV)
-    if env:
-        fields = {f.name for f in dataclasses.fields(BlockSizes)}
-        changes = _parse_kv(env, BLOCKS_ENV)
-        unknown = set(changes) - fields
-        if unknown:
-            raise ValueError(f"{BLOCKS_ENV}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
-        blocks = blocks.replace(**changes)
-    return blocks
+    return _with_env(DEFAULT_BLOCKS[family.get(backend, backend)], BLOCKS_ENV)
 
 
 def default_decode_blocks(override: DecodeBlockSizes | None = None) -> DecodeBlockSizes:
     """Decode tiles: defaults, then ``DITTO_DECODE_BLOCKS``, then ``override``."""
-    if override is not None:
-        return override
-    blocks = DecodeBlockSizes()
-    env = os.environ.get(DECODE_BLOCKS_ENV)
-    if env:
-        fields = {f.name for f in dataclasses.fields(DecodeBlockSizes)}
-        changes = _parse_kv(env, DECODE_BLOCKS_ENV)
-        unknown = set(changes) - fields
-        if unknown:
-            raise ValueError(f"{DECODE_BLOCKS_ENV}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
-        blocks = blocks.replace(**changes)
-    return blocks
+    return override if override is not None else _with_env(DecodeBlockSizes(), DECODE_BLOCKS_ENV)
 
 
 @lru_cache(maxsize=None)
@@ -191,7 +184,6 @@ def parse_backend_spec(spec: str | None) -> tuple[str | None, BlockSizes | None]
     base = default_blocks(resolve_backend(backend))
     fields = {f.name for f in dataclasses.fields(BlockSizes)}
     changes = _parse_kv(tiles.replace(";", ","), spec)
-    unknown = set(changes) - fields
-    if unknown:
-        raise ValueError(f"{spec}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
+    if set(changes) - fields:
+        raise ValueError(f"{spec}: unknown fields {sorted(set(changes) - fields)}; known: {sorted(fields)}")
     return backend, base.replace(**changes)

@@ -13,14 +13,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ditto_jax.kernels._common import MASK
+from ditto_jax.kernels._common import MASK, dot
 from ditto_jax.kernels._config import DecodeBlockSizes
-
-
-def _dot(a, b, *, trans_b=False):
-    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def decode_partials(q, k_cache, v_cache, lengths, *, scale_log2: float, blocks: DecodeBlockSizes,
@@ -55,7 +49,7 @@ def decode_partials(q, k_cache, v_cache, lengths, *, scale_log2: float, blocks: 
             for h in range(hkv):  # static: all heads of the block, each a lane-aligned slice
                 rows = slice(h * g, (h + 1) * g)
                 cols = slice(h * d, (h + 1) * d)
-                sc = _dot(q_ref[rows, :], k_ref[:, cols], trans_b=True) * scale_log2
+                sc = dot(q_ref[rows, :], k_ref[:, cols], trans_b=True) * scale_log2
                 sc = jnp.where(kv_pos < length, sc, MASK)
                 m_prev = m_sc[rows, :]
                 m_new = jnp.maximum(m_prev, sc.max(axis=1, keepdims=True))
@@ -63,7 +57,7 @@ def decode_partials(q, k_cache, v_cache, lengths, *, scale_log2: float, blocks: 
                 pr = jnp.exp2(sc - m_new)
                 v = v_ref[:, cols]
                 l_sc[rows, :] = l_sc[rows, :] * alpha + pr.sum(axis=1, keepdims=True)
-                acc_sc[rows, :] = acc_sc[rows, :] * alpha + _dot(pr.astype(v.dtype), v)
+                acc_sc[rows, :] = acc_sc[rows, :] * alpha + dot(pr.astype(v.dtype), v)
                 m_sc[rows, :] = m_new
 
         @pl.when(t == nbs - 1)

@@ -12,14 +12,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ditto_jax.kernels._common import MASK
+from ditto_jax.kernels._common import MASK, dot
 from ditto_jax.kernels._config import DecodeBlockSizes
-
-
-def _dot(a, b, *, trans_b=False):
-    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def decode_partials(q, k_cache, v_cache, lengths, *, scale_log2: float, blocks: DecodeBlockSizes,
@@ -49,14 +43,14 @@ def decode_partials(q, k_cache, v_cache, lengths, *, scale_log2: float, blocks: 
             acc, m, l = carry
             start = (first + t) * bk
             kv_sl = pl.ds(pl.multiple_of(start, bk), bk)
-            s = _dot(qv, k_ref[kv_sl, :], trans_b=True) * scale_log2
+            s = dot(qv, k_ref[kv_sl, :], trans_b=True) * scale_log2
             kv_pos = start + lax.broadcasted_iota(jnp.int32, (gp, bk), 1)
             s = jnp.where(kv_pos < length, s, MASK)
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
             pr = jnp.exp2(s - m_new[:, None])
             v = v_ref[kv_sl, :]
-            acc = acc * alpha[:, None] + _dot(pr.astype(v.dtype), v)
+            acc = acc * alpha[:, None] + dot(pr.astype(v.dtype), v)
             return acc, m_new, l * alpha + pr.sum(axis=1)
 
         init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), MASK, jnp.float32), jnp.zeros((gp,), jnp.float32))

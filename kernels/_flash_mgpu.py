@@ -8,8 +8,8 @@ keeps the tensor cores busy (the FlashAttention-3 schedule). Causal blocks above
 loaded; the diagonal (and a padded kv tail) is masked in registers.
 
 Scope: bf16/fp16, head dim a multiple of 64 (<= 256), causal with any Sq/Sk alignment, GQA, padded
-lengths. Segment ids are not handled here (the dispatcher sends those calls to the Triton kernels), and the
-backward pass reuses the Triton dq and dk/dv kernels on the same residual format.
+lengths, segment ids (query ids stay in registers, kv ids ride the TMA ring with K). The backward pass is
+the Triton dq and dk/dv kernels on the same residual format, or ``_flash_mgpu_bwd`` with ``mgpu_bwd=1``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _t(ref):
 
 def supports(p: FlashProblem, dtype) -> bool:
     """Whether this kernel handles the problem (else use the Triton kernels)."""
-    return (not p.has_segments and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and p.head_dim % 64 == 0 and p.head_dim <= 256)
 
 
@@ -76,14 +76,20 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
     def cast(x, layout):  # register layouts steer the GPU lowering; the interpreter has no such primitive
         return x if interpret else plgpu.layout_cast(x, layout)
 
+    def row_vector(ref):  # one value per query row, in the layout of the wgmma accumulator's rows
+        return ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+    def column_vector(ref):  # one value per kv column
+        return ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+
     def iota(dim):
         if interpret:
             return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
         return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=plgpu.Layout.WGMMA)
 
-    def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, schedule_barrier):
-        qo_smem2, k_smem, v_smem, lse_smem2 = smem
-        k_bars, v_bars, q_bars = bars
+    def kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, smem, bars, consumed, schedule_barrier):
+        qo_smem2, k_smem, v_smem, lse_smem2, qseg_smem2, kvseg_smem = smem
+        k_bars, v_bars, q_bars, kvseg_bars = bars
         k_consumed, v_consumed = consumed
         bi = lax.axis_index("batch")
         head = lax.axis_index("heads")
@@ -106,6 +112,11 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
             mid, hi = kv_range(p, q_block, bq, bk)
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, bq), head], qo_smem, q_bars.at[wg])
             plgpu.barrier_wait(q_bars.at[wg])
+            q_ids = None
+            if p.has_segments:
+                plgpu.copy_gmem_to_smem(qseg_ref.at[bi, pl.ds(q_base, bq)], qseg_smem2.at[wg], q_bars.at[wg])
+                plgpu.barrier_wait(q_bars.at[wg])
+                q_ids = row_vector(qseg_smem2.at[wg])
             m_i = cast(jnp.full((bq,), MASK, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             l_i = cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc = cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
@@ -125,6 +136,10 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
                     schedule()
                     return acc_ref[...]
 
+                kv_ids = None
+                if p.has_segments:  # read before K's slot is released: the ids share it
+                    plgpu.barrier_wait(kvseg_bars.at[slot])
+                    kv_ids = column_vector(kvseg_smem.at[slot])
                 if interpret:  # the GPU interpreter's wgmma takes no transposed operand: same product in registers
                     qk = lax.dot_general(qo_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32)
@@ -139,9 +154,13 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
                     keep = None
                     if p.causal:
                         keep = kv_pos <= rows + (q_base + p.offset)
-                    if p.kv_padded:
+                    if p.kv_padded and not p.has_segments:
                         in_len = kv_pos < p.sk
                         keep = in_len if keep is None else keep & in_len
+                    if p.has_segments:
+                        same = (lax.broadcast_in_dim(q_ids, (bq, bk), [0])
+                                == lax.broadcast_in_dim(kv_ids, (bq, bk), [1]))
+                        keep = same if keep is None else keep & same
                     if keep is not None:
                         qk = jnp.where(keep, qk, masked_qk)
                 m_new = jnp.maximum(m_i, qk.max(axis=1) * scale)
@@ -183,6 +202,8 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
                 if interpret:  # the interpreter insists every thread observes every phase of every barrier
                     plgpu.barrier_wait(k_bars.at[slot])
                     plgpu.barrier_wait(v_bars.at[slot])
+                    if p.has_segments:
+                        plgpu.barrier_wait(kvseg_bars.at[slot])
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 schedule()
@@ -215,6 +236,8 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
                     sl = (bi, pl.ds(i * bk, bk), kv_head)
                     plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[i], k_bars.at[i])
                     plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[i], v_bars.at[i])
+                    if p.has_segments:
+                        plgpu.copy_gmem_to_smem(kvseg_ref.at[bi, pl.ds(i * bk, bk)], kvseg_smem.at[i], kvseg_bars.at[i])
 
             @pl.loop(0, jnp.maximum(tile_hi - stages, 0))
             def _(j):
@@ -223,6 +246,9 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
                 sl = (bi, pl.ds(nxt * bk, bk), kv_head)
                 plgpu.barrier_wait(k_consumed.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bars.at[slot])
+                if p.has_segments:
+                    plgpu.copy_gmem_to_smem(kvseg_ref.at[bi, pl.ds(nxt * bk, bk)], kvseg_smem.at[slot],
+                                            kvseg_bars.at[slot])
                 plgpu.barrier_wait(v_consumed.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bars.at[slot])
 
@@ -233,7 +259,11 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
                     plgpu.barrier_wait(k_consumed.at[slot])
                     plgpu.barrier_wait(v_consumed.at[slot])
 
-    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+    def entry(*refs):
+        if p.has_segments:
+            q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref = refs
+        else:
+            (q_ref, k_ref, v_ref, o_ref, lse_ref), qseg_ref, kvseg_ref = refs, None, None
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
         smem = (
@@ -241,12 +271,15 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
             plgpu.SMEM((stages, bk, d), dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((stages, bk, d), dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((2, bq), jnp.float32),
+            plgpu.SMEM((2, bq), jnp.int32),
+            plgpu.SMEM((stages, bk), jnp.int32),
         )
         pl.run_scoped(
-            lambda smem_refs, bars, consumed, sched: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem_refs, bars,
-                                                            consumed, sched),
+            lambda smem_refs, bars, consumed, sched: kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref,
+                                                            smem_refs, bars, consumed, sched),
             smem,
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2),
+             plgpu.Barrier(num_barriers=stages)),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
@@ -261,7 +294,7 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params() if interpret else None,
-    )(q, k, v)
+    )(q, k, v, *((q_seg, kv_seg) if p.has_segments else ()))
     return o, lse
 
 
@@ -279,6 +312,6 @@ def flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p: FlashProblem, blocks: Block
     if blocks.mgpu_bwd and supports(p, q.dtype):
         from ditto_jax.kernels import _flash_mgpu_bwd
 
-        return _flash_mgpu_bwd.flash_bwd(q, k, v, o, lse, do, p, blocks, interpret)
+        return _flash_mgpu_bwd.flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, blocks, interpret)
 
     return _flash_triton.flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, _triton_blocks(blocks), interpret=interpret)

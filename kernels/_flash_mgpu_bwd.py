@@ -6,7 +6,8 @@ ring of ``max_concurrent_steps`` stages:
 - dk/dv: a CTA owns 128 kv rows of one kv head and streams (q, dO, lse, delta) blocks of every query head
   of its GQA group (causal: only from the diagonal on), so dk/dv are summed over the group in registers.
 
-Same residual format as the other lowerings (``lse`` log2-domain ``[B,Hq,Sq_pad]``). The GPU interpreter
+Segment ids ride along: the owned rows' ids stay in registers, the streamed blocks' ids come with them
+through the ring. Same residual format as the other lowerings (``lse`` log2-domain ``[B,Hq,Sq_pad]``). The GPU interpreter
 lacks transposed/register wgmma operands, so interpreted runs do those products as plain dots.
 """
 
@@ -75,7 +76,7 @@ def _smem_tile(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
-def _dq(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret: bool):
+def _dq(q, k, v, do, lse, delta, segs, p: FlashProblem, blocks: BlockSizes, interpret: bool):
     b, sq, hq, d = q.shape
     dtype = q.dtype
     bq, bk = blocks.dq
@@ -85,8 +86,13 @@ def _dq(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret:
     scale = p.scale_log2
     ops = _Ops(interpret)
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_s2, do_s2, lse_s2, delta_s2, k_s, v_s,
-               in_bars, k_bars, v_bars, consumed):
+    def kernel(*refs):
+        if p.has_segments:
+            q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, dq_ref, *scratch = refs
+        else:
+            q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *scratch = refs
+            qseg_ref = kvseg_ref = None
+        q_s2, do_s2, lse_s2, delta_s2, qseg_s2, k_s, v_s, kvseg_s, in_bars, k_bars, v_bars, kvseg_bars, consumed = scratch
         bi, head, tile, wg = (lax.axis_index(n) for n in ("batch", "heads", "q_seq", "wg"))
         _, tile_hi = kv_range(p, tile * 2 + 1, bq, bk)
 
@@ -101,8 +107,11 @@ def _dq(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret:
             plgpu.copy_gmem_to_smem(do_ref.at[rows], do_s, in_bars[1].at[wg])
             plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, pl.ds(q_base, bq)], lse_s, in_bars[2].at[wg])
             plgpu.copy_gmem_to_smem(delta_ref.at[bi, head, pl.ds(q_base, bq)], delta_s, in_bars[3].at[wg])
-            for i in range(4):
+            if p.has_segments:
+                plgpu.copy_gmem_to_smem(qseg_ref.at[bi, pl.ds(q_base, bq)], qseg_s2.at[wg], in_bars[4].at[wg])
+            for i in range(5 if p.has_segments else 4):
                 plgpu.barrier_wait(in_bars[i].at[wg])
+            q_ids = ops.vector(qseg_s2.at[wg], 1) if p.has_segments else None
             lse_v = ops.vector(lse_s, 1)
             delta_v = ops.vector(delta_s, 1)
             mid, hi = kv_range(p, q_block, bq, bk)
@@ -116,9 +125,15 @@ def _dq(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret:
                     keep = None
                     if p.causal:
                         keep = kv_pos <= ops.iota((bq, bk), 0) + (q_base + p.offset)
-                    if p.kv_padded:
+                    if p.kv_padded and not p.has_segments:
                         in_len = kv_pos < p.sk
                         keep = in_len if keep is None else keep & in_len
+                    if p.has_segments:
+                        plgpu.barrier_wait(kvseg_bars.at[slot])
+                        kv_ids = ops.vector(kvseg_s.at[slot], 0)
+                        same = (lax.broadcast_in_dim(q_ids, (bq, bk), [0])
+                                == lax.broadcast_in_dim(kv_ids, (bq, bk), [1]))
+                        keep = same if keep is None else keep & same
                     if keep is not None:
                         s = jnp.where(keep, s, MASK)
                 pr = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
@@ -134,6 +149,8 @@ def _dq(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret:
                 if interpret:
                     plgpu.barrier_wait(k_bars.at[slot])
                     plgpu.barrier_wait(v_bars.at[slot])
+                    if p.has_segments:
+                        plgpu.barrier_wait(kvseg_bars.at[slot])
                 plgpu.barrier_arrive(consumed.at[slot])
 
             dq = ops.zeros((bq, d))
@@ -154,6 +171,8 @@ def _dq(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret:
                 sl = (bi, pl.ds(j * bk, bk), kv_head)
                 plgpu.copy_gmem_to_smem(k_ref.at[sl], k_s.at[slot], k_bars.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[sl], v_s.at[slot], v_bars.at[slot])
+                if p.has_segments:
+                    plgpu.copy_gmem_to_smem(kvseg_ref.at[bi, pl.ds(j * bk, bk)], kvseg_s.at[slot], kvseg_bars.at[slot])
 
             for i in range(stages):
                 pl.when(i < tile_hi)(lambda i=i: load(i, i))
@@ -174,10 +193,11 @@ def _dq(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret:
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=[
             _smem_tile((2, bq, d), dtype), _smem_tile((2, bq, d), dtype),
-            plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
+            plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.int32),
             _smem_tile((stages, bk, d), dtype), _smem_tile((stages, bk, d), dtype),
-            (plgpu.Barrier(num_barriers=2),) * 4,
-            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+            plgpu.SMEM((stages, bk), jnp.int32),
+            (plgpu.Barrier(num_barriers=2),) * 5,
+            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         ],
         grid=(hq, sq // (2 * bq), b),
@@ -186,10 +206,10 @@ def _dq(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret:
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params() if interpret else None,
-    )(q, k, v, do, lse, delta)
+    )(q, k, v, do, lse, delta, *segs)
 
 
-def _dkv(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret: bool):
+def _dkv(q, k, v, do, lse, delta, segs, p: FlashProblem, blocks: BlockSizes, interpret: bool):
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     dtype = q.dtype
@@ -200,8 +220,14 @@ def _dkv(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret
     ops = _Ops(interpret)
     stages = max(1, min(blocks.max_concurrent_steps, nq * g))
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_s2, v_s2, q_s, do_s, lse_s,
-               delta_s, kv_bars, in_bars, consumed):
+    def kernel(*refs):
+        if p.has_segments:
+            q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, dk_ref, dv_ref, *scratch = refs
+        else:
+            q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *scratch = refs
+            qseg_ref = kvseg_ref = None
+        k_s2, v_s2, kvseg_s2, q_s, do_s, lse_s, delta_s, qseg_s, kv_bars, in_bars, consumed = scratch
+        n_in = 5 if p.has_segments else 4
         bi, kv_head, tile, wg = (lax.axis_index(n) for n in ("batch", "heads", "kv_seq", "wg"))
         tile_lo, _ = q_range(p, tile * 2, bq, bk)  # the earlier kv block needs the most query blocks
         per_head = nq - tile_lo
@@ -216,12 +242,15 @@ def _dkv(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret
             rows = (bi, pl.ds(kv_base, bk), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_s, kv_bars[0].at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_s, kv_bars[1].at[wg])
-            plgpu.barrier_wait(kv_bars[0].at[wg])
-            plgpu.barrier_wait(kv_bars[1].at[wg])
+            if p.has_segments:
+                plgpu.copy_gmem_to_smem(kvseg_ref.at[bi, pl.ds(kv_base, bk)], kvseg_s2.at[wg], kv_bars[2].at[wg])
+            for i in range(3 if p.has_segments else 2):
+                plgpu.barrier_wait(kv_bars[i].at[wg])
+            kv_ids = ops.vector(kvseg_s2.at[wg], 1) if p.has_segments else None
             lo, mid = q_range(p, kv_block, bq, bk)
 
             def wait_inputs(slot):
-                for bar in in_bars:
+                for bar in in_bars[:n_in]:
                     plgpu.barrier_wait(bar.at[slot])
 
             def step(t, carry, h, masked):
@@ -229,9 +258,16 @@ def _dkv(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret
                 slot = lax.rem(h * per_head + (t - tile_lo), jnp.int32(stages))
                 wait_inputs(slot)
                 s_t = ops.mm_nt(k_s, q_s.at[slot], (bk, bq)) * scale  # [kv rows, q rows]
+                keep = None
                 if masked and p.causal:
                     q_pos = ops.iota((bk, bq), 1) + (t * bq + p.offset)
                     keep = ops.iota((bk, bq), 0) + kv_base <= q_pos
+                if masked and p.has_segments:
+                    q_ids = ops.vector(qseg_s.at[slot], 0)
+                    same = (lax.broadcast_in_dim(kv_ids, (bk, bq), [0])
+                            == lax.broadcast_in_dim(q_ids, (bk, bq), [1]))
+                    keep = same if keep is None else keep & same
+                if keep is not None:
                     s_t = jnp.where(keep, s_t, MASK)
                 lse_c = ops.vector(lse_s.at[slot], 0)
                 p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse_c, s_t.shape, [1]))
@@ -276,6 +312,8 @@ def _dkv(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret
                 plgpu.copy_gmem_to_smem(lse_ref.at[bi, h, pl.ds(t * bq, bq)], lse_s.at[slot], in_bars[2].at[slot])
                 plgpu.copy_gmem_to_smem(delta_ref.at[bi, h, pl.ds(t * bq, bq)], delta_s.at[slot],
                                         in_bars[3].at[slot])
+                if p.has_segments:
+                    plgpu.copy_gmem_to_smem(qseg_ref.at[bi, pl.ds(t * bq, bq)], qseg_s.at[slot], in_bars[4].at[slot])
 
             for i in range(stages):
                 pl.when(i < total)(lambda i=i: load(jnp.int32(i), i))
@@ -295,11 +333,12 @@ def _dkv(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret
         kernel,
         out_type=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)],
         scratch_types=[
-            _smem_tile((2, bk, d), dtype), _smem_tile((2, bk, d), dtype),
+            _smem_tile((2, bk, d), dtype), _smem_tile((2, bk, d), dtype), plgpu.SMEM((2, bk), jnp.int32),
             _smem_tile((stages, bq, d), dtype), _smem_tile((stages, bq, d), dtype),
             plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32),
-            (plgpu.Barrier(num_barriers=2),) * 2,
-            (plgpu.Barrier(num_barriers=stages),) * 4,
+            plgpu.SMEM((stages, bq), jnp.int32),
+            (plgpu.Barrier(num_barriers=2),) * 3,
+            (plgpu.Barrier(num_barriers=stages),) * 5,
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         ],
         grid=(hkv, sk // (2 * bk), b),
@@ -308,10 +347,10 @@ def _dkv(q, k, v, do, lse, delta, p: FlashProblem, blocks: BlockSizes, interpret
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params() if interpret else None,
-    )(q, k, v, do, lse, delta)
+    )(q, k, v, do, lse, delta, *segs)
 
 
-def flash_bwd(q, k, v, o, lse, do, p: FlashProblem, blocks: BlockSizes, interpret: bool):
+def flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p: FlashProblem, blocks: BlockSizes, interpret: bool):
     """``(dq, dk, dv)`` on padded ``[B,S,H,D]`` inputs from the residuals ``o`` and ``lse``."""
     bq, bk = blocks.dkv
     if blocks.dq[0] % 64 or blocks.dq[1] % 64 or bq % 64 or bk % 64:
@@ -320,6 +359,7 @@ def flash_bwd(q, k, v, o, lse, do, p: FlashProblem, blocks: BlockSizes, interpre
         raise ValueError(f"mosaic_gpu backward: padded Sq={q.shape[1]} must divide by {2 * blocks.dq[0]} and "
                          f"Sk={k.shape[1]} by {2 * bk}")
     delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
-    dq = _dq(q, k, v, do, lse, delta, p, blocks, interpret)
-    dk, dv = _dkv(q, k, v, do, lse, delta, p, blocks, interpret)
+    segs = (q_seg, kv_seg) if p.has_segments else ()
+    dq = _dq(q, k, v, do, lse, delta, segs, p, blocks, interpret)
+    dk, dv = _dkv(q, k, v, do, lse, delta, segs, p, blocks, interpret)
     return dq, dk, dv

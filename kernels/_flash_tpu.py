@@ -14,14 +14,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ditto_jax.kernels._common import MASK, FlashProblem, block_mask, finalize, kv_range, q_range
+from ditto_jax.kernels._common import MASK, FlashProblem, block_mask, dot, finalize, kv_range, q_range
 from ditto_jax.kernels._config import BlockSizes
-
-
-def _dot(a, b, *, trans_a=False, trans_b=False):
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _params(interpret: bool, semantics: tuple[str, ...]):
@@ -79,7 +73,7 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
             acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
         def step(masked: bool):
-            s = _dot(q_ref[...], k_ref[...], trans_b=True) * p.scale_log2
+            s = dot(q_ref[...], k_ref[...], trans_b=True) * p.scale_log2
             if masked:
                 qs = None if qs_ref is None else qs_ref[...]
                 ks = None if ks_ref is None else ks_ref[...]
@@ -92,7 +86,7 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
             pr = jnp.exp2(s - m_new)
             l_sc[...] = l_sc[...] * alpha + pr.sum(axis=1, keepdims=True)
             v = v_ref[...]
-            acc_sc[...] = acc_sc[...] * alpha + _dot(pr.astype(v.dtype), v)
+            acc_sc[...] = acc_sc[...] * alpha + dot(pr.astype(v.dtype), v)
             m_sc[...] = m_new
 
         pl.when(j < mid)(lambda: step(False))
@@ -173,7 +167,7 @@ def _dq(q, k, v, do, lse, delta, segs, p: FlashProblem, bq: int, bk: int, interp
 
         def step(masked: bool):
             k_t = k_ref[...]
-            s = _dot(q_ref[...], k_t, trans_b=True) * p.scale_log2
+            s = dot(q_ref[...], k_t, trans_b=True) * p.scale_log2
             if masked:
                 qs = None if qs_ref is None else qs_ref[...]
                 ks = None if ks_ref is None else ks_ref[...]
@@ -181,9 +175,9 @@ def _dq(q, k, v, do, lse, delta, segs, p: FlashProblem, bq: int, bk: int, interp
                 if mask is not None:
                     s = jnp.where(mask, s, MASK)
             pr = jnp.exp2(s - lse_ref[...])
-            dp = _dot(do_ref[...], v_ref[...], trans_b=True)
+            dp = dot(do_ref[...], v_ref[...], trans_b=True)
             ds = pr * (dp - delta_ref[...])
-            acc[...] += _dot(ds.astype(k_t.dtype), k_t)
+            acc[...] += dot(ds.astype(k_t.dtype), k_t)
 
         pl.when(j < mid)(lambda: step(False))
         pl.when((j >= mid) & (j < hi))(lambda: step(True))
@@ -242,7 +236,7 @@ def _dkv(q, k, v, do, lse, delta, segs, p: FlashProblem, bq: int, bk: int, inter
 
         def step(masked: bool):
             q_t, do_t = q_ref[...], do_ref[...]
-            s = _dot(q_t, k_ref[...], trans_b=True) * p.scale_log2
+            s = dot(q_t, k_ref[...], trans_b=True) * p.scale_log2
             if masked:
                 qs = None if qs_ref is None else qs_ref[...]
                 ks = None if ks_ref is None else ks_ref[...]
@@ -250,10 +244,10 @@ def _dkv(q, k, v, do, lse, delta, segs, p: FlashProblem, bq: int, bk: int, inter
                 if mask is not None:
                     s = jnp.where(mask, s, MASK)
             pr = jnp.exp2(s - lse_ref[...])
-            dv_acc[...] += _dot(pr.astype(do_t.dtype), do_t, trans_a=True)
-            dp = _dot(do_t, v_ref[...], trans_b=True)
+            dv_acc[...] += dot(pr.astype(do_t.dtype), do_t, trans_a=True)
+            dp = dot(do_t, v_ref[...], trans_b=True)
             ds = pr * (dp - delta_ref[...])
-            dk_acc[...] += _dot(ds.astype(q_t.dtype), q_t, trans_a=True)
+            dk_acc[...] += dot(ds.astype(q_t.dtype), q_t, trans_a=True)
 
         pl.when((t >= lo) & (t < mid))(lambda: step(True))
         pl.when(t >= mid)(lambda: step(False))

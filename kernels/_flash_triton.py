@@ -14,16 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ditto_jax.kernels._common import MASK, FlashProblem, block_mask, finalize, kv_range, q_range
+from ditto_jax.kernels._common import MASK, FlashProblem, block_mask, dot, finalize, kv_range, q_range
 from ditto_jax.kernels._config import BlockSizes
-
-
-def _dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
-    """``a @ b`` (optionally transposed operands) accumulated in float32 (float64 for float64 inputs)."""
-    acc = jnp.float64 if a.dtype == jnp.float64 else jnp.float32
-    precision = lax.Precision.HIGHEST if a.dtype in (jnp.float32, jnp.float64) else None
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc)
 
 
 def _compiler_params(num_warps: int | None, num_stages: int, interpret: bool):
@@ -52,7 +44,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, p: 
         acc, m, l = carry
         kv_sl = pl.ds(pl.multiple_of(j * bk, bk), bk)
         k = k_ref[kv_sl, :]
-        s = _dot(q, k, trans_b=True) * p.scale_log2
+        s = dot(q, k, trans_b=True) * p.scale_log2
         if masked:
             kvseg = None if kvseg_ref is None else kvseg_ref[kv_sl][None, :]
             mask = block_mask(p, i * bq, j * bk, bq, bk, qseg, kvseg)
@@ -63,7 +55,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, p: 
         pr = jnp.exp2(s - m_new[:, None])
         l = l * alpha + pr.sum(axis=1)
         v = v_ref[kv_sl, :]
-        acc = acc * alpha[:, None] + _dot(pr.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(pr.astype(v.dtype), v)
         return acc, m_new, l
 
     mid, hi = kv_range(p, i, bq, bk)
@@ -129,16 +121,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_
         kv_sl = pl.ds(pl.multiple_of(j * bk, bk), bk)
         k = k_ref[kv_sl, :]
         v = v_ref[kv_sl, :]
-        s = _dot(q, k, trans_b=True) * p.scale_log2
+        s = dot(q, k, trans_b=True) * p.scale_log2
         if masked:
             kvseg = None if kvseg_ref is None else kvseg_ref[kv_sl][None, :]
             mask = block_mask(p, i * bq, j * bk, bq, bk, qseg, kvseg)
             if mask is not None:
                 s = jnp.where(mask, s, MASK)
         pr = jnp.exp2(s - lse)
-        dp = _dot(do, v, trans_b=True)
+        dp = dot(do, v, trans_b=True)
         ds = pr * (dp - delta)
-        return dq + _dot(ds.astype(k.dtype), k)
+        return dq + dot(ds.astype(k.dtype), k)
 
     mid, hi = kv_range(p, i, bq, bk)
     dq = jnp.zeros(q.shape, acc_t)
@@ -164,17 +156,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg
         do = do_ref[q_sl, g, :]
         lse = lse_ref[g, q_sl][:, None]
         delta = delta_ref[g, q_sl][:, None]
-        s = _dot(q, k, trans_b=True) * p.scale_log2
+        s = dot(q, k, trans_b=True) * p.scale_log2
         if masked:
             qseg = None if qseg_ref is None else qseg_ref[q_sl][:, None]
             mask = block_mask(p, t * bq, j * bk, bq, bk, qseg, kvseg, check_kv_len=False)
             if mask is not None:
                 s = jnp.where(mask, s, MASK)
         pr = jnp.exp2(s - lse)
-        dv = dv + _dot(pr.astype(do.dtype), do, trans_a=True)
-        dp = _dot(do, v, trans_b=True)
+        dv = dv + dot(pr.astype(do.dtype), do, trans_a=True)
+        dp = dot(do, v, trans_b=True)
         ds = pr * (dp - delta)
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     def group(g, carry):

@@ -74,13 +74,16 @@ def mosaic_gpu_self_check(head_dim: int, dtype_name: str) -> str | None:
             o, vjp = jax.vjp(fn, q, k, v)
             return (o, *vjp(do))
 
-        got = jax.jit(lambda: both(lambda q, k, v: flash_attention(q, k, v, backend="mosaic_gpu")))()
-        want = jax.jit(lambda: both(lambda q, k, v: attention_reference(q, k, v, causal=True)))()
-        for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
-            a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-            err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-6))
-            if not err <= 3e-2:
-                return f"{name} relative error {err:.3g}"
+        kv_ids = jnp.asarray([[1] * 150 + [2] * 180], jnp.int32)
+        for seg in (None, (kv_ids[:, 130:], kv_ids)):  # plain, and packed segments with queries at the end
+            got = jax.jit(lambda: both(lambda q, k, v: flash_attention(q, k, v, segment_ids=seg,
+                                                                       backend="mosaic_gpu")))()
+            want = jax.jit(lambda: both(lambda q, k, v: attention_reference(q, k, v, segment_ids=seg)))()
+            for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+                a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+                err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-6))
+                if not err <= 3e-2:
+                    return f"{name} relative error {err:.3g}{' (segments)' if seg is not None else ''}"
     except Exception as exc:  # noqa: BLE001 - any failure means: do not pick this lowering automatically
         return f"{type(exc).__name__}: {str(exc)[:500]}"
     return None
@@ -175,7 +178,7 @@ def flash_attention(
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     requested = backend
-    backend = resolve_backend(backend, mosaic_gpu_ok=_mosaic_gpu_ok(q, k) and segment_ids is None)
+    backend = resolve_backend(backend, mosaic_gpu_ok=_mosaic_gpu_ok(q, k))
     if backend == "mosaic_gpu" and (requested or os.environ.get(BACKEND_ENV) or "auto") == "auto":
         reason = mosaic_gpu_self_check(d, jnp.dtype(q.dtype).name)
         if reason is not None:

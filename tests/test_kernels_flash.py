@@ -164,23 +164,27 @@ def test_mosaic_gpu_kernel_in_gpu_interpreter():
     assert _rel_err(o.astype(jnp.float32), ref) <= TOL[jnp.bfloat16]
 
 
-@pytest.mark.parametrize("backend,platform", [("triton", "cuda"), ("mosaic_gpu", "cuda"), ("mosaic_gpu@mgpu_bwd=1", "cuda"),
-                                              ("mosaic_tpu", "tpu")])
-def test_device_lowerings_build(backend, platform):
+@pytest.mark.parametrize("backend,platform,segmented", [
+    ("triton", "cuda", True), ("mosaic_gpu", "cuda", False), ("mosaic_gpu@mgpu_bwd=1", "cuda", True),
+    ("mosaic_gpu@mgpu_bwd=1", "cuda", False), ("mosaic_tpu", "tpu", True)])
+def test_device_lowerings_build(backend, platform, segmented):
     """Forward and backward lower for the real devices (cross-platform export; compiling needs the chip)."""
     from jax import export
 
     q = jax.ShapeDtypeStruct((1, 1000, 4, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
-
+    seg = jax.ShapeDtypeStruct((1, 1000), jnp.int32)
     name, blocks = parse_backend_spec(backend)
 
-    def fwd_bwd(q, k, v):
-        o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=True, backend=name, block_sizes=blocks),
-                         q, k, v)
+    def fwd_bwd(q, k, v, seg):
+        fn = lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=seg if segmented else None,  # noqa: E731
+                                             backend=name, block_sizes=blocks)
+        o, vjp = jax.vjp(fn, q, k, v)
         return o, vjp(o)
 
     checks = [export.DisabledSafetyCheck.custom_call(n)
               for n in ("__gpu$xla.gpu.triton", "tpu_custom_call", "mosaic_gpu", "mosaic_gpu_v2")]
-    exported = export.export(jax.jit(fwd_bwd), platforms=[platform], disabled_checks=checks)(q, k, k)
+    exported = export.export(jax.jit(fwd_bwd), platforms=[platform], disabled_checks=checks)(q, k, k, seg)
     assert exported.out_avals[0].shape == q.shape
+    if backend.startswith("mosaic_gpu@mgpu_bwd=1"):
+        assert "triton" not in exported.mlir_module(), "the Mosaic GPU backward must not fall back to Triton"
