@@ -222,8 +222,11 @@ def _add_ratios(rows: list[dict[str, Any]], key_fields: tuple[str, ...], metric:
 def _markdown(result: dict[str, Any]) -> str:
     dev = result["device"]
     lines = [f"# Attention kernels on {dev['device_kind']} ({dev['platform']}, jax {dev['jax_version']})", "",
-             f"Peak used for %: {result['peak_tflops']:.3g} TFLOP/s; copy bandwidth {result['copy_gbs']:.1f} GB/s.",
-             "", "| B | S | H/Hkv | D | causal | dtype | impl | fwd ms | fwd TFLOP/s | fwd % peak | bwd ms | "
+             f"Peak used for %: {result['peak_tflops']:.3g} TFLOP/s ({result['peak_source']}); copy bandwidth "
+             f"{result['copy_gbs']:.1f} GB/s.", "",
+             *(["CPU: the Pallas kernels run in the interpreter; these figures prove the harness, not kernel speed.",
+                ""] if dev["platform"] == "cpu" else []),
+             "| B | S | H/Hkv | D | causal | dtype | impl | fwd ms | fwd TFLOP/s | fwd % peak | bwd ms | "
              "bwd TFLOP/s | bwd % peak | fwd x XLA | fwd x cuDNN | bwd x XLA | bwd x cuDNN |",
              "|" + "---|" * 17]
     fmt = lambda x, f="{:.2f}": "" if x is None else (f.format(x) if isinstance(x, float) else str(x))  # noqa: E731
