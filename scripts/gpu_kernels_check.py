@@ -24,6 +24,23 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _importable_without_install() -> None:
+    """Let a bare checkout (no ``pip install``) import ``ditto_jax.kernels``, which lives in ``kernels/``."""
+    import importlib.util
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    if importlib.util.find_spec("ditto_jax.kernels") is None:
+        spec = importlib.util.spec_from_file_location("ditto_jax.kernels", ROOT / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["ditto_jax.kernels"] = module
+        spec.loader.exec_module(module)
+
+
 # name: (batch, sq, sk, hq, hkv, d, dtype, causal, segments)
 GPU_FLASH = {
     "causal_gqa4_d128": (2, 1024, 1024, 8, 2, 128, "bfloat16", True, False),
@@ -169,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "hangs or kills the process is reported as an error instead of stopping the check")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per isolated backend")
     args = parser.parse_args(argv)
+    _importable_without_install()
 
     import jax
 
