@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +23,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("params", "train", "data", "meta")
@@ -99,6 +97,7 @@ class Checkpoints:
     def __init__(self, workdir: str | Path, *, every: int, keep: int, async_save: bool = True):
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
         self.every = every
+        self.async_save = async_save
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
@@ -111,6 +110,10 @@ class Checkpoints:
 
     def save(self, step: int, params: Any, train: Any, data_state: Any, meta: dict[str, Any]) -> None:
         """Start saving ``step`` (returns once arrays are copied off the devices; the write continues)."""
+        if self.async_save and jax.default_backend() == "cpu":
+            # On CPU Orbax's "device to host" copy can alias the live buffers, which the next (donating) train
+            # step overwrites while the write is still running: snapshot them first.
+            params, train = jax.tree.map(lambda x: x.copy(), (params, train))
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
             data=DataStateSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -118,8 +121,34 @@ class Checkpoints:
     def restore_latest(self, abstract_params: Any, abstract_train: Any) -> Restored | None:
         """The newest checkpoint that restores cleanly, or ``None`` if there is none.
 
-        A newest checkpoint that fails to restore is reported (with the reason) and the one before is tried.
+        A newest checkpoint that fails to restore is reported (with the reason), moved aside to
+        ``checkpoints/corrupt-<step>`` (kept for inspection, out of the way of new saves) and the one before is
+        tried.
         """
+        bad: list[int] = []
+        try:
+            return self._restore_newest_good(abstract_params, abstract_train, bad)
+        finally:
+            if bad:
+                self._move_aside(bad)
+
+    def _move_aside(self, steps: list[int]) -> None:
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            for step in steps:
+                src = self.directory / str(step)
+                dst = self.directory / f"corrupt-{step}"
+                if dst.exists():
+                    import shutil
+
+                    shutil.rmtree(dst)
+                src.rename(dst)
+                print(f"moved the unreadable checkpoint {src} to {dst}", flush=True)
+        multihost_utils.sync_global_devices("ditto-jax: corrupt checkpoints moved aside")
+        self.manager.reload()
+
+    def _restore_newest_good(self, abstract_params: Any, abstract_train: Any, bad: list[int]) -> Restored | None:
         for step in reversed(self.steps()):
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
@@ -129,11 +158,10 @@ class Checkpoints:
                 return Restored(step=step, params=out["params"], train=out["train"], data=out["data"],
                                 meta=dict(out["meta"]))
             except Exception as exc:  # noqa: BLE001 - any failure means this checkpoint is unusable
-                log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
-                            self.directory / str(step), type(exc).__name__, str(exc).splitlines()[0][:300])
                 print(f"warning: checkpoint {self.directory / str(step)} is unreadable "
                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); falling back to the previous one",
                       flush=True)
+                bad.append(step)
         return None
 
     def wait(self) -> None:

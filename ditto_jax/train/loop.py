@@ -138,8 +138,16 @@ def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
     if ckpts.steps():
         from ditto_jax.train.checkpoint import read_meta
 
-        meta = read_meta(ckpts.directory / str(ckpts.steps()[-1]))
-        model_cfg = _model_config(cfg, meta)
+        model_cfg = None
+        for step_no in reversed(ckpts.steps()):  # the model config of the newest readable metadata
+            try:
+                model_cfg = _model_config(cfg, read_meta(ckpts.directory / str(step_no)))
+                break
+            except (OSError, ValueError):
+                continue
+        if model_cfg is None:
+            raise TrainingError(f"{ckpts.directory}: no checkpoint has readable metadata (meta/metadata); "
+                                "move the checkpoints away to start afresh")
         abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
         target = steplib.abstract_state(abstract_model, tx, mesh, rules)
         restored = ckpts.restore_latest(target.params, _train_part(target))
