@@ -1,0 +1,49 @@
+"""Causal (packed) self-attention in plain XLA that skips the masked upper triangle block by block.
+
+Same semantics as ``ditto_jax.kernels.reference.attention_reference(causal=True, segment_ids=...)`` for full
+sequences (Sq == Sk) where every query sees at least itself -- always true for causal self-attention, padding
+included (segment 0 attends to itself). Differences that make it ~2x faster on CPU in training:
+- queries are split into blocks; block ``i`` is scored only against keys ``[0, (i + 1) * block)``, so about
+  half of the ``S x S`` scores (and their backward) are never computed;
+- heads are moved in front once (``[B, Hkv, G, S, D]``), so each score matmul is one ``[G * block, D] x [D, K]``
+  product per (row, kv head) with no per-matmul transposes, and GQA never repeats k/v;
+- masking is an additive bias and the softmax is ``jax.nn.softmax`` (no ``-inf`` / ``isfinite`` passes).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30
+
+
+def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,
+                             block: int = 128, sm_scale: float | None = None) -> jax.Array:
+    """q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]``, optional segment ids ``[B, S]`` -> ``[B, S, Hq, D]``."""
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    if s % block:
+        block = s
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    qh = jnp.transpose(q.reshape(b, s, hkv, g, d), (0, 2, 3, 1, 4))  # [B, Hkv, G, S, D]
+    kh = jnp.transpose(k, (0, 2, 1, 3))  # [B, Hkv, S, D]
+    vh = jnp.transpose(v, (0, 2, 1, 3))
+    outs = []
+    for i in range(s // block):
+        lo, hi = i * block, (i + 1) * block
+        scores = jnp.einsum("bhgqd,bhkd->bhgqk", qh[:, :, :, lo:hi], kh[:, :, :hi],
+                            preferred_element_type=acc) * scale
+        q_pos = jnp.arange(lo, hi)[:, None]
+        mask = jnp.arange(hi)[None, :] <= q_pos  # [block, hi]
+        if segment_ids is not None:
+            mask = mask[None] & (segment_ids[:, lo:hi, None] == segment_ids[:, None, :hi])  # [B, block, hi]
+            bias = jnp.where(mask, 0.0, _NEG).astype(acc)[:, None, None]
+        else:
+            bias = jnp.where(mask, 0.0, _NEG).astype(acc)[None, None, None]
+        p = jax.nn.softmax(scores + bias, axis=-1)
+        outs.append(jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vh[:, :, :hi], preferred_element_type=acc))
+    o = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]  # [B, Hkv, G, S, D]
+    return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, s, hq, d).astype(q.dtype)
