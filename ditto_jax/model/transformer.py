@@ -167,9 +167,16 @@ def _qkv(x: jax.Array, w: dict[str, Any], cfg: ModelConfig, cos: jax.Array, sin:
     b, t, _ = x.shape
     d = cfg.dim_per_head
     h = rms_norm(x, w["ln1"], cfg.rms_norm_eps)
-    q, k, v = h @ w["q"].astype(dt), h @ w["k"].astype(dt), h @ w["v"].astype(dt)
-    if "qb" in w:
-        q, k, v = q + w["qb"].astype(dt), k + w["kb"].astype(dt), v + w["vb"].astype(dt)
+    if _fuse_projections():
+        nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
+        qkv = h @ jnp.concatenate([w["q"], w["k"], w["v"]], axis=-1).astype(dt)
+        if "qb" in w:
+            qkv = qkv + jnp.concatenate([w["qb"], w["kb"], w["vb"]], axis=-1).astype(dt)
+        q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+    else:
+        q, k, v = h @ w["q"].astype(dt), h @ w["k"].astype(dt), h @ w["v"].astype(dt)
+        if "qb" in w:
+            q, k, v = q + w["qb"].astype(dt), k + w["kb"].astype(dt), v + w["vb"].astype(dt)
     q = q.reshape(b, t, cfg.num_heads, d)
     k = k.reshape(b, t, cfg.num_kv_heads, d)
     v = v.reshape(b, t, cfg.num_kv_heads, d)
@@ -183,7 +190,21 @@ def _finish(x: jax.Array, attn: jax.Array, w: dict[str, Any], cfg: ModelConfig) 
     b, t = x.shape[:2]
     x = x + attn.reshape(b, t, -1) @ w["o"].astype(dt)
     h = rms_norm(x, w["ln2"], cfg.rms_norm_eps)
+    if _fuse_projections():
+        f = w["gate"].shape[-1]
+        gate_up = h @ jnp.concatenate([w["gate"], w["up"]], axis=-1).astype(dt)
+        return x + (jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]) @ w["down"].astype(dt)
     return x + swiglu(h, w["gate"].astype(dt), w["up"].astype(dt), w["down"].astype(dt))
+
+
+FUSE_PROJECTIONS: bool | None = None  # None: fuse on CPU only
+
+
+def _fuse_projections() -> bool:
+    """One ``[H, q+k+v]`` and one ``[H, 2F]`` matmul instead of three and two: larger matmuls run closer to the
+    CPU's peak and the input gradient becomes one product. Off on accelerators, where the concatenated weight
+    would cut across a tensor-parallel sharding."""
+    return jax.default_backend() == "cpu" if FUSE_PROJECTIONS is None else FUSE_PROJECTIONS
 
 
 def _decoder_layer(x, w, cfg: ModelConfig, cos, sin, *, segment_ids):
