@@ -80,7 +80,9 @@ def sections(small: bool, out_dir: Path) -> list[tuple[str, list[str], float]]:
     preset = "model/tiny" if small else "model/gpu-1b"
     prompt, new, b64, seq, tb = (16, 16, 4, 64, 1) if small else (128, 256, 64, 4096, 4)
     kern = ["--preset", "cpu"] if small else ["--preset", "gpu"]
-    check = [PY, "scripts/gpu_kernels_check.py", "--small"] if small else [PY, "scripts/gpu_kernels_check.py"]
+    # In-process (no per-backend children): on the H200 the isolated runs hung past their limits, in-process
+    # runs finished in seconds (benchmarks/gpu-h200-2026-11-27.md).
+    check = [PY, "scripts/gpu_kernels_check.py", "--isolate", "off"] + (["--small"] if small else [])
     decode_impl = "pallas"
     cfg_pallas = _variant(preset, out_dir, attention=decode_impl)
     cfg_xla = _variant(preset, out_dir, attention="xla")
@@ -94,7 +96,7 @@ def sections(small: bool, out_dir: Path) -> list[tuple[str, list[str], float]]:
         ("env", [PY, "-c", "import jax,json;print(json.dumps({'jax':jax.__version__,'backend':jax.default_backend(),"
                  "'devices':[str(d) for d in jax.devices()]}))"], 120),
         ("kernels_check", check + ["--out", str(out_dir / "kernels_check.json")], 600 if small else 240),
-        ("kernels_bench", cli + ["kernels", *kern, "--json", "--out-dir", str(out_dir / "kernels")], 300),
+        ("kernels_bench", cli + ["kernels", *kern, "--isolate", "off", "--json", "--out-dir", str(out_dir / "kernels")], 300),
         ("sampler_check", [PY, "scripts/gpu_sampler_check.py"] + (["--small"] if small else []), 240),
         ("sample_b1_pallas", sample(1, cfg_pallas), 180),
         ("sample_b64_pallas", sample(b64, cfg_pallas), 180),

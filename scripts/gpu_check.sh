@@ -10,9 +10,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site
 fi
-# Install the package itself (no deps, offline) so ditto_jax.kernels resolves to kernels/.
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/ditto . || { echo "package install failed"; exit 1; }
-export PYTHONPATH=/tmp/ditto:${PYTHONPATH:-}
+# ditto_jax.kernels is kernels/ (pyproject package-dir). Without an install, scripts run from the repository
+# root import the repo's ditto_jax/, which has no kernels/ inside: link it (the link is git-ignored).
+[ -e ditto_jax/kernels ] || ln -s ../kernels ditto_jax/kernels
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi -L || true
 python3 scripts/gpu_check.py --out "${OUT:-benchmarks}" "$@"
