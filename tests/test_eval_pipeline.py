@@ -24,7 +24,8 @@ TINY = {"config": "model/tiny", "seed": 0}
 
 def config(testset: Path, **judge) -> EvalConfig:
     data = {
-        "candidates": [{"name": "seed", "model": TINY}],
+        # two candidates side by side; the second is the same model, so its answers and scores must be identical
+        "candidates": [{"name": "seed", "model": TINY}, {"name": "again", "model": TINY}],
         # the judge is the candidate's model: loaded and compiled once (tests stay fast)
         "judge": {"model": TINY, "samples": 3, "max_answer_chars": 120, "max_summary_chars": 80,
                   "max_evidence_chars": 80, **judge},
@@ -44,16 +45,20 @@ def testset(tmp_path_factory) -> Path:
     return path
 
 
+# loaded models (compiled engines) shared by the runs of this module, as a caller evaluating several work dirs would
+MODELS: dict = {}
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, testset) -> tuple[Path, dict]:
     workdir = tmp_path_factory.mktemp("eval")
-    return workdir, run_eval(config(testset), workdir)
+    return workdir, run_eval(config(testset), workdir, MODELS)
 
 
 def test_report_contract(finished):
     workdir, report = finished
     on_disk = json.loads((workdir / "report.json").read_text())
-    assert on_disk == report and report["runs"] == ["seed"]
+    assert on_disk == report and report["runs"] == ["seed", "again"]
     assert set(report["metrics"]) == {"all", "en", "zh"}
     for split in ("all", "en", "zh"):
         m = report["metrics"][split]
@@ -70,6 +75,9 @@ def test_report_contract(finished):
     assert "| seed |" in md and "MT-Bench roleplay" in md
     assert (workdir / "report.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((workdir / "runs" / "seed" / "report.json").read_text())["metrics"] == report["metrics"]
+    again = json.loads((workdir / "runs" / "again" / "report.json").read_text())
+    assert again["name"] == "again" and again["metrics"] == report["metrics"] and again["mtbench"] == report["mtbench"]
+    assert "| again |" in md
 
 
 def test_metrics_match_raw_judge_outputs(finished, testset):
@@ -114,9 +122,9 @@ def test_resume_after_kill_does_not_rejudge(finished, testset, tmp_path):
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "complete": False}))
     (judge_dir / DONE).unlink()
     for path in (resumed / "report.json", resumed / "report.md", resumed / "report.png",
-                 resumed / "runs" / "seed" / "report.json"):
+                 resumed / "runs" / "seed" / "report.json", resumed / "runs" / "again" / "report.json"):
         path.unlink()
-    again = run_eval(config(testset), resumed)
+    again = run_eval(config(testset), resumed, MODELS)
     assert again == report
     after = read_outputs(judge_dir)  # raises on a duplicated id
     assert after == before  # same judgements (per-request seeds), each exactly once

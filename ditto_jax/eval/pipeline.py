@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -31,7 +32,9 @@ from ditto_jax.eval.metrics import aggregate, aggregate_mtbench
 from ditto_jax.eval.report import REPORT_JSON, load_runs, write_comparison, write_run_report
 from ditto_jax.eval.stages import run_stage
 from ditto_jax.eval.testsets import EvalSession, MTBenchQuestion, load_mtbench, load_wikiroleeval
-from ditto_jax.fileio import atomic_write_text
+from ditto_jax.fileio import atomic_write_json, atomic_write_text
+
+PROMPT_STATS = "prompt_stats.json"
 from ditto_jax.model_source import ModelSource
 
 
@@ -57,9 +60,19 @@ class LoadedModel:
             self.engine = SamplingEngine(self.model, self.tokenizer, mesh=self.mesh, **self.engine_kwargs)
         return self
 
+    constraints: dict[Any, Any] = dataclasses.field(default_factory=dict)
+
+    def constraint(self, key: Any, build: Callable[[], Any]) -> Any:
+        """A decoding constraint built once per model: the engine registers constraints by identity, so reusing
+        the object keeps its device tables (and compiled shapes) from growing on every stage."""
+        if key not in self.constraints:
+            self.constraints[key] = build()
+        return self.constraints[key]
+
     def release(self) -> None:
-        """Drop the model and engine (frees device memory before the next model loads)."""
+        """Drop the model, engine and constraints (frees device memory before the next model loads)."""
         self.model = self.engine = None
+        self.constraints.clear()
         gc.collect()
 
 
@@ -114,7 +127,7 @@ def _vocab_mask(loaded: LoadedModel) -> Any:
         return None
     from ditto_jax.simulation.backend import tokenizer_vocab_constraint
 
-    return tokenizer_vocab_constraint(loaded.tokenizer, loaded.model.cfg.vocab_size)
+    return loaded.constraint("vocab", lambda: tokenizer_vocab_constraint(loaded.tokenizer, loaded.model.cfg.vocab_size))
 
 
 def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[int], list[str]],
@@ -123,20 +136,24 @@ def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[i
     """Run answer waves ``0..waves-1``; each wave sees the answers of the previous ones."""
     answers: dict[str, str] = {}
     for t in range(waves):
-        def make_requests(pending: set[str], t: int = t) -> Iterable[Any]:
+        stage_dir = stage_root / f"t{t:02d}"
+
+        def make_requests(pending: set[str], t: int = t, stage_dir: Path = stage_dir) -> Iterable[Any]:
             from ditto_jax.sampling import Request
 
             cand.load()
             budget = cfg.engine.max_len - cfg.answer.max_new_tokens
             params = _answer_params(cfg, cand.tokenizer)
             vocab_mask = _vocab_mask(cand)
-            for p in prompts(t, answers, W.chat_encoder(cand.tokenizer), budget):
-                if p.id in pending:
-                    stats["history_trimmed"] += int(p.trimmed > 0)
-                    yield Request(p.id, p.input_ids, params, vocab_mask)
+            wave = prompts(t, answers, W.chat_encoder(cand.tokenizer), budget)
+            # counted over the whole wave and kept on disk: a resumed run may not rebuild these prompts
+            atomic_write_json(stage_dir / PROMPT_STATS, {"history_trimmed": sum(p.trimmed > 0 for p in wave)})
+            return [Request(p.id, p.input_ids, params, vocab_mask) for p in wave if p.id in pending]
 
-        records = run_stage(stage_root / f"t{t:02d}", expected(t), make_requests, lambda: cand.load().engine,
+        records = run_stage(stage_dir, expected(t), make_requests, lambda: cand.load().engine,
                             f"{name}: {desc} turn {t + 1}/{waves}")
+        if (stage_dir / PROMPT_STATS).exists():
+            stats["history_trimmed"] += json.loads((stage_dir / PROMPT_STATS).read_text("utf-8"))["history_trimmed"]
         for rid, rec in records.items():
             answers[rid] = _text(rec)
             stats["truncated"] += int(rec.get("finish_reason") == "length")
@@ -174,56 +191,43 @@ def _judge_ids(testset: TestSet, samples: int) -> list[str]:
 
 
 def judge_candidate(name: str, judge: LoadedModel, cfg: EvalConfig, testset: TestSet, wre: Mapping[str, str],
-                    mt: Mapping[str, str], run_dir: Path) -> tuple[list[Any], list[Any], list[Any], list[Any],
-                                                                   dict[str, Any]]:
-    """Judge every turn of one candidate; returns the WikiRoleEval and MT-Bench tasks and parsed judgements."""
+                    mt: Mapping[str, str], run_dir: Path) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Judge every turn of one candidate: ``(TurnJudgements, MTBenchJudgements, stats)``."""
     from ditto_jax.sampling import Request, SamplingParams
 
     jc = cfg.judge
     limits = W.JudgeLimits(jc.max_answer_chars, jc.max_summary_chars, jc.max_evidence_chars)
     budget = cfg.engine.max_len - jc.max_new_tokens
-    built: dict[str, Any] = {}
-
-    def tasks() -> tuple[list[W.JudgeTask], list[W.JudgeTask]]:
-        if "tasks" not in built:
-            judge.load()
-            enc = W.chat_encoder(judge.tokenizer)
-            built["tasks"] = (W.judge_tasks(testset.sessions, wre, testset.descriptions, enc, jc.samples, limits, budget),
-                              M.judge_tasks(testset.questions, mt, enc, jc.samples, limits, budget))
-        return built["tasks"]
 
     def make_requests(pending: set[str]) -> Iterable[Any]:
-        wre_tasks, mt_tasks = tasks()
+        judge.load()
+        enc = W.chat_encoder(judge.tokenizer)
+        wre_tasks = W.judge_tasks(testset.sessions, wre, testset.descriptions, enc, jc.samples, limits, budget)
+        mt_tasks = M.judge_tasks(testset.questions, mt, enc, jc.samples, limits, budget)
         params = SamplingParams(temperature=jc.temperature, top_p=jc.top_p, max_new_tokens=jc.max_new_tokens,
                                 stop_token_ids=sorted(judge.tokenizer.stop_ids), seed=cfg.seed)
-        constraints: dict[tuple[str, int], Any] = {}
         for task in wre_tasks + mt_tasks:
             if task.id not in pending or task.input_ids is None:
                 continue
             constraint = None
             if jc.constrained:
-                key = (task.metric, task.num_options)
-                if key not in constraints:
-                    constraints[key] = J.judge_constraint(task.metric, judge.tokenizer, judge.model.cfg.vocab_size,
-                                                          task.num_options or 4)
-                constraint = constraints[key]
+                constraint = judge.constraint((task.metric, task.num_options), lambda task=task: J.judge_constraint(
+                    task.metric, judge.tokenizer, judge.model.cfg.vocab_size, task.num_options or 4))
             yield Request(task.id, task.input_ids, params, constraint)
 
     outputs = run_stage(run_dir / "judge", _judge_ids(testset, jc.samples), make_requests,
                         lambda: judge.load().engine, f"{name}: judging")
-    # tasks are rebuilt (judge tokenizer needed) only when absent: a finished run still needs the task list
-    wre_tasks, mt_tasks = _tasks_without_model(testset, wre, mt, jc.samples) if "tasks" not in built else tasks()
-    return wre_tasks, mt_tasks, W.collect_judgements(testset.sessions, wre_tasks, outputs), \
-        M.collect_judgements(testset.questions, mt_tasks, outputs), {"judge_requests": len(outputs)}
+    wre_tasks, mt_tasks = _task_skeletons(testset, jc.samples)
+    return (W.collect_judgements(testset.sessions, wre_tasks, outputs),
+            M.collect_judgements(testset.questions, mt_tasks, outputs), {"judge_requests": len(outputs)})
 
 
-def _tasks_without_model(testset: TestSet, wre: Mapping[str, str], mt: Mapping[str, str],
-                         samples: int) -> tuple[list[W.JudgeTask], list[W.JudgeTask]]:
-    """Task skeletons (ids and bookkeeping, no token ids) for a judge stage that is already complete: a task
-    missing from the outputs then means its prompt could not fit (it was never sent)."""
+def _task_skeletons(testset: TestSet, samples: int) -> tuple[list[W.JudgeTask], list[W.JudgeTask]]:
+    """Every judge task's id and bookkeeping, without prompts (no judge tokenizer needed): collecting results
+    from these, an id missing from the outputs is a prompt that could not fit and was never sent."""
     wre_tasks = [W.JudgeTask(W.judge_request_id(s.id, t, m, k), s.id, t, m, k, [], len(s.candidates))
                  for s in testset.sessions for t in range(len(s.turns)) for m in J.METRICS for k in range(samples)]
-    mt_tasks = [M.JudgeTask(M.judge_request_id(q.question_id, t, k), f"q{q.question_id:04d}", t, "mtbench", k, [], 0)
+    mt_tasks = [W.JudgeTask(M.judge_request_id(q.question_id, t, k), f"q{q.question_id:04d}", t, "mtbench", k, [], 0)
                 for q in testset.questions for t in (0, 1) for k in range(samples)]
     return wre_tasks, mt_tasks
 
@@ -238,34 +242,50 @@ def _check_config(workdir: Path, cfg: EvalConfig) -> None:
         atomic_write_text(path, text)
 
 
-def run_eval(cfg: EvalConfig, workdir: str | Path) -> dict[str, Any]:
-    """Evaluate every candidate (resuming whatever is on disk); returns the top-level report."""
+def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, LoadedModel] | None = None) -> dict[str, Any]:
+    """Evaluate every candidate (resuming whatever is on disk); returns the top-level report.
+
+    ``models``: a cache of loaded models (with their compiled engines) that the caller keeps across calls, e.g. to
+    evaluate a seed model and its fine-tune with one judge load; without it, each model is dropped after use.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _check_config(workdir, cfg)
     testset = load_testset(cfg)
     from ditto_jax.mesh import make_mesh
 
-    mesh = None if cfg.engine.mesh is None else make_mesh(cfg.engine.mesh)
-    engine_kwargs = {"batch_size": cfg.engine.batch_size, "max_len": cfg.engine.max_len,
-                     "min_bucket": min(cfg.engine.min_bucket, cfg.engine.max_len), "chunk": cfg.engine.chunk}
-    judge = LoadedModel(cfg.judge.model, engine_kwargs, mesh)
+    engine = cfg.engine
+    engine_kwargs = {"batch_size": engine.batch_size, "max_len": engine.max_len,
+                     "min_bucket": min(engine.min_bucket, engine.max_len), "chunk": engine.chunk}
+    keep_loaded = models is not None
+    models = {} if models is None else models
+    mesh: list[Any] = []
+
+    def loaded(source: ModelSource) -> LoadedModel:
+        key = json.dumps([source.model_dump(mode="json"), engine_kwargs,
+                          None if engine.mesh is None else engine.mesh.model_dump(mode="json")])
+        if key not in models:
+            if not mesh:
+                mesh.append(None if engine.mesh is None else make_mesh(engine.mesh))
+            models[key] = LoadedModel(source, engine_kwargs, mesh[0])
+        return models[key]
+
+    judge = loaded(cfg.judge.model)
     answers: dict[str, tuple[dict[str, str], dict[str, str], dict[str, int]]] = {}
     for cand_cfg in cfg.candidates:
-        # a candidate that is also the judge keeps its loaded model (no second load and compilation)
-        same = cand_cfg.model == cfg.judge.model
-        cand = judge if same else LoadedModel(cand_cfg.model, engine_kwargs, mesh)
+        cand = loaded(cand_cfg.model)  # a candidate that is also the judge shares its loaded model
         answers[cand_cfg.name] = answer_candidate(cand_cfg, cand, cfg, testset, workdir / "runs" / cand_cfg.name)
-        if not same:
+        if not keep_loaded and cand is not judge:
             cand.release()
     reports = {}
     for cand_cfg in cfg.candidates:
         run_dir = workdir / "runs" / cand_cfg.name
         wre, mt, answer_stats = answers[cand_cfg.name]
-        _, _, turns, mt_items, judge_stats = judge_candidate(cand_cfg.name, judge, cfg, testset, wre, mt, run_dir)
+        turns, mt_items, judge_stats = judge_candidate(cand_cfg.name, judge, cfg, testset, wre, mt, run_dir)
         reports[cand_cfg.name] = build_report(cand_cfg, cfg, testset, turns, mt_items, answer_stats | judge_stats)
         write_run_report(run_dir / REPORT_JSON, reports[cand_cfg.name])
-    judge.release()
+    if not keep_loaded:
+        judge.release()
     top = dict(reports[cfg.candidates[0].name])
     top["runs"] = [c.name for c in cfg.candidates]
     write_run_report(workdir / REPORT_JSON, top)
