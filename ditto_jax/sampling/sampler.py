@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ditto_jax.mesh import logical_to_spec
 from ditto_jax.model.cache import KVCache, init_cache
+from ditto_jax.sampling.decoder import decode_step, decode_weights
 from ditto_jax.sampling.logits import select_tokens
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
@@ -80,6 +81,7 @@ class SamplerConfig:
     max_stop_ids: int = 8
     max_top_k: int = 64
     max_rounds: int = 32
+    decode_path: str = "fused"  # "fused": DecodeWeights layout (sampling/decoder.py); "model": the model's forward
 
 
 def _constraint_mask(tables: tuple[jax.Array, jax.Array], cstate: jax.Array, ccon: jax.Array,
@@ -167,12 +169,22 @@ def prefill_fn(graphdef, params, state: SlotState, tables, slots: jax.Array, tok
     return new, tok, lp, code
 
 
-def decode_fn(graphdef, params, state: SlotState, tables, keep: jax.Array, *, cfg: SamplerConfig):
+def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, *, cfg: SamplerConfig, mcfg: Any):
     """Up to ``cfg.chunk`` decode steps for every active slot; ``keep [B]`` deactivates slots first (host stops).
 
+    ``weights`` is the model's parameter state (``decode_path="model"``) or its ``DecodeWeights``.
     Returns ``(state, tokens [B, K] (-1 where nothing was emitted), logprobs [B, K], steps_run)``.
     """
-    model = nnx.merge(graphdef, params)
+    if cfg.decode_path == "model":
+        model = nnx.merge(graphdef, weights)
+
+        def forward(tokens, cache):
+            logits, cache = model(tokens[:, None], cache=cache)
+            return logits[:, 0], cache.k, cache.v
+    else:
+        def forward(tokens, cache):
+            return decode_step(weights, mcfg, tokens, cache.k, cache.v, cache.lengths)
+
     b, k_steps = state.last_token.shape[0], cfg.chunk
     rows = jnp.arange(b)
     state = state.replace(active=state.active & keep)
@@ -184,13 +196,13 @@ def decode_fn(graphdef, params, state: SlotState, tables, keep: jax.Array, *, cf
     def body(carry):
         i, s, out_tok, out_lp = carry
         emit = s.active
-        logits, cache = model(s.last_token[:, None], cache=s.cache)
+        logits, k_all, v_all = forward(s.last_token, s.cache)
         lengths = jnp.where(emit, s.cache.lengths + 1, s.cache.lengths)
-        tok, lp = _choose(logits[:, 0], s, s.presence, s.cstate, s.ccon, s.num_generated, tables, cfg)
+        tok, lp = _choose(logits, s, s.presence, s.cstate, s.ccon, s.num_generated, tables, cfg)
         n = s.num_generated + emit
         code = _finish_codes(tok, s.stop_ids, n, s.max_new, lengths, cfg.max_len, emit)
         s = s.replace(
-            cache=KVCache(k=cache.k, v=cache.v, lengths=lengths),
+            cache=KVCache(k=k_all, v=v_all, lengths=lengths),
             last_token=jnp.where(emit, tok, s.last_token),
             num_generated=n,
             active=emit & (code == FINISH_NONE),
@@ -216,17 +228,20 @@ class Sampler:
         self.mesh = mesh
         self.vocab_size = model.cfg.vocab_size
         self.graphdef, self.params = nnx.split(model)
+        if cfg.decode_path not in ("fused", "model"):
+            raise ValueError(f"decode_path must be 'fused' or 'model', got {cfg.decode_path!r}")
+        with _maybe_mesh(mesh):
+            self.decode_weights = decode_weights(model) if cfg.decode_path == "fused" else self.params
         self.state = self._init_state()
         self._shardings = None if mesh is None else self._state_shardings()
         # Committed from the start, so the first call compiles the same executable as every later one.
         self.state = jax.device_put(self.state, self._shardings or jax.devices()[0])
-        out_state = self._shardings
-        self._prefill = jax.jit(
-            functools.partial(prefill_fn, self.graphdef, cfg=cfg), donate_argnums=(1,),
-            out_shardings=None if out_state is None else (out_state, None, None, None))
-        self._decode = jax.jit(
-            functools.partial(decode_fn, self.graphdef, cfg=cfg), donate_argnums=(1,),
-            out_shardings=None if out_state is None else (out_state, None, None, None))
+        out_state = None if self._shardings is None else (self._shardings, None, None, None)
+        self._prefill = jax.jit(functools.partial(prefill_fn, self.graphdef, cfg=cfg), donate_argnums=(1,),
+                                out_shardings=out_state)
+        self._decode = jax.jit(functools.partial(decode_fn, self.graphdef, cfg=cfg, mcfg=model.cfg),
+                               donate_argnums=(1,), out_shardings=out_state,
+                               compiler_options=decode_compiler_options())
 
     def _init_state(self) -> SlotState:
         b, v, ms = self.cfg.batch_size, self.vocab_size, self.cfg.max_stop_ids
@@ -265,12 +280,23 @@ class Sampler:
     def decode(self, tables, keep: np.ndarray):
         """One decode chunk; returns host ``(tokens [B, K], logprobs [B, K], finish [B], steps)``."""
         with _maybe_mesh(self.mesh):
-            self.state, tok, lp, steps = self._decode(self.params, self.state, tables, jnp.asarray(keep))
+            self.state, tok, lp, steps = self._decode(self.decode_weights, self.state, tables, jnp.asarray(keep))
         return np.asarray(tok), np.asarray(lp), np.asarray(self.state.finish), int(steps)
 
     def compile_count(self) -> int:
         """Number of distinct compiled executables so far (prefill buckets + decode)."""
         return self._prefill._cache_size() + self._decode._cache_size()
+
+
+def decode_compiler_options() -> dict[str, str] | None:
+    """XLA options for the decode loop. On CPU its matmuls have only ``B`` rows: XLA's default YNNPACK dot
+    fusions run them at ~2/3 the speed of the Eigen kernels, so YNN fusions are switched off for this one
+    executable (``DITTO_DECODE_YNN=1`` keeps them)."""
+    import os
+
+    if jax.default_backend() != "cpu" or os.environ.get("DITTO_DECODE_YNN") == "1":
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def _maybe_mesh(mesh):

@@ -59,16 +59,20 @@ class SamplingEngine:
       min_bucket: the smallest prompt-length bucket.
       max_top_k: the largest ``top_k`` a request may ask for (a static bound of ``lax.top_k``).
       default_params: used for requests without ``params``.
+      decode_path: ``"fused"`` (``sampling/decoder.py``: weights re-laid out for decoding, one extra copy of
+        them; the CPU default) or ``"model"`` (the model's own scanned forward; the default elsewhere).
     """
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int, max_len: int, mesh: jax.sharding.Mesh | None = None,
                  *, chunk: int = 16, prefill_batch: int | None = None, min_bucket: int = 16, max_top_k: int = 64,
-                 max_stop_ids: int = 8, default_params: SamplingParams | None = None):
+                 max_stop_ids: int = 8, default_params: SamplingParams | None = None, decode_path: str | None = None):
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
         self.tokenizer = tokenizer
+        if decode_path is None:
+            decode_path = "fused" if jax.default_backend() == "cpu" else "model"
         self.cfg = SamplerConfig(batch_size=batch_size, max_len=max_len, chunk=chunk, max_stop_ids=max_stop_ids,
-                                 max_top_k=max_top_k)
+                                 max_top_k=max_top_k, decode_path=decode_path)
         self.sampler = Sampler(model, self.cfg, mesh)
         self.vocab_size = model.cfg.vocab_size
         self.buckets = length_buckets(max_len, min_bucket)
@@ -219,7 +223,10 @@ class SamplingEngine:
 
     # ---- results -------------------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode(ids)
+        if self.tokenizer is None:
+            return None
+        limit = self.tokenizer.vocab_size  # ids of padded embedding rows beyond the tokenizer have no text
+        return self.tokenizer.decode([t for t in ids if t < limit])
 
     def _apply_stop_strings(self, rec: _Live) -> bool:
         """Cut the output at the first stop string (exact); True if one occurred."""

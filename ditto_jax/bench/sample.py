@@ -1,0 +1,193 @@
+"""``ditto-jax bench sample``: generated tokens/s of the sampling engine, % of roofline, optionally against
+transformers ``generate`` on the same weights and settings in the same process.
+
+Roofline per decode step = max(bytes read / measured bandwidth, FLOPs / measured matmul rate), with bytes =
+matmul weights + the KV cache read at the run's mean length, FLOPs = ``cfg.flops_per_token`` (attention
+included) x batch; bandwidth and matmul rate are measured in this run (the best of XLA and, when installed,
+torch). Timings alternate ours/theirs and report medians; ``*_per_cpu_s`` figures divide by process CPU
+time, which a machine shared with other jobs disturbs less than wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``bench sample``."""
+    from ditto_jax.commands.sample import add_sampling_arguments
+
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="Hugging Face or model checkpoint folder")
+    src.add_argument("--config", default=None, help="random-init model preset (default model/40m)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=32, help="decode steps per device call")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers generate on the same weights")
+    add_sampling_arguments(p)
+
+
+def _measure_bandwidth() -> float:
+    """Read bandwidth in bytes/s: a 256 MiB float32 sum in XLA (best of 5)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((64 * 1024 * 1024,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(5))
+    return x.nbytes / best
+
+
+def _measure_matmul_rate() -> float:
+    """FLOP/s of a 1024^3 float32 matmul: the best of XLA and torch (best of 5 each)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 1024
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(5))
+    try:
+        import torch
+
+        t = torch.randn(n, n)
+        t @ t
+        best = min(best, min(_timed(lambda: t @ t) for _ in range(5)))
+    except ImportError:
+        pass
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _roofline(cfg: Any, batch: int, prompt_len: int, new_tokens: int, bandwidth: float, rate: float) -> dict[str, float]:
+    mean_len = prompt_len + (new_tokens + 1) / 2
+    itemsize = np.dtype(cfg.param_dtype).itemsize
+    weights = cfg.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.dim_per_head * mean_len * batch * np.dtype(cfg.dtype).itemsize
+    step_bytes = weights * itemsize + kv
+    step_flops = batch * cfg.flops_per_token(int(mean_len), training=False)
+    step_s = max(step_bytes / bandwidth, step_flops / rate)
+    return {"step_bytes": float(step_bytes), "step_flops": float(step_flops), "roofline_step_ms": step_s * 1e3,
+            "roofline_tokens_per_s": batch / step_s, "bound": "memory" if step_bytes / bandwidth > step_flops / rate else "compute"}
+
+
+def _load(args: argparse.Namespace):
+    """``(description, model, cfg, tokenizer)``; a random-init preset runs without a tokenizer (ids only)."""
+    if args.model:
+        from ditto_jax.model_source import ModelSource, load_model_source
+
+        source = ModelSource(path=args.model)
+        model, cfg, tokenizer = load_model_source(source)
+        return source.describe(), model, cfg, tokenizer
+    from ditto_jax.model import create_model, load_model_config
+
+    name = args.config or "model/40m"
+    cfg = load_model_config(name)
+    return f"random init {name}", create_model(cfg), cfg, None
+
+
+def _hf_model(args: argparse.Namespace, model: Any, cfg: Any):
+    import tempfile
+
+    import torch
+    import transformers
+
+    from ditto_jax import hf
+
+    path = args.model
+    if path is None or not (__import__("pathlib").Path(path) / "config.json").exists():
+        path = tempfile.mkdtemp(prefix="bench-sample-hf-")
+        hf.save_pretrained(model, cfg, path)
+    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _hf_generate(hf_model: Any, prompts: np.ndarray, params: Any, new_tokens: int) -> int:
+    import torch
+
+    kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    if params.temperature > 0:
+        kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+    else:
+        kwargs.update(do_sample=False)
+    if params.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = params.repetition_penalty
+    with torch.no_grad():
+        out = hf_model.generate(torch.as_tensor(prompts, dtype=torch.long),
+                                attention_mask=torch.ones(prompts.shape, dtype=torch.long), **kwargs)
+    return int((out.shape[1] - prompts.shape[1]) * out.shape[0])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Benchmark the engine (and transformers with ``--compare-hf``); returns the JSON result."""
+    import jax
+
+    from ditto_jax.commands.sample import sampling_params_from_args
+    from ditto_jax.sampling import Request, SamplingEngine
+
+    params = sampling_params_from_args(args).model_copy(update={"ignore_eos": True,
+                                                                "max_new_tokens": args.new_tokens})
+    described, model, cfg, tokenizer = _load(args)
+    b, p, n = args.batch, args.prompt_len, args.new_tokens
+    rng = np.random.RandomState(0)
+    prompts = rng.randint(3, min(cfg.vocab_size, 30000), (b, p)).astype(np.int32)
+    engine = SamplingEngine(model, tokenizer, b, p + n, chunk=args.chunk, min_bucket=p, max_top_k=max(64, args.top_k))
+
+    def ours(tag: str) -> tuple[float, float, int]:
+        reqs = [Request(f"{tag}-{i}", prompts[i].tolist(), params) for i in range(b)]
+        c0, t0 = time.process_time(), time.perf_counter()
+        tokens = sum(len(r.output_ids) for r in engine.generate(reqs))
+        return time.perf_counter() - t0, time.process_time() - c0, tokens
+
+    compile_s = ours("warmup")[0]
+    hf_model = _hf_model(args, model, cfg) if args.compare_hf else None
+    if hf_model is not None:
+        _hf_generate(hf_model, prompts[:, :8], params, 4)  # warm-up
+    runs, hf_runs = [], []
+    for r in range(args.repeats):
+        runs.append(ours(f"r{r}"))
+        if hf_model is not None:
+            c0, t0 = time.process_time(), time.perf_counter()
+            tokens = _hf_generate(hf_model, prompts, params, n)
+            hf_runs.append((time.perf_counter() - t0, time.process_time() - c0, tokens))
+    bandwidth, rate = _measure_bandwidth(), _measure_matmul_rate()
+    roof = _roofline(cfg, b, p, n, bandwidth, rate)
+    wall = statistics.median(x[0] for x in runs)
+    cpu = statistics.median(x[1] for x in runs)
+    tokens = runs[0][2]
+    result: dict[str, Any] = {
+        "bench": "sample", "model": described,
+        "device": jax.devices()[0].device_kind, "batch": b, "prompt_len": p, "new_tokens": n,
+        "sampling": params.model_dump(include={"temperature", "top_p", "top_k", "repetition_penalty"}),
+        "tokens_per_s": round(tokens / wall, 1), "tokens_per_cpu_s": round(tokens / cpu, 1),
+        "step_ms": round(wall / n * 1e3, 2), "first_run_s_with_compile": round(compile_s, 2),
+        "bandwidth_gb_s": round(bandwidth / 1e9, 2), "matmul_gflop_s": round(rate / 1e9, 1),
+        "roofline_tokens_per_s": round(roof["roofline_tokens_per_s"], 1), "roofline_bound": roof["bound"],
+        "pct_of_roofline": round(100 * tokens / wall / roof["roofline_tokens_per_s"], 1),
+        "runs_s": [round(x[0], 3) for x in runs],
+    }
+    if hf_runs:
+        hf_wall = statistics.median(x[0] for x in hf_runs)
+        hf_cpu = statistics.median(x[1] for x in hf_runs)
+        hf_tokens = hf_runs[0][2]
+        result.update({
+            "hf_tokens_per_s": round(hf_tokens / hf_wall, 1), "hf_tokens_per_cpu_s": round(hf_tokens / hf_cpu, 1),
+            "speedup_vs_hf": round((tokens / wall) / (hf_tokens / hf_wall), 2),
+            "speedup_vs_hf_cpu_time": round((tokens / cpu) / (hf_tokens / hf_cpu), 2),
+            "hf_runs_s": [round(x[0], 3) for x in hf_runs],
+        })
+    return result
