@@ -16,6 +16,7 @@ from ditto_jax.eval import wikiroleeval as W
 from ditto_jax.eval.config import EvalConfig
 from ditto_jax.eval.metrics import aggregate
 from ditto_jax.eval.pipeline import run_eval
+from ditto_jax.eval.report import load_runs
 from ditto_jax.eval.stages import DONE, LOG, read_outputs
 from ditto_jax.eval.testsets import default_wikiroleeval_path, load_wikiroleeval
 
@@ -78,6 +79,8 @@ def test_report_contract(finished):
     again = json.loads((workdir / "runs" / "again" / "report.json").read_text())
     assert again["name"] == "again" and again["metrics"] == report["metrics"] and again["mtbench"] == report["mtbench"]
     assert "| again |" in md
+    # `eval report` expands a multi-candidate work dir into its runs
+    assert [name for name, _ in load_runs([workdir])] == ["seed", "again"]
 
 
 def test_metrics_match_raw_judge_outputs(finished, testset):
