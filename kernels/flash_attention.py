@@ -9,6 +9,7 @@ a dq kernel and a dk/dv kernel (no [S, S] matrix is ever stored).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -60,32 +61,41 @@ def mosaic_gpu_self_check(head_dim: int, dtype_name: str) -> str | None:
     """
     if os.environ.get("DITTO_ATTN_SELFCHECK", "1") == "0":
         return None
-    from ditto_jax.kernels.reference import attention_reference
-
     try:
-        dtype = jnp.dtype(dtype_name)
-        ks = jax.random.split(jax.random.key(0), 4)
-        q = jax.random.normal(ks[0], (1, 200, 4, head_dim), jnp.float32).astype(dtype)
-        k = jax.random.normal(ks[1], (1, 330, 2, head_dim), jnp.float32).astype(dtype)
-        v = jax.random.normal(ks[2], (1, 330, 2, head_dim), jnp.float32).astype(dtype)
-        do = jax.random.normal(ks[3], q.shape, jnp.float32).astype(dtype)
-
-        def both(fn):
-            o, vjp = jax.vjp(fn, q, k, v)
-            return (o, *vjp(do))
-
-        kv_ids = jnp.asarray([[1] * 150 + [2] * 180], jnp.int32)
-        for seg in (None, (kv_ids[:, 130:], kv_ids)):  # plain, and packed segments with queries at the end
-            got = jax.jit(lambda: both(lambda q, k, v: flash_attention(q, k, v, segment_ids=seg,
-                                                                       backend="mosaic_gpu")))()
-            want = jax.jit(lambda: both(lambda q, k, v: attention_reference(q, k, v, segment_ids=seg)))()
-            for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
-                a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-                err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-6))
-                if not err <= 3e-2:
-                    return f"{name} relative error {err:.3g}{' (segments)' if seg is not None else ''}"
+        # The first call usually happens while the caller's jit is tracing, and JAX's trace state is
+        # per thread: run the check in a fresh thread so it computes concrete values (in the caller's thread
+        # every value here would be a tracer; seen on an H200 as a ConcretizationTypeError).
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(_mosaic_gpu_self_check, head_dim, dtype_name).result()
     except Exception as exc:  # noqa: BLE001 - any failure means: do not pick this lowering automatically
         return f"{type(exc).__name__}: {str(exc)[:500]}"
+
+
+def _mosaic_gpu_self_check(head_dim: int, dtype_name: str) -> str | None:
+    """The comparison behind ``mosaic_gpu_self_check`` (raises on failure to compile or run)."""
+    from ditto_jax.kernels.reference import attention_reference
+
+    dtype = jnp.dtype(dtype_name)
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (1, 200, 4, head_dim), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (1, 330, 2, head_dim), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (1, 330, 2, head_dim), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], q.shape, jnp.float32).astype(dtype)
+
+    def both(fn):
+        o, vjp = jax.vjp(fn, q, k, v)
+        return (o, *vjp(do))
+
+    kv_ids = jnp.asarray([[1] * 150 + [2] * 180], jnp.int32)
+    for seg in (None, (kv_ids[:, 130:], kv_ids)):  # plain, and packed segments with queries at the end
+        got = jax.jit(lambda: both(lambda q, k, v: flash_attention(q, k, v, segment_ids=seg,
+                                                                   backend="mosaic_gpu")))()
+        want = jax.jit(lambda: both(lambda q, k, v: attention_reference(q, k, v, segment_ids=seg)))()
+        for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+            a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+            err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-6))
+            if not err <= 3e-2:
+                return f"{name} relative error {err:.3g}{' (segments)' if seg is not None else ''}"
     return None
 
 

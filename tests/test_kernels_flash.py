@@ -188,3 +188,23 @@ def test_device_lowerings_build(backend, platform, segmented):
     assert exported.out_avals[0].shape == q.shape
     if backend.startswith("mosaic_gpu@mgpu_bwd=1"):
         assert "triton" not in exported.mlir_module(), "the Mosaic GPU backward must not fall back to Triton"
+
+
+def test_mosaic_gpu_self_check_runs_concretely_under_a_callers_trace():
+    """The self-check is first reached while the model's jit traces; it must still compute concrete values
+    (on an H200 it once failed with a ConcretizationTypeError and silently fell back to Triton)."""
+    from ditto_jax.kernels.flash_attention import mosaic_gpu_self_check
+
+    mosaic_gpu_self_check.cache_clear()
+    seen = {}
+
+    @jax.jit
+    def traced(x):
+        seen["reason"] = mosaic_gpu_self_check(64, "bfloat16")
+        return x
+
+    traced(jnp.ones(2))
+    reason = seen["reason"] or ""
+    assert "Concretization" not in reason and "Tracer" not in reason, reason
+    if jax.default_backend() == "cpu":  # CPU cannot run Mosaic GPU: the check must say so, concretely
+        assert reason.startswith("ValueError"), reason
