@@ -25,7 +25,8 @@ derived files.
 from __future__ import annotations
 
 import collections
-import json
+import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -168,6 +169,7 @@ class Simulation:
             requests = build(backend)
             backend.run(out_dir, requests, self.process_index, self.process_count, desc=name)
             self.stage_stats.setdefault(name, {}).update(backend.last_stats)
+            self.stage_stats[name]["assigned_prompt_tokens"] = sum(len(r.input_ids) for r in requests)
         self._barrier(name)
         outputs = read_outputs(out_dir)
         self.stage_stats.setdefault(name, {})["stage_seconds"] = round(time.perf_counter() - start, 2)
@@ -326,5 +328,6 @@ class Simulation:
             paths = write_shards(sessions, tmp, cfg.sessions_per_shard)
         out: dict[str, Any] = {"jsonl": [str(corpus_dir / p.name) for p in paths]}
         if cfg.tfds and sessions:
-            out["tfds"] = build_corpus(corpus_dir, self.workdir / "tfds", cfg.validation_fraction, self.cfg.seed)
+            with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout stays the report's
+                out["tfds"] = build_corpus(corpus_dir, self.workdir / "tfds", cfg.validation_fraction, self.cfg.seed)
         return out
