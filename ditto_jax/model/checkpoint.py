@@ -134,7 +134,7 @@ def load_model(path: str | Path, mesh: Mesh | None = None, dtype: str | None = N
     if step_dir is not None:
         meta = json.loads((step_dir / TRAIN_META).read_text())
         cfg = ModelConfig.model_validate(meta["model_config"])
-        return load_model_checkpoint(step_dir, mesh=mesh, dtype=dtype, rules=rules, cfg=cfg)
+        return restore_model(cfg, step_dir / PARAMS_DIR, mesh, dtype, rules)
     raise ValueError(
         f"{path}: not a model: expected a Hugging Face folder (config.json + safetensors), "
         f"a model checkpoint ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/) or a training workdir / checkpoint step"
