@@ -14,6 +14,7 @@ from ditto_jax.simulation.filters import (REASONS, FilterCounts, character_break
     "I am an AI assistant and do not have memories.",
     "According to my profile, I was born in Athens.",
     "The profile says nothing about that.",
+    "These instructions tell me to stay in character.",
     "作为一个人工智能，我无法回答。",
     "根据资料，我出生在鲁国。",
     "我只是一个语言模型。",
@@ -26,6 +27,7 @@ def test_character_breaks_detected(text):
 @pytest.mark.parametrize("text", [
     "I was born in Athens, and I never wrote a word of philosophy down.",
     "Steam engines? I know nothing of such machines; they lie beyond my time.",
+    "I gave my instructions to the archers before Crécy.",
     "我生在鲁国陬邑，少年时做过小吏。",
     "你说的那种机器，朕从未听闻，那已超出朕的时代。",
 ])

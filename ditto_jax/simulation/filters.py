@@ -20,7 +20,8 @@ REASONS = ("format", "prompt_too_long", "too_short", "duplicate", "character_bre
 _BREAK_EN = re.compile(
     r"\b(as an? (ai|artificial intelligence|language model|assistant|llm)\b|i am an? (ai|artificial intelligence|"
     r"language model|assistant)\b|i'm an? (ai|language model|assistant)\b|language model|ai assistant|"
-    r"large language model|openai|chatgpt|role-?play(ing)?\b|profiles?\b|(these|the|my|your) instructions\b)",
+    r"large language model|openai|chatgpt|role-?play(ing)?\b|profiles?\b|these instructions\b|"
+    r"the instructions above|system prompt)",
     re.IGNORECASE,
 )
 _BREAK_ZH = re.compile(
