@@ -47,13 +47,13 @@ def run_demo_cli(workdir: Path, *overrides: str) -> tuple[subprocess.CompletedPr
 
 
 def corpus_bytes(workdir: Path) -> dict[str, bytes]:
+    """Every corpus shard's bytes by file name."""
     return {p.name: p.read_bytes() for p in sorted((workdir / "simulate" / "corpus").glob("*.jsonl"))}
 
 
-@pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The demo run twice in the same workdir: outputs after the first run, then the second run."""
-    workdir = tmp_path_factory.mktemp("demo")
+def test_demo_end_to_end_then_resumed(tmp_path: Path) -> None:
+    """One test (not a module fixture shared by several): under pytest-xdist the demo then runs exactly once."""
+    workdir = tmp_path / "demo"
     first, first_s = run_demo_cli(workdir)
     assert first.returncode == 0, first.stderr[-4000:]
     snapshot = {
@@ -63,12 +63,17 @@ def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "report": (workdir / "eval" / "report.json").read_bytes(),
         "summary": json.loads(first.stdout),
     }
+    runs = {"workdir": workdir, "first": snapshot, "first_s": first_s}
+    check_corpus(runs)
+    check_training_checkpoints_and_export(runs)
+    check_evaluation_report(runs)
     second, second_s = run_demo_cli(workdir)
     assert second.returncode == 0, second.stderr[-4000:]
-    return {"workdir": workdir, "first": snapshot, "first_s": first_s, "second": second, "second_s": second_s}
+    check_second_run_resumed(dict(runs, second=second, second_s=second_s))
 
 
-def test_corpus_is_well_formed(demo_runs: dict) -> None:
+def check_corpus(demo_runs: dict) -> None:
+    """The corpus is non-empty, well-formed (the corpus reader), the same in JSONL and TFDS, and what SFT read."""
     from ditto_jax.data.corpus import load_corpus, read_sessions
 
     workdir = demo_runs["workdir"]
@@ -86,7 +91,8 @@ def test_corpus_is_well_formed(demo_runs: dict) -> None:
     assert summary["corpus"]["mixed_in"] == []  # corpus.min_sessions=1: the simulated corpus alone
 
 
-def test_training_checkpoints_and_export(demo_runs: dict) -> None:
+def check_training_checkpoints_and_export(demo_runs: dict) -> None:
+    """The newest checkpoint restores; the export holds the same model, for us and for transformers."""
     import torch
     import transformers
 
@@ -110,7 +116,8 @@ def test_training_checkpoints_and_export(demo_runs: dict) -> None:
     assert check["passed"] is True and check["max_abs_diff"] <= 1e-4
 
 
-def test_evaluation_report_has_the_contract_keys(demo_runs: dict) -> None:
+def check_evaluation_report(demo_runs: dict) -> None:
+    """report.json has DESIGN.md's keys; both models are in the side-by-side table."""
     workdir = demo_runs["workdir"]
     report = json.loads((workdir / "eval" / "report.json").read_text())
     assert {"metrics", "unparsable"} <= set(report)
@@ -127,7 +134,8 @@ def test_evaluation_report_has_the_contract_keys(demo_runs: dict) -> None:
     assert on_disk["eval"]["table"] == table and on_disk["random_init"] is True
 
 
-def test_second_run_resumes_with_the_same_outputs(demo_runs: dict) -> None:
+def check_second_run_resumed(demo_runs: dict) -> None:
+    """The second run skips every finished stage, changes no output, and is much faster."""
     workdir, first = demo_runs["workdir"], demo_runs["first"]
     summary = json.loads(demo_runs["second"].stdout)
     assert {name: t["resumed"] for name, t in summary["stages"].items()} == {
