@@ -105,10 +105,10 @@ def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, wi
     return o.reshape(b, hq, d).astype(q.dtype)
 
 
-def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, k_all: jax.Array, v_all: jax.Array,
-                lengths: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Feed ``tokens [B]`` at positions ``lengths [B]``; returns ``(logits [B, V] float32, k_all, v_all)`` with
-    the new keys/values written into the caches ``[L, B, S, Hkv, D]`` (in place inside jit)."""
+def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, k_layers: tuple[jax.Array, ...],
+                v_layers: tuple[jax.Array, ...], lengths: jax.Array) -> tuple[jax.Array, tuple, tuple]:
+    """Feed ``tokens [B]`` at positions ``lengths [B]``; returns ``(logits [B, V] float32, k_layers, v_layers)``
+    with the new keys/values written into the per-layer caches ``[B, S, Hkv, D]`` (in place inside jit)."""
     dt = cfg.compute_dtype
     b = tokens.shape[0]
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
@@ -116,6 +116,7 @@ def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, k_all: ja
     x = jnp.take(w.embed, tokens, axis=0).astype(dt)
     cos, sin = rope_cos_sin(lengths[:, None], cfg)
     rows = jnp.arange(b, dtype=jnp.int32)
+    k_out, v_out = [], []
     for i, lw in enumerate(w.layers):
         h = rms_norm(x, lw["ln1"], cfg.rms_norm_eps)
         qkv = h @ lw["qkv"]
@@ -127,12 +128,14 @@ def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, k_all: ja
         if "qn" in lw:
             q, k = rms_norm(q, lw["qn"], cfg.rms_norm_eps), rms_norm(k, lw["kn"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)[:, 0]
-        k_all = k_all.at[i, rows, lengths].set(k.astype(k_all.dtype), mode="drop")
-        v_all = v_all.at[i, rows, lengths].set(v.astype(v_all.dtype), mode="drop")
+        kc = k_layers[i].at[rows, lengths].set(k.astype(k_layers[i].dtype), mode="drop")
+        vc = v_layers[i].at[rows, lengths].set(v.astype(v_layers[i].dtype), mode="drop")
+        k_out.append(kc)
+        v_out.append(vc)
         if impl == "xla":
-            o = _attend_one(q[:, 0], k_all[i], v_all[i], lengths, cfg.sliding_window)
+            o = _attend_one(q[:, 0], kc, vc, lengths, cfg.sliding_window)
         else:
-            o = cached_attention(q, k_all[i], v_all[i], q_offset=lengths, impl=cfg.attention,
+            o = cached_attention(q, kc, vc, q_offset=lengths, impl=cfg.attention,
                                  sliding_window=cfg.sliding_window)[:, 0]
         x = x + o.reshape(b, hq * d).astype(dt) @ lw["o"]
         h = rms_norm(x, lw["ln2"], cfg.rms_norm_eps)
@@ -141,4 +144,4 @@ def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, k_all: ja
         x = x + (jax.nn.silu(gu[:, :f]) * gu[:, f:]) @ lw["down"]
     x = rms_norm(x, w.norm, cfg.rms_norm_eps)
     logits = jnp.matmul(x, w.head, preferred_element_type=jnp.float32)
-    return logits, k_all, v_all
+    return logits, tuple(k_out), tuple(v_out)

@@ -153,8 +153,9 @@ def select_tokens(logits: jax.Array, *, scores: jax.Array | None = None, presenc
     if presence is not None:
         scores = jax.lax.cond(jnp.any(repetition_penalty != 1.0),
                               lambda s: apply_repetition_penalty(s, presence, repetition_penalty), lambda s: s, scores)
-    greedy = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     sampled_rows = temperature > 0
+    greedy = jax.lax.cond(jnp.all(sampled_rows), lambda s: jnp.zeros(s.shape[:1], jnp.int32),
+                          lambda s: jnp.argmax(s, axis=-1).astype(jnp.int32), scores)
     scaled = scores / jnp.where(sampled_rows, temperature, 1.0)[:, None]
     kth = jax.lax.cond(jnp.any(top_k > 0), lambda s: top_k_threshold(s, top_k, max_top_k),
                        lambda s: jnp.full(s.shape[:1], NEG_INF, s.dtype), scaled)

@@ -39,7 +39,7 @@ FINISH_NAMES = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
 class SlotState:
     """Per-slot decoding state (leading axis = slot); see the module docstring."""
 
-    cache: KVCache
+    cache: Any  # KVCache (decode_path "model") or LayerCache ("fused")
     last_token: jax.Array  # [B] int32, sampled but not yet fed
     num_generated: jax.Array  # [B] int32
     active: jax.Array  # [B] bool
@@ -54,6 +54,16 @@ class SlotState:
     presence: jax.Array  # [B, V] bool
     cstate: jax.Array  # [B] int32 global constraint state, -1 = unconstrained
     ccon: jax.Array  # [B] int32 constraint index
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """The KV cache as one ``[B, S, Hkv, D]`` array per layer (tuples ``k``/``v``) and ``lengths [B]``: the fused
+    decode path reads each layer's cache in place (a slice of a stacked ``[L, ...]`` array would be copied)."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    lengths: jax.Array
 
 
 @flax.struct.dataclass
@@ -142,15 +152,19 @@ def prefill_fn(graphdef, params, state: SlotState, tables, slots: jax.Array, tok
     cstate = _advance_constraint(tables, rows.cstate, rows.ccon, tok, jnp.ones((g,), bool))
 
     cache = state.cache
-    cols = jnp.arange(p)[None, :]
-    k = cache.k.at[:, slots[:, None], cols].set(small.k.astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[:, slots[:, None], cols].set(small.v.astype(cache.v.dtype), mode="drop")
+    rows_, cols = slots[:, None], jnp.arange(p)[None, :]
+    if isinstance(cache, LayerCache):
+        k = tuple(c.at[rows_, cols].set(small.k[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache.k))
+        v = tuple(c.at[rows_, cols].set(small.v[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache.v))
+    else:
+        k = cache.k.at[:, rows_, cols].set(small.k.astype(cache.k.dtype), mode="drop")
+        v = cache.v.at[:, rows_, cols].set(small.v.astype(cache.v.dtype), mode="drop")
 
     def put(arr, val):
         return arr.at[slots].set(val.astype(arr.dtype), mode="drop")
 
     new = state.replace(
-        cache=KVCache(k=k, v=v, lengths=put(cache.lengths, lengths)),
+        cache=cache.replace(k=k, v=v, lengths=put(cache.lengths, lengths)),
         last_token=put(state.last_token, tok),
         num_generated=put(state.num_generated, ones),
         active=put(state.active, code == FINISH_NONE),
@@ -202,7 +216,7 @@ def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, *, c
         n = s.num_generated + emit
         code = _finish_codes(tok, s.stop_ids, n, s.max_new, lengths, cfg.max_len, emit)
         s = s.replace(
-            cache=KVCache(k=k_all, v=v_all, lengths=lengths),
+            cache=s.cache.replace(k=k_all, v=v_all, lengths=lengths),
             last_token=jnp.where(emit, tok, s.last_token),
             num_generated=n,
             active=emit & (code == FINISH_NONE),
@@ -250,12 +264,22 @@ class Sampler:
             return jnp.full(shape, value, dtype)
 
         return SlotState(
-            cache=init_cache(self.model_cfg, b, self.cfg.max_len), last_token=full(0, jnp.int32),
+            cache=self._init_cache(), last_token=full(0, jnp.int32),
             num_generated=full(0, jnp.int32), active=full(False, bool), finish=full(0, jnp.int32),
             key=full(0, jnp.uint32, (b, 2)), temperature=full(0, jnp.float32), top_k=full(0, jnp.int32),
             top_p=full(1, jnp.float32), repetition_penalty=full(1, jnp.float32), max_new=full(0, jnp.int32),
             stop_ids=full(-1, jnp.int32, (b, ms)), presence=full(False, bool, (b, v)), cstate=full(-1, jnp.int32),
             ccon=full(0, jnp.int32))
+
+    def _init_cache(self) -> KVCache | LayerCache:
+        cache = init_cache(self.model_cfg, self.cfg.batch_size, self.cfg.max_len)
+        if self.cfg.decode_path == "model":
+            return cache
+        layers = self.model_cfg.num_layers
+        per_layer = cache.k.shape[1:]
+        dt = cache.k.dtype
+        return LayerCache(k=tuple(jnp.zeros(per_layer, dt) for _ in range(layers)),
+                          v=tuple(jnp.zeros(per_layer, dt) for _ in range(layers)), lengths=cache.lengths)
 
     def _state_shardings(self) -> SlotState:
         mesh = self.mesh
@@ -267,8 +291,12 @@ class Sampler:
             return spec(("batch",) + (None,) * (x.ndim - 1), x.shape)
 
         s = jax.tree.map(for_leaf, self.state)
-        kv = spec(("layers", "batch", "seq", "cache_heads", None), self.state.cache.k.shape)
-        return s.replace(cache=KVCache(k=kv, v=kv, lengths=for_leaf(self.state.cache.lengths)))
+        cache = self.state.cache
+        if isinstance(cache, LayerCache):
+            kv = tuple(spec(("batch", "seq", "cache_heads", None), c.shape) for c in cache.k)
+        else:
+            kv = spec(("layers", "batch", "seq", "cache_heads", None), cache.k.shape)
+        return s.replace(cache=cache.replace(k=kv, v=kv, lengths=for_leaf(cache.lengths)))
 
     def prefill(self, tables, slots: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, rows: RowParams):
         """Prefill rows into slots (host arrays in); returns host ``(first_tokens, logprobs, finish_codes)``."""
