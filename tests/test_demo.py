@@ -176,3 +176,18 @@ def test_cli_exits_2_on_a_bad_override(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["demo", "--workdir", str(tmp_path / "w"), "sft.optim.peak_lr=-1"]) == 2
     assert "sft.optim.peak_lr" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_logit_check_tells_the_exported_model_from_another(tmp_path: Path) -> None:
+    """The export check passes for the exported model and fails (a large difference) for a different one."""
+    from ditto_jax import hf
+    from ditto_jax.demo.parity import check_token_ids, transformers_logit_diff
+    from ditto_jax.model_source import ModelSource, load_model_source
+
+    model, cfg, tokenizer = load_model_source(ModelSource(config="model/tiny", seed=0))
+    other, _, _ = load_model_source(ModelSource(config="model/tiny", seed=1))
+    hf.save_pretrained(model, cfg, tmp_path / "hf", tokenizer=tokenizer)
+    ids = check_token_ids(cfg.vocab_size, 2, 16)
+    same = transformers_logit_diff(tmp_path / "hf", model, ids)
+    assert same["max_abs_diff"] <= 1e-4 and same["architecture"] == "LlamaForCausalLM" and same["tokens"] == 32
+    assert transformers_logit_diff(tmp_path / "hf", other, ids)["max_abs_diff"] > 1e-2
