@@ -16,6 +16,7 @@ from ditto_jax.simulation.filters import (REASONS, FilterCounts, character_break
     "The profile says nothing about that.",
     "These instructions tell me to stay in character.",
     "作为一个人工智能，我无法回答。",
+    "我只是roleplay里的角色。",
     "根据资料，我出生在鲁国。",
     "我只是一个语言模型。",
     "这在我的人设里没有提到。",

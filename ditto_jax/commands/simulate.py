@@ -56,4 +56,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, ensure_ascii=False))
     else:
         print(format_report(report))
+    if jax.process_index() == 0 and report["corpus"]["sessions"] == 0:
+        print(f"error: the corpus is empty: every session was filtered out (counts by reason in "
+              f"{args.workdir}/simulation_report.json)", file=sys.stderr)
+        return 1
     return 0

@@ -17,10 +17,12 @@ from ditto_jax.simulation.config import FiltersConfig
 
 REASONS = ("format", "prompt_too_long", "too_short", "duplicate", "character_break", "wrong_language", "over_long")
 
+# Latin-letter lookarounds instead of \b: in Chinese text an English word touches CJK characters, which \b
+# counts as word characters.
 _BREAK_EN = re.compile(
-    r"\b(as an? (ai|artificial intelligence|language model|assistant|llm)\b|i am an? (ai|artificial intelligence|"
-    r"language model|assistant)\b|i'm an? (ai|language model|assistant)\b|language model|ai assistant|"
-    r"large language model|openai|chatgpt|role-?play(ing)?\b|profiles?\b|these instructions\b|"
+    r"(?<![A-Za-z])(as an? (ai|artificial intelligence|language model|assistant|llm)(?![A-Za-z])|i am an? (ai|artificial intelligence|"
+    r"language model|assistant)(?![A-Za-z])|i'm an? (ai|language model|assistant)(?![A-Za-z])|language model|ai assistant|"
+    r"large language model|openai|chatgpt|role-?play(ing)?(?![A-Za-z])|profiles?(?![A-Za-z])|these instructions(?![A-Za-z])|"
     r"the instructions above|system prompt)",
     re.IGNORECASE,
 )
