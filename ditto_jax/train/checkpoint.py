@@ -207,17 +207,3 @@ def host_array(x: Any) -> np.ndarray:
     """A fully replicated / addressable array as numpy (for metrics and tests)."""
     return np.asarray(jax.device_get(x))
 
-
-def load_trained_model(path: str | Path, mesh: Any = None, dtype: str | None = None,
-                       rules: dict | None = None) -> tuple[Any, Any]:
-    """``(model, model_config)`` of a training run: ``path`` is its workdir (the newest checkpoint is used) or
-    one step directory (``WORKDIR/checkpoints/<step>``). Only the ``params`` and ``meta`` items are read."""
-    from ditto_jax.model.checkpoint import restore_model
-    from ditto_jax.model.config import ModelConfig
-
-    path = Path(path)
-    step_dir = path if (path / "meta" / "metadata").is_file() else latest_step_dir(path)
-    meta = read_meta(step_dir)
-    if "model_config" not in meta:
-        raise ValueError(f"{step_dir / 'meta' / 'metadata'}: no model_config")
-    return restore_model(ModelConfig.model_validate(meta["model_config"]), step_dir / "params", mesh, dtype, rules)
