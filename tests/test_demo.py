@@ -97,13 +97,13 @@ def check_training_checkpoints_and_export(demo_runs: dict) -> None:
     import transformers
 
     from ditto_jax import hf
-    from ditto_jax.train.checkpoint import load_trained_model
+    from ditto_jax.model.checkpoint import load_model
 
     workdir = demo_runs["workdir"]
     summary = demo_runs["first"]["summary"]
     assert summary["train"]["steps"] == 4 and summary["train"]["checkpoints"] == [2, 4]
     assert np.isfinite(summary["train"]["loss_first"]) and np.isfinite(summary["train"]["loss_last"])
-    trained, cfg = load_trained_model(workdir / "train")
+    trained, cfg = load_model(workdir / "train")  # the training workdir: its newest checkpoint
     exported, _ = hf.load_pretrained(workdir / "export" / "hf")
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 24), dtype=np.int32)
     ours = np.asarray(trained(ids))

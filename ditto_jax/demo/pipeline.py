@@ -3,7 +3,7 @@
     simulate  ``Simulation.run``   queries -> responses -> sessions -> corpus (JSONL + TFDS)
     corpus    ``read_sessions`` / ``load_corpus``: the corpus read back, and what SFT trains on
     train     ``run_training``     SFT with Orbax checkpoints
-    export    ``load_trained_model`` + ``hf.save_pretrained``; transformers loads it and gives the same logits
+    export    ``load_model`` (training step) + ``hf.save_pretrained``; transformers loads it and gives the same logits
     eval      ``run_eval``         the seed model and the fine-tuned export, judged by the same judge
 
 Layout of ``WORKDIR``::
@@ -150,10 +150,10 @@ class Demo:
             self.log(f"{self.dirs.export_hf} already holds checkpoint {step_dir}; not redone")
             return {**previous, "resumed": True}
         from ditto_jax import hf
+        from ditto_jax.model.checkpoint import load_model
         from ditto_jax.model_source import source_tokenizer
-        from ditto_jax.train.checkpoint import load_trained_model
 
-        model, model_cfg = load_trained_model(step_dir)
+        model, model_cfg = load_model(step_dir)
         hf.save_pretrained(model, model_cfg, self.dirs.export_hf, tokenizer=source_tokenizer(self.cfg.sft.model))
         self.log(f"exported {step_dir} to {self.dirs.export_hf}")
         check = self._transformers_check(model, model_cfg.vocab_size)
