@@ -1,6 +1,7 @@
 """The device half of sampling: slot state, jitted prefill-into-slots and a chunked decode ``while_loop``.
 
-``Sampler`` owns ``B`` slots. Each slot is a row of one preallocated ``KVCache [L, B, S, Hkv, D]`` plus
+``Sampler`` owns ``B`` slots. Each slot is a row of one preallocated KV cache (``KVCache [L, B, S, Hkv, D]``
+for the model's decode path, ``LayerCache``: one ``[B, S, Hkv, D]`` array per layer for the fused CPU path) plus
 per-row decoding state (last token, counters, sampling parameters, stop ids, repetition-penalty presence,
 constraint state). Two jitted functions act on it, both donating the state so the cache is updated in place:
 
@@ -249,7 +250,7 @@ class Sampler:
         self.state = self._init_state()
         self._shardings = None if mesh is None else self._state_shardings()
         # Committed from the start, so the first call compiles the same executable as every later one.
-        self.state = jax.device_put(self.state, self._shardings or jax.devices()[0])
+        self.state = jax.device_put(self.state, self._shardings or jax.local_devices()[0])
         out_state = None if self._shardings is None else (self._shardings, None, None, None)
         self._prefill = jax.jit(functools.partial(prefill_fn, self.graphdef, cfg=cfg), donate_argnums=(1,),
                                 out_shardings=out_state)
