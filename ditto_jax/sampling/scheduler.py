@@ -47,6 +47,9 @@ def length_buckets(max_len: int, min_bucket: int = 16) -> list[int]:
 class SamplingEngine:
     """Batched, continuously scheduled sampling of one model.
 
+    The engine takes its own reference to the model's weights when it is built (and, on the fused path, a
+    re-laid-out copy): after changing the model's parameters (training), build a new engine.
+
     Args:
       model: a ``ditto_jax.model.Transformer`` (sharded over ``mesh`` when given).
       tokenizer: provides ``stop_ids``/``eos_id`` (default stop tokens, with the model config's EOS ids) and
