@@ -57,10 +57,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--shard-size", type=int, default=512, help="results per output shard")
     e.add_argument("--logprobs", action="store_true", help="also write per-token log-probabilities")
     e.add_argument("--no-progress", action="store_true")
-    d = p.add_argument_group("multi-process")
-    d.add_argument("--coordinator", default=None, help="host:port of process 0")
-    d.add_argument("--num-processes", type=int, default=None)
-    d.add_argument("--process-id", type=int, default=None)
+    from ditto_jax.distributed import add_process_arguments
+
+    add_process_arguments(p)
     p.set_defaults(func=run)
 
 

@@ -20,9 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. partners.strategy=far characters.limit_per_lang=10")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object instead of a summary")
-    p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process runs)")
-    p.add_argument("--num-processes", type=int, default=None, help="number of processes in the run")
-    p.add_argument("--process-id", type=int, default=None, help="this process's index")
+    from ditto_jax.distributed import add_process_arguments
+
+    add_process_arguments(p)
     p.set_defaults(func=run)
 
 

@@ -14,9 +14,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="SFT config YAML (a path or a preset such as sft/tiny)")
     p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, tensorboard, export")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optim.peak_lr=1e-5")
-    p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process runs)")
-    p.add_argument("--num-processes", type=int, default=None, help="number of processes in the run")
-    p.add_argument("--process-id", type=int, default=None, help="this process's index")
+    from ditto_jax.distributed import add_process_arguments
+
+    add_process_arguments(p)
     p.set_defaults(func=run)
 
 
