@@ -13,7 +13,7 @@ import json
 BENCHES = {
     "model": "forward and train-step tokens/s for a model (optionally against transformers)",
     "kernels": "attention kernel sweep: TFLOP/s, GB/s, speed-up over XLA/cuDNN",
-    "sample": "generated tokens/s and % of roofline (optionally against transformers generate)",
+    "sample": "generated tokens/s and %% of roofline (optionally against transformers generate)",
     "train": "SFT train-step tokens/s and MFU (optionally against a torch AdamW step)",
     "data": "input pipeline tokens/s against the SFT step's consumption",
 }

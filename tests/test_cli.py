@@ -1,0 +1,41 @@
+"""The command line: every command and sub-command prints its help (argparse formats help lazily, so a stray
+``%`` in a help string only fails when someone asks for help)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from ditto_jax.cli import COMMANDS, build_parser, main
+
+
+def _subcommand_paths(parser: argparse.ArgumentParser, prefix: list[str]) -> list[list[str]]:
+    paths = []
+    for action in parser._actions:  # argparse exposes no public walk over sub-parsers
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                paths.append(prefix + [name])
+                paths.extend(_subcommand_paths(child, prefix + [name]))
+    return paths
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_and_subcommand_prints_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser([command])
+    paths = [p for p in _subcommand_paths(parser, []) if p[0] == command]
+    assert paths, command
+    for path in paths:
+        with pytest.raises(SystemExit) as exit_info:
+            main(path + ["--help"])
+        assert exit_info.value.code == 0, path
+        assert "usage: ditto-jax " + " ".join(path) in capsys.readouterr().out
+
+
+def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
