@@ -10,7 +10,8 @@ import pytest
 
 from ditto_jax.model import create_model, load_model_config
 from ditto_jax.sampling import (Request, SamplingEngine, SamplingParams, choice_constraint, integer_constraint,
-                                json_schema_constraint, json_schema_regex, regex_constraint)
+                                json_schema_constraint, json_schema_regex, regex_constraint,
+                                vocab_constraint)
 from ditto_jax.sampling.constraints import _byte_vocabulary
 from ditto_jax.tokenizer import default_tokenizer
 
@@ -86,3 +87,16 @@ def test_constrained_outputs_always_parse(engine, tokenizer):
 def test_regex_errors_name_the_pattern(tokenizer):
     with pytest.raises(ValueError, match=re.escape("'(unclosed'")):
         regex_constraint("(unclosed", tokenizer)
+
+
+def test_vocab_constraint_keeps_a_random_model_to_the_tokenizer_ids(tokenizer):
+    cfg = load_model_config("model/tiny", [f"vocab_size={tokenizer.vocab_size + 256}"])  # rows no token maps to
+    engine = SamplingEngine(create_model(cfg, seed=3), tokenizer, batch_size=8, max_len=64, chunk=8,
+                            prefill_batch=8, min_bucket=16)
+    c = vocab_constraint(tokenizer, cfg.vocab_size)
+    assert c.allowed(0)[: tokenizer.vocab_size].all() and not c.allowed(0)[tokenizer.vocab_size:].any()
+    params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=3, ignore_eos=True)
+    out = list(engine.generate(Request(f"v{i}", [10 + i, 20], params, c) for i in range(8)))
+    assert all(len(r.output_ids) == 24 and max(r.output_ids) < tokenizer.vocab_size for r in out)
+    free = list(engine.generate(Request(f"f{i}", [10 + i, 20], params) for i in range(8)))
+    assert any(max(r.output_ids) >= tokenizer.vocab_size for r in free)  # without it, a random model leaves them

@@ -125,9 +125,9 @@ def _vocab_mask(loaded: LoadedModel) -> Any:
     model samples the extra rows, whose text cannot be decoded); ``None`` when they agree."""
     if loaded.model.cfg.vocab_size <= loaded.tokenizer.vocab_size:
         return None
-    from ditto_jax.simulation.backend import tokenizer_vocab_constraint
+    from ditto_jax.sampling import vocab_constraint
 
-    return loaded.constraint("vocab", lambda: tokenizer_vocab_constraint(loaded.tokenizer, loaded.model.cfg.vocab_size))
+    return loaded.constraint("vocab", lambda: vocab_constraint(loaded.tokenizer, loaded.model.cfg.vocab_size))
 
 
 def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[int], list[str]],

@@ -9,11 +9,12 @@ for result in engine.generate(Request(id, ids, SamplingParams(top_p=0.8, repetit
 """
 
 from ditto_jax.sampling.constraints import (Constraint, choice_constraint, integer_constraint, json_schema_constraint,
-                                            json_schema_regex, regex_constraint)
+                                            json_schema_regex, regex_constraint, vocab_constraint)
 from ditto_jax.sampling.params import Request, Result, SamplingParams
 from ditto_jax.sampling.scheduler import SamplingEngine
 
 __all__ = [
     "Constraint", "Request", "Result", "SamplingEngine", "SamplingParams", "choice_constraint", "integer_constraint",
     "json_schema_constraint", "json_schema_regex", "regex_constraint",
+    "vocab_constraint",
 ]

@@ -122,6 +122,20 @@ def regex_constraint(pattern: str, tokenizer: Any, vocab_size: int | None = None
     return Constraint(pattern=pattern, initial_state=initial, next_state=next_state, token_class=token_class, eos_id=eos)
 
 
+def vocab_constraint(tokenizer: Any, vocab_size: int) -> Constraint:
+    """A one-state automaton allowing every tokenizer id (special tokens included) and no id beyond it.
+
+    A model's embedding is often larger than its tokenizer (Qwen2.5: 152,064 rows, 151,665 tokens; our 40M
+    preset: 32,000 rows, the embedded tokenizer 2,048). A trained model never samples the extra ids, a
+    random-init one does and its text cannot be decoded; this mask rules them out. Every state accepts, so the
+    row still ends on the usual stop tokens or ``max_new_tokens``.
+    """
+    token_class = np.zeros(vocab_size, np.int32)
+    token_class[tokenizer.vocab_size:] = 1
+    return Constraint(pattern=f"<tokenizer ids < {tokenizer.vocab_size}>", initial_state=0,
+                      next_state=np.array([[0, -1]], np.int32), token_class=token_class, eos_id=int(tokenizer.eos_id))
+
+
 def json_schema_regex(schema: dict[str, Any] | str, whitespace: str = r"[ ]?") -> str:
     """The regex outlines-core derives from a JSON schema (compact whitespace by default)."""
     from outlines_core.json_schema import build_regex_from_schema

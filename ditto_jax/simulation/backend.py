@@ -24,7 +24,7 @@ class Backend:
 
         from ditto_jax.mesh import make_mesh
         from ditto_jax.model_source import load_model_source
-        from ditto_jax.sampling import SamplingEngine
+        from ditto_jax.sampling import SamplingEngine, vocab_constraint
 
         self.cfg = cfg
         self.log = log
@@ -36,7 +36,7 @@ class Backend:
                                      mesh=self.mesh)
         self.stop_ids = sorted(self.tokenizer.stop_ids)
         self._constraints: dict[str, Any] = {}
-        self.free_text = (tokenizer_vocab_constraint(self.tokenizer, self.model_cfg.vocab_size)
+        self.free_text = (vocab_constraint(self.tokenizer, self.model_cfg.vocab_size)
                           if self.model_cfg.vocab_size > self.tokenizer.vocab_size else None)
         self.shortened = 0
         self.last_stats: dict[str, Any] = {}
@@ -84,24 +84,6 @@ class Backend:
                                flush_seconds=self.cfg.engine.flush_seconds, progress=self.progress, desc=desc,
                                total=len(requests))
         self.last_stats = summary.to_json()
-
-
-def tokenizer_vocab_constraint(tokenizer: Any, vocab_size: int) -> Any:
-    """A one-state automaton allowing every tokenizer id (special tokens included) and no id beyond it.
-
-    A model's embedding is often larger than its tokenizer (Qwen2.5: 152,064 rows, 151,665 tokens; our 40M
-    preset: 32,000 rows, the embedded tokenizer 2,048). A trained model never samples the extra ids, a
-    random-init one does and its text cannot be decoded; this mask rules them out. Every state accepts, so the
-    row still ends on the usual stop tokens or ``max_new_tokens``.
-    """
-    import numpy as np
-
-    from ditto_jax.sampling.constraints import Constraint
-
-    token_class = np.zeros(vocab_size, np.int32)
-    token_class[tokenizer.vocab_size:] = 1
-    return Constraint(pattern=f"<tokenizer ids < {tokenizer.vocab_size}>", initial_state=0,
-                      next_state=np.array([[0, -1]], np.int32), token_class=token_class, eos_id=int(tokenizer.eos_id))
 
 
 def stage_complete(out_dir: Path, process_index: int, process_count: int) -> bool:
