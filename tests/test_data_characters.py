@@ -10,6 +10,8 @@ from ditto_jax.cli import main as cli_main
 from ditto_jax.data import characters as ch
 from ditto_jax.data.records import RecordFileError
 
+from data_fixtures import write_jsonl
+
 
 def make_character(i: int, lang: str = "en", split: str = "train", **over) -> dict:
     """A valid record in our schema."""
@@ -29,17 +31,6 @@ def make_character(i: int, lang: str = "en", split: str = "train", **over) -> di
     }
     rec.update(over)
     return rec
-
-
-def write_jsonl(path, lines) -> None:
-    with open(path, "wb") as f:
-        for line in lines:
-            if isinstance(line, bytes):
-                f.write(line + b"\n")
-            elif isinstance(line, str):
-                f.write(line.encode() + b"\n")
-            else:
-                f.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
 
 
 def test_load_valid_file_and_splits(tmp_path):
