@@ -39,3 +39,16 @@ def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     for command in COMMANDS:
         assert command in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--workdir", "gs://bucket/run"],
+    ["sample", "--out", "s3://bucket/out", "--prompts", "p.jsonl"],
+    ["eval", "--workdir", "gs://bucket/eval"],
+])
+def test_object_store_output_folders_are_refused_by_name(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert argv[2] in err and "object-store URLs are not supported" in err

@@ -1,1 +1,17 @@
 """Sub-commands of ``ditto-jax``; one module each, registered in ``ditto_jax.cli.COMMANDS``."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+
+def output_dir(text: str) -> str:
+    """``type=`` of every output-folder flag: a local (or mounted) path. Object-store URLs (``gs://``, ``s3://``)
+    are refused: ``pathlib`` would turn ``gs://b/run`` into the local folder ``gs:/b/run`` without a word, and
+    the writers rely on POSIX rename for atomicity, which object stores do not offer."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
+        raise argparse.ArgumentTypeError(
+            f"{text}: object-store URLs are not supported as output folders; use a local or mounted path "
+            "(e.g. a gcsfuse mount of the bucket)")
+    return text

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ditto_jax.commands import output_dir
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``corpus build``, ``corpus stats`` and ``corpus validate``."""
@@ -14,7 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("build", help="validate JSONL sessions and write a TFDS array_record corpus")
     p.add_argument("--input", required=True, action="append", help="JSONL file, folder or glob (repeatable)")
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--out", type=output_dir, required=True, help="output folder (replaced atomically)")
     p.add_argument("--validation-fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0, help="seeds the train/validation assignment")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip",

@@ -7,6 +7,8 @@ import contextlib
 import json
 import sys
 
+from ditto_jax.commands import output_dir
+
 DEFAULT_WORKDIR = "runs/demo"
 
 
@@ -19,7 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "fine-tuned model by the same judge, on the bundled knowledge base and tokenizer with a tiny "
                     "random-init model (its generations are meaningless). Re-running with the same --workdir "
                     "resumes. Writes WORKDIR/demo_summary.json.")
-    p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"run folder (default {DEFAULT_WORKDIR})")
+    p.add_argument("--workdir", type=output_dir,
+                   default=DEFAULT_WORKDIR, help=f"run folder (default {DEFAULT_WORKDIR})")
     p.add_argument("--config", default="demo", help="demo config YAML (default: the preset configs/demo.yaml)")
     p.add_argument("overrides", nargs="*",
                    help="dotted overrides, e.g. sft.train.steps=20 simulate.characters.limit_per_lang=2 model.seed=1")

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from ditto_jax.commands import output_dir
+
 ACTIONS = ("report", "build-testset")
 
 
@@ -22,9 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("items", nargs="*", metavar="[ACTION] OVERRIDE",
                         help=f"optional action ({', '.join(ACTIONS)}), then dotted.key=value config overrides")
     parser.add_argument("--config", help="YAML config (a path, or a preset such as eval/tiny)")
-    parser.add_argument("--workdir", help="work dir (re-running with the same one resumes)")
+    parser.add_argument("--workdir", type=output_dir, help="work dir (re-running with the same one resumes)")
     parser.add_argument("--runs", nargs="+", metavar="DIR", help="report: evaluation work dirs to compare")
-    parser.add_argument("--out", help="report: output folder for report.md and report.png")
+    parser.add_argument("--out", type=output_dir, help="report: output folder for report.md and report.png")
     parser.set_defaults(func=run)
 
 

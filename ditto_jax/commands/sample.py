@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ditto_jax.commands import output_dir
+
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """The decoding flags shared by ``sample`` and ``bench sample``."""
@@ -46,7 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model folder's, else the embedded one)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="cast the weights")
     p.add_argument("--prompts", required=True, help="input JSONL")
-    p.add_argument("--out", required=True, help="output folder (shards + manifest); re-running resumes")
+    p.add_argument("--out", type=output_dir,
+                   required=True, help="output folder (shards + manifest); re-running resumes")
     add_sampling_arguments(p)
     e = p.add_argument_group("engine")
     e.add_argument("--batch-size", type=int, default=16, help="slots decoded together")

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ditto_jax.commands import output_dir
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``simulate``."""
@@ -16,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "WORKDIR/tfds and WORKDIR/simulation_report.json. Re-running with the same --workdir resumes; "
                     "the final corpus is the same as an uninterrupted run's.")
     p.add_argument("--config", required=True, help="simulate config YAML (a path or a preset such as simulate/tiny)")
-    p.add_argument("--workdir", required=True, help="run folder (stage outputs, corpus, report)")
+    p.add_argument("--workdir", type=output_dir, required=True, help="run folder (stage outputs, corpus, report)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. partners.strategy=far characters.limit_per_lang=10")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object instead of a summary")
