@@ -3,13 +3,14 @@
 #
 #   scripts/launch_tpu_pod.sh --name NAME --zone ZONE --type v5p-64 [--create] [--version RUNTIME] \
 #       [--repo PATH_ON_WORKERS] [--logs DIR] -- --config configs/sft/qwen2.5-7b-v5p-64.yaml \
-#       --workdir gs://BUCKET/runs/qwen7b [dotted.overrides ...]
+#       --workdir /mnt/gcs/runs/qwen7b [dotted.overrides ...]
 #
 # Steps: (optionally) create the TPU VM slice; copy this repository to every worker (`--worker=all`);
 # install it with the [tpu] extra; start training on all workers at once. jax.distributed initialises itself
 # from the TPU metadata, so no coordinator flags are needed. Each worker's output goes to
 # LOGS/worker-<i>.log here (and /tmp/ditto-train.log on the worker). Re-running the same command resumes from
-# the newest complete checkpoint in --workdir (use a bucket or a shared filesystem every worker can reach).
+# the newest complete checkpoint in --workdir, a folder every worker reaches: a gcsfuse mount of a bucket at the
+# same path on each worker (`gcsfuse --implicit-dirs BUCKET /mnt/gcs`) or NFS; `gs://` URLs are refused.
 set -euo pipefail
 
 NAME="" ZONE="" TYPE="" CREATE=0 VERSION="v2-alpha-tpuv5" REPO_DIR="ditto-jax" LOGS="logs/tpu" PROJECT_ARGS=()
