@@ -1,16 +1,23 @@
-"""``ditto-jax train --config FILE --workdir DIR [dotted.key=value ...]``: SFT; re-running resumes."""
+"""``ditto-jax train --config FILE --workdir DIR [dotted.key=value ...]``: SFT; re-running resumes.
+
+Exit statuses: ``EXIT_STATUS`` (also shown by ``ditto-jax train --help``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+EXIT_STATUS = ("exit status: 0 trained to train.steps (or already complete: nothing to do); 1 training failed "
+               "(the message says why); 2 invalid config; 143 stopped by SIGTERM (preemption) after saving a "
+               "checkpoint of the step in flight: re-run the same command to resume")
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train``."""
     p = subparsers.add_parser("train", help="supervised fine-tuning on a role-play corpus",
                               description="Supervised fine-tuning. Re-running with the same --workdir resumes from "
-                                          "the newest complete checkpoint.")
+                                          "the newest complete checkpoint.", epilog=EXIT_STATUS)
     p.add_argument("--config", required=True, help="SFT config YAML (a path or a preset such as sft/tiny)")
     p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, tensorboard, export")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optim.peak_lr=1e-5")
@@ -42,4 +49,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"{result.status}: step {result.step}, loss {result.metrics.get('loss', float('nan')):.4f}, "
           f"checkpoint {result.last_checkpoint}")
+    if result.status == "preempted":
+        from ditto_jax.train.preemption import PREEMPTED_EXIT_CODE
+
+        return PREEMPTED_EXIT_CODE
     return 0

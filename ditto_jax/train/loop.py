@@ -1,10 +1,17 @@
-"""``ditto-jax train``: the SFT loop (resume, steps, validation, checkpoints, NaN guard, SIGTERM, HF export)."""
+"""``ditto-jax train``: the SFT loop (resume, steps, validation, checkpoints, NaN guard, SIGTERM, HF export).
+
+``WORKDIR`` gets ``config.yaml``, ``metrics.jsonl`` (one line a step), ``tensorboard/``, ``checkpoints/<step>``,
+``tokenizer/``, ``data_summary.json``, ``train_summary.json`` (a ``TrainResult``) and, with ``export_hf``,
+``export/hf``. A run ends ``completed`` (also at once, compiling nothing, when the newest complete checkpoint is
+already at ``train.steps``), ``preempted`` (SIGTERM: the step in flight is finished and checkpointed; see
+``preemption.py``) or with a ``TrainingError`` (bad input, non-finite loss).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -15,14 +22,18 @@ from flax import nnx
 
 from ditto_jax.config import dump_config
 from ditto_jax.distributed import global_batch, is_primary
-from ditto_jax.fileio import atomic_write_json, atomic_write_text
+from ditto_jax.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from ditto_jax.mesh import make_mesh
 from ditto_jax.model import ModelConfig, Transformer
 from ditto_jax.train import step as steplib
-from ditto_jax.train.checkpoint import Checkpoints
+from ditto_jax.train.checkpoint import Checkpoints, latest_step_dir, read_meta
 from ditto_jax.train.config import SFTConfig, resolve_asset_paths
 from ditto_jax.train.metrics import MetricsWriter, device_peak_flops
 from ditto_jax.train.optim import lr_schedule, make_optimizer
+from ditto_jax.train.preemption import PreemptionGuard
+
+
+EXPORT_DIR = Path("export") / "hf"
 
 
 class TrainingError(RuntimeError):
@@ -37,28 +48,6 @@ class TrainResult:
     step: int
     last_checkpoint: int | None
     metrics: dict[str, Any]
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag checked between steps (the state is then checkpointed)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: Any = None
-
-    def __enter__(self) -> "_Preemption":
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
 
 
 def _tokenizer(cfg: SFTConfig) -> Any:
@@ -112,10 +101,14 @@ def _model_config(cfg: SFTConfig, meta: dict[str, Any] | None) -> ModelConfig | 
 
 
 def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
-    """Train (or resume training) in ``workdir``; see the module docstring for what is written there."""
+    """Train (or resume training) in ``workdir``; see the module docstring for what is written there and how
+    a run ends."""
     from ditto_jax.model_source import load_model_source
 
     workdir = Path(workdir)
+    finished = _already_finished(cfg, workdir)
+    if finished is not None:
+        return finished
     workdir.mkdir(parents=True, exist_ok=True)
     if is_primary():
         atomic_write_text(workdir / "config.yaml", dump_config(cfg))
@@ -136,8 +129,6 @@ def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
 
     restored = None
     if ckpts.steps():
-        from ditto_jax.train.checkpoint import read_meta
-
         model_cfg = None
         for step_no in reversed(ckpts.steps()):  # the model config of the newest readable metadata
             try:
@@ -186,7 +177,8 @@ def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
     if is_primary():
         atomic_write_json(workdir / "data_summary.json", pipe.summary.to_dict())
         if not (workdir / "tokenizer").exists():  # lets load_model(WORKDIR) find the tokenizer
-            tokenizer.save(workdir / "tokenizer")
+            with atomic_directory(workdir / "tokenizer") as tmp:
+                tokenizer.save(tmp)
 
     def save(step: int, st: steplib.TrainState) -> None:
         ckpts.save(step, st.params, _train_part(st), data_it.get_state(), dict(meta, step=step))
@@ -194,11 +186,14 @@ def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
     last_saved = restored.step if restored is not None else None
     status, record = "completed", {}
     progress = _progress(cfg, start, total)
-    try:
-        with _Preemption() as preempt:
+    with PreemptionGuard() as guard:
+        if guard.warning:
+            _say(guard.warning)
+        try:
             step = start
+            stop = guard.should_stop(step)
             last = time.perf_counter()
-            while step < total:
+            while step < total and not stop:
                 local = next(data_it)
                 state, metrics = train_step(state, global_batch(local, mesh))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -219,33 +214,85 @@ def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
                 writer.write(record)
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:.0f}")
-                if step % cfg.checkpoint.every == 0 or step == total or preempt.requested:
+                stop = guard.should_stop(step)
+                if stop and step < total:
+                    _say(f"SIGTERM: stopping after step {step}; saving its checkpoint")
+                if step % cfg.checkpoint.every == 0 or step == total or stop:
                     save(step, state)
                     last_saved = step
                     last = time.perf_counter()
-                if preempt.requested:
-                    status = "preempted"
-                    break
-    finally:
-        progress.close()
-        ckpts.close()
-        writer.close()
+        finally:
+            progress.close()
+            ckpts.close()  # waits for the last (asynchronous) save: a SIGTERM meanwhile is only recorded
+            writer.close()
+        if stop and step < total and status == "completed":
+            status = "preempted"
 
-    if status == "non_finite":
-        where = (f"the last good checkpoint is {ckpts.directory / str(last_saved)} (step {last_saved})"
-                 if last_saved is not None else "no checkpoint was written")
-        raise TrainingError(f"non-finite loss or gradient at step {record['step']} (loss={record.get('loss')}, "
-                            f"grad_norm={record.get('grad_norm')}); training stopped, {where}. Lower optim.peak_lr, "
-                            f"check the data, or raise optim.clip_norm.")
-    if status == "preempted":
-        _say(f"SIGTERM: checkpoint saved at step {last_saved}; re-run the same command to resume")
-    elif cfg.export_hf:
-        _export(graphdef, state, model_cfg, tokenizer, workdir)
-    result = TrainResult(status=status, step=int(jax.device_get(state.step)), last_checkpoint=last_saved,
-                         metrics=record)
+        if status == "non_finite":
+            where = (f"the last good checkpoint is {ckpts.directory / str(last_saved)} (step {last_saved})"
+                     if last_saved is not None else "no checkpoint was written")
+            raise TrainingError(f"non-finite loss or gradient at step {record['step']} (loss={record.get('loss')}, "
+                                f"grad_norm={record.get('grad_norm')}); training stopped, {where}. Lower "
+                                f"optim.peak_lr, check the data, or raise optim.clip_norm.")
+        if status == "preempted":
+            saved = f"checkpoint saved at step {last_saved}" if last_saved is not None else "no checkpoint yet"
+            _say(f"SIGTERM: {saved}; re-run the same command to resume")
+        elif cfg.export_hf:
+            _export(steplib.merge_model(graphdef, state.params), model_cfg, tokenizer, workdir)
+        return _finish(workdir, TrainResult(status=status, step=int(jax.device_get(state.step)),
+                                            last_checkpoint=last_saved, metrics=record))
+
+
+def _finish(workdir: Path, result: TrainResult) -> TrainResult:
     if is_primary():
         atomic_write_json(workdir / "train_summary.json", dataclasses.asdict(result))
     return result
+
+
+def _already_finished(cfg: SFTConfig, workdir: Path) -> TrainResult | None:
+    """The result of a run whose newest complete checkpoint is at ``train.steps`` (or later), without building
+    the model or compiling anything (``None`` if there is training left to do). A requested Hugging Face
+    export that is missing is written from that checkpoint."""
+    try:
+        step_dir = latest_step_dir(workdir)
+        read_meta(step_dir)
+    except (OSError, ValueError):  # no checkpoint, or unreadable metadata: the normal path reports and falls back
+        return None
+    step = int(step_dir.name)
+    if step < cfg.train.steps:
+        return None
+    _say(f"already complete at step {step} (train.steps={cfg.train.steps}, {step_dir}); nothing to do")
+    if cfg.export_hf and not (workdir / EXPORT_DIR / "config.json").exists():
+        from ditto_jax.model.checkpoint import load_model
+
+        model, model_cfg = load_model(step_dir, mesh=make_mesh(cfg.mesh), rules=cfg.mesh.logical_rules())
+        _say(f"export_hf: {workdir / EXPORT_DIR} is missing; exporting step {step}")
+        _export(model, model_cfg, _tokenizer(cfg), workdir)
+    return _finish(workdir, TrainResult(status="completed", step=step, last_checkpoint=step,
+                                        metrics=_final_metrics(workdir, step)))
+
+
+def _final_metrics(workdir: Path, step: int) -> dict[str, Any]:
+    """The metrics of ``step`` as a normal finish reports them (train_summary.json, else metrics.jsonl)."""
+    try:
+        summary = json.loads((workdir / "train_summary.json").read_text())
+        if summary.get("status") == "completed" and summary.get("step") == step:
+            return dict(summary.get("metrics") or {})
+    except (OSError, ValueError):
+        pass
+    found: dict[str, Any] = {}
+    try:
+        lines = (workdir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("step") == step:
+            found = rec
+    return found
 
 
 def _train_part(state: steplib.TrainState) -> dict[str, Any]:
@@ -263,11 +310,10 @@ def _evaluate(eval_step: Any, params: Any, pipe: Any, cfg: SFTConfig, mesh: Any)
     return {"eval_loss": loss / tokens, "eval_accuracy": correct / tokens}
 
 
-def _export(graphdef: Any, state: steplib.TrainState, model_cfg: ModelConfig, tokenizer: Any, workdir: Path) -> None:
+def _export(model: Transformer, model_cfg: ModelConfig, tokenizer: Any, workdir: Path) -> None:
     from ditto_jax import hf
 
-    model = steplib.merge_model(graphdef, state.params)
-    out = workdir / "export" / "hf"
+    out = workdir / EXPORT_DIR
     hf.save_pretrained(model, model_cfg, out, tokenizer=tokenizer)
     _say(f"exported the Hugging Face model to {out}")
 

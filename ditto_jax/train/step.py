@@ -197,4 +197,6 @@ def _bind(fn: Callable, **kwargs: Any) -> Callable:
     def bound(*args: Any) -> Any:
         return fn(*args, **kwargs)
 
+    # jit names its compilations (logs, jax.monitoring events) after the function: keep "train_step"/"eval_step"
+    bound.__name__ = bound.__qualname__ = fn.__name__
     return bound
