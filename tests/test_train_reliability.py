@@ -1,8 +1,10 @@
-"""Trainer reliability through the real CLI: kill -9 and resume exactly, corrupt checkpoint fallback,
-invalid configs and corpora rejected before compilation."""
+"""Trainer reliability through the real CLI: kill -9 and SIGTERM then resume exactly, corrupt checkpoint
+fallback, a finished run not redone, invalid configs and corpora rejected before compilation."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train_fixtures import REPO, env, load_params, metrics, run_train, train_cmd, write_corpus
+from train_fixtures import FAST, REPO, env, load_params, metrics, run_train, train_cmd, write_corpus
 
 STEPS = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=5"]
 
@@ -59,12 +61,105 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path: Path, corpus: P
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     assert [m["step"] for m in metrics(tmp_path)] == list(range(1, 7))
-    a, b = load_params(reference_run / "checkpoints" / "6"), load_params(tmp_path / "checkpoints" / "6")
+    _assert_same_final_params(reference_run, tmp_path)
+
+
+def _assert_same_final_params(reference: Path, workdir: Path) -> None:
+    a, b = load_params(reference / "checkpoints" / "6"), load_params(workdir / "checkpoints" / "6")
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    ref_losses = [m["loss"] for m in metrics(reference_run)]
-    assert [m["loss"] for m in metrics(tmp_path)] == ref_losses
+    assert [m["loss"] for m in metrics(workdir)] == [m["loss"] for m in metrics(reference)]
+
+
+def test_sigterm_checkpoints_the_step_in_flight_and_resumes_exactly(tmp_path: Path, corpus: Path,
+                                                                     reference_run: Path) -> None:
+    from ditto_jax.train.preemption import PREEMPTED_EXIT_CODE
+
+    # No periodic checkpoint before the end: any earlier one can only come from SIGTERM.
+    steps = ["train.steps=6", "checkpoint.every=100", "checkpoint.keep=5"]
+    log = tmp_path / "train.log"
+    with log.open("w") as out:
+        # Its own process group: SIGTERM goes to the whole group, as SLURM and systemd send it.
+        proc = subprocess.Popen(train_cmd(tmp_path / "run", corpus, *steps), env=env(), cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    work = tmp_path / "run"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not any(m["step"] >= 2 for m in metrics(work)):
+            time.sleep(0.01)
+        # Frozen, it cannot race past the last step before the signal lands, however loaded the machine is.
+        os.killpg(proc.pid, signal.SIGSTOP)
+        assert proc.poll() is None, f"finished before SIGTERM: {log.read_text()[-2000:]}"
+        seen = max(m["step"] for m in metrics(work))
+        assert seen < 5
+        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGCONT)
+        t0 = time.time()
+        while proc.poll() is None and "saving its checkpoint" not in log.read_text() and time.time() - t0 < 60:
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGTERM)  # a repeated notice while the checkpoint is written: ignored
+        proc.wait(timeout=120)
+        took = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = log.read_text()
+    assert proc.returncode == PREEMPTED_EXIT_CODE == 143, output[-3000:]
+    stopped = max(m["step"] for m in metrics(work))
+    assert stopped in (seen, seen + 1), (seen, stopped)  # only the step in flight is finished
+    assert took < 60
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [str(stopped)]
+    assert f"checkpoint saved at step {stopped}" in output
+    assert json.loads((work / "train_summary.json").read_text())["status"] == "preempted"
+
+    resumed = run_train(work, corpus, *steps)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {work / 'checkpoints' / str(stopped)} (step {stopped})" in resumed.stdout
+    assert [m["step"] for m in metrics(work)] == list(range(1, 7))
+    _assert_same_final_params(reference_run, work)
+
+
+def test_finished_workdir_is_not_trained_or_compiled_again(tmp_path: Path, corpus: Path, reference_run: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    import jax
+    from safetensors.numpy import load_file
+
+    from ditto_jax.train.config import load_sft_config
+    from ditto_jax.train.loop import run_training
+
+    work = tmp_path / "run"
+    shutil.copytree(reference_run, work)
+    summary = json.loads((work / "train_summary.json").read_text())
+    cfg = load_sft_config("sft/tiny", [f"data.paths=[{corpus}]", *FAST, *STEPS])
+    compiled: list[str] = []
+
+    def on_event(event: str, duration: float, **kwargs: object) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(str(kwargs.get("fun_name")))
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        result = run_training(cfg, work)
+        assert compiled == []  # nothing at all: no model, no train step
+        (work / "train_summary.json").unlink()  # e.g. killed after the last checkpoint: rebuilt from metrics.jsonl
+        exported = run_training(cfg.model_copy(update={"export_hf": True}), work)
+        jax.jit(lambda x: x + 1)(1)  # the listener does see compilations
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert compiled and compiled[-1] == "jit(<lambda>)"
+    assert not any("train_step" in name for name in compiled)
+    out = capsys.readouterr().out
+    assert out.count("already complete at step 6") == 2 and "nothing to do" in out and "compiled" not in out
+    assert dataclasses.asdict(result) == summary
+    assert dataclasses.asdict(exported) == summary
+    assert json.loads((work / "train_summary.json").read_text()) == summary
+    tensors = load_file(str(work / "export" / "hf" / "model.safetensors"))
+    np.testing.assert_array_equal(tensors["model.embed_tokens.weight"],
+                                  load_params(work / "checkpoints" / "6")["embed_tokens"])
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path, corpus: Path, reference_run: Path) -> None:
