@@ -45,6 +45,7 @@ def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) 
     ["demo", "--workdir", "gs://bucket/run"],
     ["sample", "--out", "s3://bucket/out", "--prompts", "p.jsonl"],
     ["eval", "--workdir", "gs://bucket/eval"],
+    ["train", "--workdir", "gs://bucket/sft", "--config", "sft/tiny"],
 ])
 def test_object_store_output_folders_are_refused_by_name(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:

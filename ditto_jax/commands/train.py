@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ditto_jax.commands import output_dir
+
 EXIT_STATUS = ("exit status: 0 trained to train.steps (or already complete: nothing to do); 1 training failed "
                "(the message says why); 2 invalid config; 143 stopped by SIGTERM (preemption) after saving a "
                "checkpoint of the step in flight: re-run the same command to resume")
@@ -19,7 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description="Supervised fine-tuning. Re-running with the same --workdir resumes from "
                                           "the newest complete checkpoint.", epilog=EXIT_STATUS)
     p.add_argument("--config", required=True, help="SFT config YAML (a path or a preset such as sft/tiny)")
-    p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, tensorboard, export")
+    p.add_argument("--workdir", type=output_dir, required=True,
+                   help="run folder: checkpoints, metrics.jsonl, tensorboard, export")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optim.peak_lr=1e-5")
     from ditto_jax.distributed import add_process_arguments
 
