@@ -12,7 +12,9 @@ Backends (``backend=`` argument of the kernels, or the ``DITTO_ATTN_BACKEND`` en
 
 Block sizes come from ``BlockSizes`` defaults per backend, overridden by ``DITTO_ATTN_BLOCKS`` (e.g.
 ``"block_q=128,block_kv=64,num_warps=8,num_stages=3"``) and then by an explicit ``block_sizes=`` argument,
-so a GPU tuning run can sweep them without code changes.
+so a GPU tuning run can sweep them without code changes. ``parse_backend_spec`` / ``parse_decode_spec`` read
+``backend@field=value;...`` specs (the kernel benchmark's tiling sweep) and ``check_tiles`` rejects tiles a
+lowering cannot compile, naming the field.
 """
 
 from __future__ import annotations
@@ -98,7 +100,14 @@ def _parse_kv(text: str, source: str) -> dict[str, int | None]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"{source}: expected key=value, got {item!r}")
-        out[key.strip()] = None if value.strip().lower() == "none" else int(value)
+        key, value = key.strip(), value.strip()
+        if value.lower() == "none":
+            out[key] = None
+            continue
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise ValueError(f"{source}: {key}={value!r} is not an integer (or none)") from None
     return out
 
 
@@ -169,6 +178,65 @@ def resolve_backend(backend: str | None, *, mosaic_gpu_ok: bool = True) -> str:
     return "interpret"
 
 
+def check_tiles(backend: str, blocks: "BlockSizes | DecodeBlockSizes", source: str = "tiles") -> None:
+    """Raise ``ValueError`` naming the field when ``blocks`` cannot compile on ``backend`` (a concrete name).
+
+    Triton tiles are powers of two >= 16 (tensor-core dots); Mosaic GPU forward tiles are multiples of 64
+    (wgmma), and so are its own backward's (``mgpu_bwd=1``; otherwise the backward is Triton). The
+    interpreters take any positive size.
+    """
+    mgpu_bwd = getattr(blocks, "mgpu_bwd", 0)
+    for f in dataclasses.fields(blocks):
+        key, value = f.name, getattr(blocks, f.name)
+        if value is None:
+            continue
+        if key == "mgpu_bwd":
+            if value not in (0, 1):
+                raise ValueError(f"{source}: mgpu_bwd={value} must be 0 or 1")
+            continue
+        if value < 1:
+            raise ValueError(f"{source}: {key}={value} must be positive")
+        if key in ("num_warps", "num_warps_bwd") and (value & (value - 1) or value > 16):
+            raise ValueError(f"{source}: {key}={value} must be a power of two <= 16")
+        if not key.startswith("block_") or backend not in ("triton", "mosaic_gpu"):
+            continue
+        wgmma = backend == "mosaic_gpu" and (key in ("block_q", "block_kv") or mgpu_bwd)
+        if wgmma and value % 64:
+            raise ValueError(f"{source}: {key}={value} must be a multiple of 64 for the Mosaic GPU kernels")
+        if not wgmma and (value & (value - 1) or value < 16):
+            raise ValueError(f"{source}: {key}={value} must be a power of two >= 16 for the Triton kernels")
+
+
+def _spec_changes(spec: str, tiles: str, cls) -> dict[str, int | None]:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    changes = _parse_kv(tiles.replace(";", ","), spec)
+    unknown = set(changes) - fields
+    if unknown:
+        raise ValueError(f"{spec}: unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(fields)}")
+    return changes
+
+
+def parse_decode_spec(spec: str | None) -> tuple[str | None, DecodeBlockSizes | None]:
+    """``backend[@field=value;...]`` -> ``(backend or None, DecodeBlockSizes or None)`` for the decode kernel.
+
+    Fields are those of ``DecodeBlockSizes`` over its defaults (``DITTO_DECODE_BLOCKS`` applies first), e.g.
+    ``triton@block_kv=64;num_splits=8;num_stages=3``.
+    """
+    if not spec:
+        return None, None
+    backend, _, tiles = spec.partition("@")
+    backend = backend or None
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{spec}: attention backend {backend!r} not in {BACKENDS}")
+    if not tiles:
+        return backend, None
+    changes = _spec_changes(spec, tiles, DecodeBlockSizes)
+    concrete = resolve_backend(backend, mosaic_gpu_ok=False)
+    blocks = default_decode_blocks().replace(**changes)
+    check_tiles("triton" if concrete in ("triton", "mosaic_gpu") else concrete, blocks, spec)
+    return backend, blocks
+
+
 def parse_backend_spec(spec: str | None) -> tuple[str | None, BlockSizes | None]:
     """``backend[@field=value;...]`` -> ``(backend or None, BlockSizes or None)``.
 
@@ -181,9 +249,7 @@ def parse_backend_spec(spec: str | None) -> tuple[str | None, BlockSizes | None]
     backend = backend or None
     if not tiles:
         return backend, None
-    base = default_blocks(resolve_backend(backend))
-    fields = {f.name for f in dataclasses.fields(BlockSizes)}
-    changes = _parse_kv(tiles.replace(";", ","), spec)
-    if set(changes) - fields:
-        raise ValueError(f"{spec}: unknown fields {sorted(set(changes) - fields)}; known: {sorted(fields)}")
-    return backend, base.replace(**changes)
+    concrete = resolve_backend(backend)
+    blocks = default_blocks(concrete).replace(**_spec_changes(spec, tiles, BlockSizes))
+    check_tiles(concrete, blocks, spec)
+    return backend, blocks
