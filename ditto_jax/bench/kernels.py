@@ -7,9 +7,18 @@ reference and cuDNN. Decode: GB/s (K and V bytes read up to each row's length, p
 device-to-device copy bandwidth measured in the same run. Every entry is measured in its own try block: an
 implementation that fails to lower is reported with its error and the sweep goes on.
 
-Writes ``kernels.json``, ``kernels.md`` (tables) and ``kernels.png`` (TFLOP/s against sequence length) to
-``--out-dir``. ``--preset cpu`` runs small shapes with the interpreted kernels (it proves the harness, its
-figures say nothing about kernel speed); ``--preset gpu`` the goal shapes plus a sequence-length sweep.
+Writes ``kernels.json``, ``kernels.md`` (tables, and the goals: best Pallas variant per pass at the goal
+shape against cuDNN and the kernel goals) and ``kernels.png`` (TFLOP/s against sequence length) to
+``--out-dir``; JSON and markdown are rewritten after every entry, so a run cut short keeps what it measured.
+``--preset cpu`` runs small shapes with the interpreted kernels (it proves the harness, its figures say
+nothing about kernel speed); ``--preset gpu`` the goal shapes plus a sequence-length sweep, ``gpu-goal`` the
+goal shapes only, ``gpu-sweep`` the sweep only.
+
+Tiling sweep: ``--impls`` and ``--decode-impls`` take specs such as ``pallas:triton@block_q=128;num_warps=8``
+and ``pallas:triton@block_kv=64;num_splits=8`` (fields of ``BlockSizes`` / ``DecodeBlockSizes``), or ``tune``
+for the prepared variant lists (``ditto_jax.bench.kernel_tuning``); ``--budget`` stops starting entries when
+the time is spent (the rest are reported as skipped) and ``--confirm-best`` then measures the best forward
+tiles combined with the best backward tiles.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from ditto_jax.bench import kernel_tuning
 
 PEAK_TFLOPS = {  # dense bf16
     "H100": 989.0,
@@ -56,23 +67,52 @@ class DecodeCase:
     dtype: str
 
 
+PRESETS = ("cpu", "cpu-tiny", "gpu", "gpu-goal", "gpu-sweep", "tpu")
+GOAL_FLASH = [FlashCase(2, 8192, 16, 16, 128, c, "bfloat16") for c in (True, False)]
+GOAL_DECODE = [DecodeCase(32, 8192, 32, 8, 128, "bfloat16")]
+SWEEP_FLASH = [FlashCase(16384 // s, s, 16, 16, 128, True, "bfloat16") for s in (1024, 2048, 4096)]
+
+
 def _presets(name: str) -> tuple[list[FlashCase], list[DecodeCase]]:
     if name == "cpu":
         flash = [FlashCase(1, s, 2, 1, 64, c, "float32") for s in (128, 256) for c in (True, False)]
         return flash, [DecodeCase(2, 512, 4, 1, 64, "float32")]
+    if name == "cpu-tiny":  # the tuning machinery's CPU proof: one tiny shape, both masks
+        flash = [FlashCase(1, 64, 2, 1, 32, c, "float32") for c in (True, False)]
+        return flash, [DecodeCase(2, 64, 4, 1, 32, "float32")]
     if name in ("gpu", "tpu"):
-        flash = [FlashCase(2, 8192, 16, 16, 128, c, "bfloat16") for c in (True, False)]
-        flash += [FlashCase(16384 // s, s, 16, 16, 128, True, "bfloat16") for s in (1024, 2048, 4096)]
-        return flash, [DecodeCase(32, 8192, 32, 8, 128, "bfloat16")]
+        return GOAL_FLASH + SWEEP_FLASH, list(GOAL_DECODE)
+    if name == "gpu-goal":
+        return list(GOAL_FLASH), list(GOAL_DECODE)
+    if name == "gpu-sweep":
+        return list(SWEEP_FLASH), []
     raise ValueError(f"unknown preset {name!r}")
+
+
+def _goal_cases(name: str, flash: list[FlashCase],
+                decode: list[DecodeCase]) -> tuple[list[FlashCase], list[DecodeCase]]:
+    """The cases the goals are judged at: the issue's shapes, or on CPU presets the largest ones run."""
+    if name in ("cpu", "cpu-tiny"):
+        longest = max((c.seq for c in flash), default=0)
+        return [c for c in flash if c.seq == longest], decode[-1:]
+    return [c for c in GOAL_FLASH if c in flash], [c for c in GOAL_DECODE if c in decode]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Benchmark options."""
-    parser.add_argument("--preset", choices=["cpu", "gpu", "tpu"], default=None,
-                        help="shape set (default: by platform)")
+    parser.add_argument("--preset", choices=PRESETS, default=None, help="shape set (default: by platform)")
     parser.add_argument("--impls", default=None,
-                        help="comma list of pallas[:backend][@tile=N;...] | xla | cudnn (default: by platform)")
+                        help="comma list of pallas[:backend][@tile=N;...] | xla | cudnn, or 'tune' (the prepared "
+                             "GPU tiling variants) | 'tune-small' (default: by platform)")
+    parser.add_argument("--decode-impls", default=None,
+                        help="decode impls: comma list of pallas[:backend][@block_kv=N;num_splits=N;num_warps=N;"
+                             "num_stages=N] | xla, or 'tune' | 'tune-small' (default: by platform)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the sweep: no entry starts after that (the rest are reported as skipped)")
+    parser.add_argument("--confirm-best", action="store_true",
+                        help="after the sweep, measure the best forward tiles combined with the best backward "
+                             "tiles at the goal shapes (when not measured yet and the budget allows)")
+    parser.add_argument("--no-flash", action="store_true")
     parser.add_argument("--modes", default="fwd,bwd", help="comma list of fwd, bwd")
     parser.add_argument("--iters", type=int, default=None, help="timed runs per entry (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -147,18 +187,22 @@ def _flash_fn(impl: str, causal: bool) -> Callable:
         return lambda q, k, v: attention_reference(q, k, v, causal=causal)
     if impl == "cudnn":
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-    backend, blocks = _parse_pallas_impl(impl)
+    backend, blocks = kernel_tuning.parse_flash_impl(impl)
     return lambda q, k, v: flash_attention(q, k, v, causal=causal, backend=backend, block_sizes=blocks)
 
 
-def _parse_pallas_impl(impl: str):
-    """``pallas[:backend][@field=value;...]`` -> ``(backend or None, BlockSizes or None)``."""
-    from ditto_jax.kernels._config import parse_backend_spec
-
-    _, _, spec = impl.partition(":")
-    if impl.startswith("pallas@"):
-        spec = impl[len("pallas"):]
-    return parse_backend_spec(spec)
+def _check_impls(flash_impls: list[str], decode_impls: list[str]) -> None:
+    """Parse every spec before anything compiles: a bad name or field fails the run at once, naming it."""
+    for impl in flash_impls:
+        if impl not in ("xla", "cudnn"):
+            if not impl.startswith("pallas"):
+                raise ValueError(f"--impls: {impl!r} is not pallas[:backend][@tiles], xla or cudnn")
+            kernel_tuning.parse_flash_impl(impl)
+    for impl in decode_impls:
+        if impl != "xla":
+            if not impl.startswith("pallas"):
+                raise ValueError(f"--decode-impls: {impl!r} is not pallas[:backend][@tiles] or xla")
+            kernel_tuning.parse_decode_impl(impl)
 
 
 def _flash_entry(case: FlashCase, impl: str, modes: list[str], iters: int, warmup: int) -> dict[str, Any]:
@@ -203,8 +247,8 @@ def _decode_entry(case: DecodeCase, impl: str, iters: int, warmup: int) -> dict[
     if impl == "xla":
         fn = decode_reference
     else:
-        _, _, backend = impl.partition(":")
-        fn = lambda q, k, v, n: decode_attention(q, k, v, n, backend=backend or None)  # noqa: E731
+        backend, blocks = kernel_tuning.parse_decode_impl(impl)
+        fn = lambda q, k, v, n: decode_attention(q, k, v, n, backend=backend, block_sizes=blocks)  # noqa: E731
     t = _time(fn, (q, kc, vc, lengths), iters, warmup)
     nbytes = kc.nbytes + vc.nbytes + 2 * q.nbytes
     return {**dataclasses.asdict(case), "impl": impl, "ms": t * 1e3, "gbs": nbytes / t / 1e9}
@@ -230,10 +274,11 @@ def _markdown(result: dict[str, Any]) -> str:
              "bwd TFLOP/s | bwd % peak | fwd x XLA | fwd x cuDNN | bwd x XLA | bwd x cuDNN |",
              "|" + "---|" * 17]
     fmt = lambda x, f="{:.2f}": "" if x is None else (f.format(x) if isinstance(x, float) else str(x))  # noqa: E731
-    for r in result["flash"]:
-        if "error" in r:
+    for r in _sorted_flash(result["flash"]):
+        if "error" in r or "skipped" in r:
+            why = f"error: {r['error'][:80]}" if "error" in r else f"skipped: {r['skipped']}"
             lines.append(f"| {r['batch']} | {r['seq']} | {r['heads']}/{r['kv_heads']} | {r['head_dim']} | "
-                         f"{r['causal']} | {r['dtype']} | {r['impl']} | error: {r['error'][:80]} |" + " |" * 10)
+                         f"{r['causal']} | {r['dtype']} | {r['impl']} | {why} |" + " |" * 9)
             continue
         lines.append("| " + " | ".join([
             str(r["batch"]), str(r["seq"]), f"{r['heads']}/{r['kv_heads']}", str(r["head_dim"]), str(r["causal"]),
@@ -244,14 +289,29 @@ def _markdown(result: dict[str, Any]) -> str:
     if result["decode"]:
         lines += ["", "| B | cache | Hq/Hkv | D | dtype | impl | ms | GB/s | % copy bw | x XLA |", "|" + "---|" * 10]
         for r in result["decode"]:
-            if "error" in r:
+            if "error" in r or "skipped" in r:
+                why = f"error: {r['error'][:80]}" if "error" in r else f"skipped: {r['skipped']}"
                 lines.append(f"| {r['batch']} | {r['cache']} | {r['heads']}/{r['kv_heads']} | {r['head_dim']} | "
-                             f"{r['dtype']} | {r['impl']} | error: {r['error'][:80]} | | | |")
+                             f"{r['dtype']} | {r['impl']} | {why} | | | |")
                 continue
             lines.append(f"| {r['batch']} | {r['cache']} | {r['heads']}/{r['kv_heads']} | {r['head_dim']} | "
                          f"{r['dtype']} | {r['impl']} | {r['ms']:.3f} | {r['gbs']:.1f} | {r['pct_copy_bw']:.1f} | "
                          f"{fmt(r.get('speedup_vs_xla'))} |")
+    if result.get("summary"):
+        lines += ["", kernel_tuning.goals_markdown(result["summary"]).rstrip("\n")]
+    if result.get("partial"):
+        lines += ["", "Partial: the sweep is still running (or was cut short)."]
     return "\n".join(lines) + "\n"
+
+
+def _sorted_flash(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows grouped by shape (first-seen order), impls in measurement order within a shape."""
+    order: dict[tuple, int] = {}
+    for r in rows:
+        order.setdefault(tuple(r[f] for f in ("batch", "seq", "heads", "kv_heads", "head_dim", "causal", "dtype")),
+                         len(order))
+    return sorted(rows, key=lambda r: order[tuple(r[f] for f in ("batch", "seq", "heads", "kv_heads", "head_dim",
+                                                                   "causal", "dtype"))])
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
@@ -275,10 +335,82 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("TFLOP/s")
     ax.set_title(f"attention on {result['device']['device_kind']}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    if series:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+class _Sweep:
+    """The rows measured so far and everything needed to write them (after each entry and at the end)."""
+
+    def __init__(self, args, device, preset, peak, peak_source, copy_gbs, iters, goal_flash, goal_decode):
+        self.args, self.device, self.preset, self.iters = args, device, preset, iters
+        self.peak, self.peak_source, self.copy_gbs = peak, peak_source, copy_gbs
+        self.goal_flash = [dataclasses.asdict(c) for c in goal_flash]
+        self.goal_decode = [dataclasses.asdict(c) for c in goal_decode]
+        self.flash: list[dict[str, Any]] = []
+        self.decode: list[dict[str, Any]] = []
+        self.deadline = time.time() + args.budget if args.budget is not None else None
+        self.started = time.time()
+
+    def time_left(self) -> float:
+        """Seconds before the budget is spent (infinite without one)."""
+        return float("inf") if self.deadline is None else self.deadline - time.time()
+
+    def add_flash(self, row: dict[str, Any]) -> None:
+        """Record a flash row (with % of peak) and rewrite the partial report."""
+        for mode in ("fwd", "bwd"):
+            if f"{mode}_tflops" in row:
+                row[f"{mode}_pct_peak"] = 100.0 * row[f"{mode}_tflops"] / self.peak
+        self.flash.append(row)
+        self.write(final=False)
+
+    def add_decode(self, row: dict[str, Any]) -> None:
+        """Record a decode row (with % of the copy bandwidth) and rewrite the partial report."""
+        if "gbs" in row:
+            row["pct_copy_bw"] = 100.0 * row["gbs"] / self.copy_gbs
+        self.decode.append(row)
+        self.write(final=False)
+
+    def result(self, final: bool) -> dict[str, Any]:
+        """The report as it stands."""
+        keys = ("batch", "seq", "heads", "kv_heads", "head_dim", "causal", "dtype")
+        for mode in ("fwd", "bwd"):
+            _add_ratios(self.flash, keys, f"{mode}_ms", f"{mode}_speedup_vs_xla", "xla")
+            _add_ratios(self.flash, keys, f"{mode}_ms", f"{mode}_speedup_vs_cudnn", "cudnn")
+        _add_ratios(self.decode, ("batch", "cache", "heads", "kv_heads", "head_dim", "dtype"), "ms",
+                    "speedup_vs_xla", "xla")
+        rows = self.flash + self.decode
+        pallas_fwd = [r["fwd_tflops"] for r in self.flash if r["impl"].startswith("pallas") and "fwd_tflops" in r]
+        return {
+            "bench": "kernels", "preset": self.preset, "device": self.device, "peak_tflops": self.peak,
+            "peak_source": self.peak_source, "copy_gbs": self.copy_gbs, "iters": self.iters,
+            "tflops": max(pallas_fwd) if pallas_fwd else None, "partial": not final,
+            "errors": sum("error" in r for r in rows), "skipped": sum("skipped" in r for r in rows),
+            "budget_s": self.args.budget, "seconds": round(time.time() - self.started, 1),
+            "summary": kernel_tuning.summarize(self.flash, self.decode, self.goal_flash, self.goal_decode,
+                                               self.copy_gbs) if self.goal_flash or self.goal_decode else None,
+            "flash": self.flash, "decode": self.decode,
+        }
+
+    def write(self, final: bool) -> dict[str, Any]:
+        """Write ``kernels.json`` and ``kernels.md`` (and at the end the plot); returns the result."""
+        from ditto_jax.fileio import atomic_write_json, atomic_write_text
+
+        result = self.result(final)
+        out = Path(self.args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "kernels.json", result)
+        atomic_write_text(out / "kernels.md", _markdown(result))
+        if final:
+            try:
+                _plot(result, out / "kernels.png")
+                result["plot"] = str(out / "kernels.png")
+            except Exception as exc:  # noqa: BLE001 - a missing plotting backend must not lose the measurements
+                result["plot_error"] = f"{type(exc).__name__}: {exc}"
+        return result
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -287,7 +419,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     platform = device["platform"]
     preset = args.preset or ("gpu" if platform == "gpu" else "tpu" if platform == "tpu" else "cpu")
     flash_cases, decode_cases = _presets(preset)
-    impls = args.impls.split(",") if args.impls else _default_impls(platform)
+    goal_flash, goal_decode = _goal_cases(preset, flash_cases, decode_cases)
+    impls = kernel_tuning.expand(args.impls, kernel_tuning.NAMED_FLASH) if args.impls else _default_impls(platform)
+    decode_impls = (kernel_tuning.expand(args.decode_impls, kernel_tuning.NAMED_DECODE) if args.decode_impls
+                    else _decode_impls(impls, platform))
+    if args.no_flash:
+        flash_cases, goal_flash = [], []
+    if args.no_decode:
+        decode_cases, goal_decode = [], []
+    _check_impls(impls if flash_cases else [], decode_impls if decode_cases else [])
     modes = [m for m in args.modes.split(",") if m]
     iters = args.iters or (20 if platform in ("gpu", "tpu") else 3)
     copy_gbs = _measure_copy_gbs(platform, max(iters, 5))
@@ -295,27 +435,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak_source = "table"
     if peak is None:
         peak, peak_source = _measure_matmul_tflops(max(iters, 5)), "measured float32 1024^3 matmul"
+    sweep = _Sweep(args, device, preset, peak, peak_source, copy_gbs, iters, goal_flash, goal_decode)
 
     isolate = args.isolate == "on" or (args.isolate == "auto" and platform == "gpu" and len(impls) > 1)
     if isolate:
-        flash_rows, decode_rows = _run_isolated(args, preset, impls, flash_cases, decode_cases)
-        for row in flash_rows:
-            for mode in ("fwd", "bwd"):
-                if f"{mode}_tflops" in row:
-                    row[f"{mode}_pct_peak"] = 100.0 * row[f"{mode}_tflops"] / peak
-        for row in decode_rows:
-            if "gbs" in row:
-                row["pct_copy_bw"] = 100.0 * row["gbs"] / copy_gbs
+        _run_isolated(args, sweep, preset, impls, decode_impls, flash_cases, decode_cases)
     else:
-        flash_rows, decode_rows = _run_here(args, platform, impls, modes, iters, flash_cases, decode_cases, peak,
-                                            copy_gbs)
-    keys = ("batch", "seq", "heads", "kv_heads", "head_dim", "causal", "dtype")
-    for mode in ("fwd", "bwd"):
-        _add_ratios(flash_rows, keys, f"{mode}_ms", f"{mode}_speedup_vs_xla", "xla")
-        _add_ratios(flash_rows, keys, f"{mode}_ms", f"{mode}_speedup_vs_cudnn", "cudnn")
-    _add_ratios(decode_rows, ("batch", "cache", "heads", "kv_heads", "head_dim", "dtype"), "ms",
-                "speedup_vs_xla", "xla")
-    return _finish(args, device, preset, peak, peak_source, copy_gbs, iters, flash_rows, decode_rows)
+        _run_here(args, sweep, platform, impls, decode_impls, modes, iters, flash_cases, decode_cases)
+    if args.confirm_best and flash_cases and not isolate:
+        _confirm_best(args, sweep, modes, iters, goal_flash)
+    return sweep.write(final=True)
 
 
 def _decode_impls(impls: list[str], platform: str) -> list[str]:
@@ -324,90 +453,107 @@ def _decode_impls(impls: list[str], platform: str) -> list[str]:
     return [i for i in impls if i.startswith("pallas")][:1] + ["xla"]
 
 
-def _run_isolated(args, preset, impls, flash_cases, decode_cases):
-    """Each impl in its own process (``--isolate off`` there); a timeout or crash becomes error rows."""
+def _skipped(case, impl: str) -> dict[str, Any]:
+    return {**dataclasses.asdict(case), "impl": impl, "skipped": "run budget spent"}
+
+
+def _run_isolated(args, sweep: _Sweep, preset, impls, decode_impls, flash_cases, decode_cases) -> None:
+    """Each flash impl in its own process (``--isolate off`` there), the decode impls in one more; a timeout
+    or crash becomes error rows."""
     import json
     import subprocess
     import sys
     import tempfile
 
-    from ditto_jax.kernels._config import platform as current_platform
-
-    flash_rows: list[dict[str, Any]] = []
-    decode_rows: list[dict[str, Any]] = []
-    decode_impls = set(_decode_impls(impls, current_platform())) if not args.no_decode else set()
+    jobs = [([impl], None) for impl in impls if flash_cases] + ([(None, decode_impls)] if decode_cases else [])
     with tempfile.TemporaryDirectory() as tmp:
-        for impl in impls:
-            out_dir = Path(tmp) / str(len(flash_rows))
+        for n, (flash_impls, dec_impls) in enumerate(jobs):
+            cases = flash_cases if flash_impls else decode_cases
+            names = flash_impls or dec_impls
+            limit = min(args.impl_timeout, sweep.time_left())
+            if limit <= 0:
+                for impl in names:
+                    for case in cases:
+                        (sweep.add_flash if flash_impls else sweep.add_decode)(_skipped(case, impl))
+                continue
+            out_dir = Path(tmp) / str(n)
             cmd = [sys.executable, "-c", "import sys; from ditto_jax.cli import main; sys.exit(main())", "bench",
-                   "kernels", "--preset", preset, "--impls", impl, "--modes", args.modes, "--iters",
-                   str(args.iters or 20), "--warmup", str(args.warmup), "--out-dir", str(out_dir), "--isolate", "off"]
-            if impl not in decode_impls:
-                cmd.append("--no-decode")
+                   "kernels", "--preset", preset, "--modes", args.modes, "--iters", str(args.iters or 20),
+                   "--warmup", str(args.warmup), "--out-dir", str(out_dir), "--isolate", "off"]
+            cmd += ["--impls", flash_impls[0], "--no-decode"] if flash_impls else [
+                "--decode-impls", ",".join(dec_impls), "--no-flash"]
             error = None
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.impl_timeout)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
                 if proc.returncode != 0:
                     error = f"child exited {proc.returncode}: {proc.stderr[-1500:]}"
             except subprocess.TimeoutExpired:
-                error = f"timeout after {args.impl_timeout:.0f} s (hung or too slow)"
+                error = f"timeout after {limit:.0f} s (hung or too slow)"
             report = out_dir / "kernels.json"
             if error is None and report.exists():
                 child = json.loads(report.read_text())
-                flash_rows += child["flash"]
-                decode_rows += [r for r in child["decode"] if r["impl"] == impl]
+                for row in child["flash"]:
+                    sweep.add_flash(row)
+                for row in child["decode"]:
+                    sweep.add_decode(row)
                 continue
-            flash_rows += [{**dataclasses.asdict(c), "impl": impl, "error": error or "no report"} for c in flash_cases]
-            if impl in decode_impls:
-                decode_rows += [{**dataclasses.asdict(c), "impl": impl, "error": error or "no report"}
-                                for c in decode_cases]
-    return flash_rows, decode_rows
+            for impl in names:
+                for case in cases:
+                    row = {**dataclasses.asdict(case), "impl": impl, "error": error or "no report"}
+                    (sweep.add_flash if flash_impls else sweep.add_decode)(row)
 
 
-def _run_here(args, platform, impls, modes, iters, flash_cases, decode_cases, peak, copy_gbs):
-    flash_rows: list[dict[str, Any]] = []
-    for case in flash_cases:
-        for impl in impls:
-            if impl == "cudnn" and platform != "gpu":
-                continue
-            try:
-                row = _flash_entry(case, impl, modes, iters, args.warmup)
-                for mode in ("fwd", "bwd"):
-                    if f"{mode}_tflops" in row:
-                        row[f"{mode}_pct_peak"] = 100.0 * row[f"{mode}_tflops"] / peak
-            except Exception as exc:  # noqa: BLE001 - one failing lowering must not end the sweep
-                row = {**dataclasses.asdict(case), "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-            flash_rows.append(row)
-
-    decode_rows: list[dict[str, Any]] = []
-    if not args.no_decode:
+def _run_here(args, sweep: _Sweep, platform, impls, decode_impls, modes, iters, flash_cases, decode_cases) -> None:
+    """Decode first (cheap), then flash impl by impl over the shapes, so a budget cut keeps whole variants."""
+    for impl in decode_impls:
         for case in decode_cases:
-            for impl in _decode_impls(impls, platform):
-                try:
-                    row = _decode_entry(case, impl, iters, args.warmup)
-                    row["pct_copy_bw"] = 100.0 * row["gbs"] / copy_gbs
-                except Exception as exc:  # noqa: BLE001
-                    row = {**dataclasses.asdict(case), "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-                decode_rows.append(row)
-    return flash_rows, decode_rows
+            if sweep.time_left() <= 0:
+                sweep.add_decode(_skipped(case, impl))
+                continue
+            sweep.add_decode(_decode_row(case, impl, iters, args.warmup))
+    for impl in impls:
+        if impl == "cudnn" and platform != "gpu":
+            continue
+        for case in flash_cases:
+            if sweep.time_left() <= 0:
+                sweep.add_flash(_skipped(case, impl))
+                continue
+            sweep.add_flash(_flash_row(case, impl, modes, iters, args.warmup))
 
 
-def _finish(args, device, preset, peak, peak_source, copy_gbs, iters, flash_rows, decode_rows) -> dict[str, Any]:
-    from ditto_jax.fileio import atomic_write_json, atomic_write_text
-
-    pallas_fwd = [r["fwd_tflops"] for r in flash_rows if r["impl"].startswith("pallas") and "fwd_tflops" in r]
-    result: dict[str, Any] = {
-        "bench": "kernels", "preset": preset, "device": device, "peak_tflops": peak, "peak_source": peak_source,
-        "copy_gbs": copy_gbs, "iters": iters, "tflops": max(pallas_fwd) if pallas_fwd else None,
-        "errors": sum("error" in r for r in flash_rows + decode_rows), "flash": flash_rows, "decode": decode_rows,
-    }
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "kernels.json", result)
-    atomic_write_text(out / "kernels.md", _markdown(result))
+def _flash_row(case: FlashCase, impl: str, modes: list[str], iters: int, warmup: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
     try:
-        _plot(result, out / "kernels.png")
-        result["plot"] = str(out / "kernels.png")
-    except Exception as exc:  # noqa: BLE001 - a missing plotting backend must not lose the measurements
-        result["plot_error"] = f"{type(exc).__name__}: {exc}"
-    return result
+        row = _flash_entry(case, impl, modes, iters, warmup)
+    except Exception as exc:  # noqa: BLE001 - one failing lowering must not end the sweep
+        row = {**dataclasses.asdict(case), "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    row["seconds"] = round(time.perf_counter() - t0, 2)  # compile + timing: what the entry cost the run
+    return row
+
+
+def _decode_row(case: DecodeCase, impl: str, iters: int, warmup: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    try:
+        row = _decode_entry(case, impl, iters, warmup)
+    except Exception as exc:  # noqa: BLE001
+        row = {**dataclasses.asdict(case), "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def _confirm_best(args, sweep: _Sweep, modes: list[str], iters: int, goal_flash: list[FlashCase]) -> None:
+    """Measure the best-forward + best-backward combination at the goal shapes when it is new."""
+    summary = sweep.result(final=False)["summary"]
+    spec = summary.get("combined")
+    if not spec or summary.get("combined_measured") or "bwd" not in modes:
+        return
+    measured = {r["impl"] for r in sweep.flash}
+    if spec in measured:
+        return
+    for case in goal_flash:
+        if sweep.time_left() <= 0:
+            sweep.add_flash(_skipped(case, spec))
+            continue
+        row = _flash_row(case, spec, modes, iters, args.warmup)
+        row["combined_from"] = [summary["best_fwd"], summary["best_bwd"]]
+        sweep.add_flash(row)
