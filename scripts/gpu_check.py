@@ -1,8 +1,16 @@
 """One device call: check correctness on the GPU, then time kernels, sampling and training.
 
-Run on the lent machine from the repository root (``bash scripts/gpu_check.sh``). Every section runs in its
-own subprocess with its own time limit, so one failure or hang costs only that section; the results are
-gathered into ``OUT/gpu-<device>-<date>.json`` and a markdown table ``OUT/gpu-<device>-<date>.md``.
+Run on the lent machine from the repository root (``bash scripts/gpu_check.sh --budget 480``). Every section
+runs in its own subprocess with its own time limit, so one failure or hang costs only that section; the
+results are gathered into ``OUT/gpu-<device>-<date>.json`` and a markdown table ``OUT/gpu-<device>-<date>.md``
+(rewritten after every section).
+
+Order: correctness first, then the kernel tiling sweep (``kernels_tune``: the prepared variants of
+``ditto_jax.bench.kernel_tuning`` at the goal shapes, with the goals met / not met), then sampling and
+training, and last the sequence-length sweep with the tuned spec. With ``--budget`` each section's limit is
+cut to what is left; the two sweeps take ``--budget`` themselves, the tuning sweep whatever is left after
+reserving the later sections' typical time, and stop cleanly (they write their results after every entry,
+and a section cut short is read back from that file).
 
 ``--small`` runs the same sections on CPU with tiny shapes (interpret mode), which is how CI-side tests
 prove the script works before a GPU minute is spent.
@@ -11,6 +19,7 @@ prove the script works before a GPU minute is spent.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -23,10 +32,31 @@ from typing import Any
 PY = sys.executable
 
 
-def _run(name: str, cmd: list[str], timeout: float, out_dir: Path) -> dict[str, Any]:
-    """Run one section; parse the last JSON object it prints. Never raises."""
+# Seconds past its own --budget a sweep may run: process start and device init, the entry in progress when the
+# budget runs out (one flash variant at S=8192, forward and backward: two compiles), the final write.
+SWEEP_GRACE_S = 40.0
+
+
+@dataclasses.dataclass
+class Section:
+    """One step of the run: its command, time limit, and what it typically costs (planning with --budget)."""
+
+    name: str
+    cmd: list[str]
+    timeout: float
+    typical_s: float = 30.0  # reserved for it when an earlier sweep sizes its budget (last lease: H200)
+    takes_budget: bool = False  # a sweep: gets --budget (what is left after reserving later sections)
+    result_file: str | None = None  # JSON the section rewrites as it goes: read when it is cut short
+    add_tuned_impl: bool = False  # append kernels_tune's fastest spec to its --impls
+
+
+def _run(name: str, cmd: list[str], timeout: float, out_dir: Path,
+         result_file: str | None = None) -> dict[str, Any]:
+    """Run one section; parse the last JSON object it prints (else its ``result_file``). Never raises."""
     t0 = time.time()
     log = out_dir / f"{name}.log"
+    if result_file:  # never read back a previous run's file
+        Path(result_file).unlink(missing_ok=True)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
         text = proc.stdout
@@ -45,6 +75,12 @@ def _run(name: str, cmd: list[str], timeout: float, out_dir: Path) -> dict[str, 
     except subprocess.TimeoutExpired as exc:
         log.write_text(f"$ {' '.join(cmd)}\nTIMEOUT after {timeout}s\n{(exc.stdout or b'')!r}\n")
         result = {"returncode": None, "error": [f"timeout after {timeout}s"]}
+    if "result" not in result and result_file and Path(result_file).exists():
+        try:  # multi-line JSON, or cut short: keep what the section wrote
+            result["result"] = json.loads(Path(result_file).read_text())
+            result["result_from_file"] = result_file
+        except (OSError, json.JSONDecodeError):
+            pass
     result["seconds"] = round(time.time() - t0, 1)
     result["command"] = " ".join(cmd[1:] if cmd[0] == PY else cmd)
     print(f"[gpu_check] {name}: rc={result['returncode']} in {result['seconds']}s", flush=True)
@@ -74,15 +110,25 @@ def _variant(preset: str, out_dir: Path, **overrides: str) -> str:
     return str(path)
 
 
-def sections(small: bool, out_dir: Path) -> list[tuple[str, list[str], float]]:
-    """(name, command, timeout) for every section, in order: checks first, then timings."""
+def sections(small: bool, out_dir: Path) -> list[Section]:
+    """Every section, in order: checks first, then the tiling sweep, sampling, training, the length sweep."""
     cli = [PY, "-m", "ditto_jax.cli", "bench"]
     preset = "model/tiny" if small else "model/gpu-1b"
     prompt, new, b64, seq, tb = (16, 16, 4, 64, 1) if small else (128, 256, 64, 4096, 4)
-    kern = ["--preset", "cpu"] if small else ["--preset", "gpu"]
     # In-process (no per-backend children): on the H200 the isolated runs hung past their limits, in-process
-    # runs finished in seconds (benchmarks/gpu-h200-2026-11-27.md).
-    check = [PY, "scripts/gpu_kernels_check.py", "--isolate", "off"] + (["--small"] if small else [])
+    # runs finished in seconds (benchmarks/gpu-h200-2026-11-27.md). The explicit mosaic_gpu backend is left
+    # out: its forward is checked by mosaic_gpu@mgpu_bwd=1 and its (Triton) backward by triton and auto.
+    check = [PY, "scripts/gpu_kernels_check.py", "--isolate", "off"] + (
+        ["--small"] if small else ["--backends", "mosaic_gpu@mgpu_bwd=1,triton,auto"])
+    tune_dir, sweep_dir = out_dir / "kernels_tune", out_dir / "kernels"
+    if small:
+        tune = ["--preset", "cpu-tiny", "--impls", "tune-small", "--decode-impls", "tune-small", "--modes", "fwd",
+                "--iters", "1", "--warmup", "0"]
+        length_sweep = ["--preset", "cpu", "--modes", "fwd", "--iters", "1", "--warmup", "0"]
+    else:
+        tune = ["--preset", "gpu-goal", "--impls", "tune", "--decode-impls", "tune", "--modes", "fwd,bwd",
+                "--confirm-best"]
+        length_sweep = ["--preset", "gpu-sweep", "--impls", "pallas,cudnn", "--no-decode"]
     decode_impl = "pallas"
     cfg_pallas = _variant(preset, out_dir, attention=decode_impl)
     cfg_xla = _variant(preset, out_dir, attention="xla")
@@ -93,18 +139,60 @@ def sections(small: bool, out_dir: Path) -> list[tuple[str, list[str], float]]:
                       str(new), "--top-p", "0.8", "--ignore-eos", "--repeats", "2", "--json"]
 
     return [
-        ("env", [PY, "-c", "import jax,json;print(json.dumps({'jax':jax.__version__,'backend':jax.default_backend(),"
-                 "'devices':[str(d) for d in jax.devices()]}))"], 120),
-        ("kernels_check", check + ["--out", str(out_dir / "kernels_check.json")], 600 if small else 240),
-        ("kernels_bench", cli + ["kernels", *kern, "--isolate", "off", "--json", "--out-dir", str(out_dir / "kernels")], 300),
-        ("sampler_check", [PY, "scripts/gpu_sampler_check.py"] + (["--small"] if small else []), 240),
-        ("sample_b1_pallas", sample(1, cfg_pallas), 180),
-        ("sample_b64_pallas", sample(b64, cfg_pallas), 180),
-        ("sample_b64_xla", sample(b64, cfg_xla), 180),
-        ("train_seq4096", cli + ["train", "--config", cfg_train, "--batch", str(tb), "--seq-len", str(seq),
-                                 "--override", "remat=none" if small else "remat=full", "--rounds", "2",
-                                 "--no-forward", "--json"], 300),
+        Section("env", [PY, "-c", "import jax,json;print(json.dumps({'jax':jax.__version__,'backend':"
+                        "jax.default_backend(),'devices':[str(d) for d in jax.devices()]}))"], 120, typical_s=5),
+        Section("kernels_check", check + ["--out", str(out_dir / "kernels_check.json")], 600 if small else 150,
+                typical_s=90, result_file=str(out_dir / "kernels_check.json")),
+        Section("kernels_tune", cli + ["kernels", *tune, "--isolate", "off", "--json", "--out-dir", str(tune_dir)],
+                600 if small else 280, typical_s=120, takes_budget=True, result_file=str(tune_dir / "kernels.json")),
+        Section("sampler_check", [PY, "scripts/gpu_sampler_check.py"] + (["--small"] if small else []), 240,
+                typical_s=50),
+        Section("sample_b1_pallas", sample(1, cfg_pallas), 180, typical_s=30),
+        Section("sample_b64_pallas", sample(b64, cfg_pallas), 180, typical_s=30),
+        Section("sample_b64_xla", sample(b64, cfg_xla), 180, typical_s=35),
+        Section("train_seq4096", cli + ["train", "--config", cfg_train, "--batch", str(tb), "--seq-len", str(seq),
+                                        "--override", "remat=none" if small else "remat=full", "--rounds", "2",
+                                        "--no-forward", "--json"], 300, typical_s=20),
+        Section("kernels_bench", cli + ["kernels", *length_sweep, "--isolate", "off", "--json", "--out-dir",
+                                        str(sweep_dir)], 300, typical_s=20, takes_budget=True,
+                result_file=str(sweep_dir / "kernels.json"), add_tuned_impl=not small),
     ]
+
+
+def _tuned_spec(report: dict[str, Any]) -> str | None:
+    """The fastest flash spec the tuning sweep measured (None when it did not run or measured none)."""
+    res = (report["sections"].get("kernels_tune") or {}).get("result") or {}
+    return (res.get("summary") or {}).get("recommended")
+
+
+def _command(sec: Section, report: dict[str, Any], budget: float | None) -> list[str]:
+    """The section's command with its run-time additions (a sweep's --budget, the tuned spec)."""
+    cmd = list(sec.cmd)
+    if sec.add_tuned_impl and (spec := _tuned_spec(report)) and "--impls" in cmd:
+        i = cmd.index("--impls") + 1
+        if spec not in cmd[i].split(","):
+            cmd[i] = f"{cmd[i]},{spec}"
+    if sec.takes_budget and budget is not None:
+        cmd += ["--budget", f"{budget:.0f}"]
+    return cmd
+
+
+def plan_limit(secs: list[Section], index: int, time_left: float | None,
+               wanted: set[str] | None) -> tuple[float, float | None]:
+    """``(time limit, sweep budget or None)`` for ``secs[index]`` with ``time_left`` seconds in the run.
+
+    A sweep leaves the later sections' typical time untouched and keeps ``SWEEP_GRACE_S`` between its own
+    budget and its limit; without a run budget, its budget is its limit less the grace.
+    """
+    sec = secs[index]
+    limit = sec.timeout
+    if time_left is not None:
+        limit = min(limit, time_left)
+        if sec.takes_budget:
+            later = sum(s.typical_s for s in secs[index + 1:] if wanted is None or s.name in wanted)
+            limit = min(limit, time_left - later)
+    budget = max(limit - SWEEP_GRACE_S, 0.0) if sec.takes_budget else None
+    return limit, budget
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,20 +208,25 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = _device_name()
     date = dt.date.today().isoformat()
-    report: dict[str, Any] = {"device": device, "date": date, "host": os.uname().nodename, "sections": {}}
+    report: dict[str, Any] = {"device": device, "date": date, "host": os.uname().nodename, "budget_s": args.budget,
+                              "sections": {}}
+    secs = sections(args.small, out_dir)
     wanted = set(args.only.split(",")) if args.only else None
+    unknown = (wanted or set()) - {s.name for s in secs}
+    if unknown:
+        ap.error(f"--only: unknown sections {sorted(unknown)}; known: {[s.name for s in secs]}")
     slug = device.lower().replace("nvidia ", "").replace(" ", "-")
     stem = out_dir / f"gpu-{slug}-{date}"
     deadline = time.time() + args.budget if args.budget else None
-    for name, cmd, timeout in sections(args.small, out_dir):
-        if wanted and name not in wanted:
+    for index, sec in enumerate(secs):
+        if wanted and sec.name not in wanted:
             continue
-        if deadline is not None:
-            timeout = min(timeout, deadline - time.time())
-            if timeout < 20:
-                report["sections"][name] = {"returncode": None, "error": ["skipped: run budget spent"]}
-                continue
-        report["sections"][name] = _run(name, cmd, timeout, out_dir)
+        limit, budget = plan_limit(secs, index, None if deadline is None else deadline - time.time(), wanted)
+        if limit < 20 or (budget is not None and budget < 5):
+            report["sections"][sec.name] = {"returncode": None, "error": ["skipped: run budget spent"]}
+        else:
+            report["sections"][sec.name] = _run(sec.name, _command(sec, report, budget), limit, out_dir,
+                                                sec.result_file)
         # Written after every section, so a run cut short still leaves what it measured.
         stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown(report))
@@ -143,17 +236,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """A compact table: one row per section with its headline figures."""
+    """A compact table (one row per section with its headline figures), then each sweep's goals table."""
+    from ditto_jax.bench.kernel_tuning import goals_markdown
+
     lines = [f"# GPU measurement — {report['device']} — {report['date']}", "",
              "| section | status | seconds | headline |", "|---|---|---|---|"]
+    goal_tables = []
     for name, sec in report["sections"].items():
         res = sec.get("result") or {}
-        keys = [k for k in ("tokens_per_s", "tflops", "mfu", "roofline_fraction", "gbps", "passed", "failed", "match")
-                if k in res]
-        head = ", ".join(f"{k}={res[k]}" for k in keys) or ("; ".join(sec.get("error", [])) if sec.get("error") else "")
-        status = "ok" if sec.get("returncode") == 0 else "FAIL"
+        keys = [k for k in ("tokens_per_s", "tflops", "mfu", "roofline_fraction", "gbps", "passed", "failed", "match",
+                            "errors", "skipped") if k in res]
+        head = ", ".join(f"{k}={res[k]}" for k in keys)
+        summ = res.get("summary")
+        if isinstance(summ, dict) and "goals" in summ:  # a kernel sweep
+            head += f"{', ' if head else ''}goals met {summ['met']} of {len(summ['goals'])}"
+            goal_tables.append(f"### {name}\n\n" + goals_markdown(summ).replace("## Goals", "Goals", 1))
+        elif isinstance(summ, dict):  # the correctness check: pass / fail / error counts
+            head += (", " if head else "") + ", ".join(f"{k}={v}" for k, v in summ.items())
+        if not head and sec.get("error"):
+            head = "; ".join(sec["error"])
+        status = "ok" if sec.get("returncode") == 0 else ("partial" if sec.get("result_from_file") else "FAIL")
         lines.append(f"| {name} | {status} | {sec.get('seconds')} | {head} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + goal_tables) + "\n"
 
 
 if __name__ == "__main__":
