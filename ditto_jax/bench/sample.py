@@ -3,14 +3,17 @@ transformers ``generate`` on the same weights and settings in the same process.
 
 Roofline per decode step = max(bytes read / measured bandwidth, FLOPs / measured matmul rate), with bytes =
 matmul weights + the KV cache read at the run's mean length, FLOPs = ``cfg.flops_per_token`` (attention
-included) x batch; bandwidth and matmul rate are measured in this run (the best of XLA and, when installed,
-torch). Timings alternate ours/theirs and report medians; ``*_per_cpu_s`` figures divide by process CPU
-time, which a machine shared with other jobs disturbs less than wall time (``load_avg_1m`` says how shared).
+included) x batch; bandwidth and matmul rate are measured in this run (``roofline_probes``: on CPU a 128 MiB
+float32 sum and a 1024^3 float32 matmul, the better of XLA and torch; on GPU/TPU a 2 GiB read and a 2 GiB copy
+and an 8192^3 matmul in the model's compute dtype; the JSON names the probes used). Timings alternate
+ours/theirs and report medians; ``*_per_cpu_s`` figures divide by process CPU time, which a machine shared with
+other jobs disturbs less than wall time (``load_avg_1m`` says how shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -35,36 +38,82 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p)
 
 
-def _measure_bandwidth() -> float:
-    """Read bandwidth in bytes/s: a 128 MiB float32 sum in XLA (4x the last-level cache here; best of 4)."""
+@dataclasses.dataclass(frozen=True)
+class RooflineProbes:
+    """What the roofline is measured with: a memory-bound and a compute-bound XLA program."""
+
+    read_elements: int  # a sum over this many elements (read bandwidth)
+    copy_elements: int  # x + 1 over this many elements, counted as read + write (0: no copy probe)
+    matmul_n: int  # an n^3 matmul (FLOP rate)
+    dtype: str
+    bandwidth_repeats: int  # best of this many timed runs
+    matmul_repeats: int
+    with_torch: bool  # also time torch's matmul and keep the faster (CPU)
+
+    def describe(self) -> dict[str, str]:
+        """Human-readable names of the probes for the JSON report."""
+        size = lambda n: f"{n * np.dtype(self.dtype).itemsize / 2**20:.0f} MiB"  # noqa: E731
+        bw = f"read: {size(self.read_elements)} {self.dtype} sum"
+        if self.copy_elements:
+            bw += f"; copy: {size(self.copy_elements)} {self.dtype} x+1 (read + write); the faster of the two"
+        return {"bandwidth_probe": f"{bw}; best of {self.bandwidth_repeats}",
+                "matmul_probe": f"{self.matmul_n}^3 {self.dtype} matmul, best of {self.matmul_repeats}"
+                                + (" (the faster of XLA and torch)" if self.with_torch else "")}
+
+
+def roofline_probes(platform: str, dtype: str) -> RooflineProbes:
+    """CPU: a 128 MiB float32 sum and a 1024^3 float32 matmul (the CPU goals were stated against these).
+    GPU/TPU: sizes that saturate an accelerator, in the model's compute dtype: a 2 GiB read and a 2 GiB copy,
+    an 8192^3 matmul (1.1 TFLOP, about a millisecond on an H100)."""
+    if platform in ("gpu", "tpu"):
+        n = (2 << 30) // np.dtype(dtype).itemsize
+        return RooflineProbes(read_elements=n, copy_elements=n, matmul_n=8192, dtype=dtype,
+                              bandwidth_repeats=10, matmul_repeats=10, with_torch=False)
+    return RooflineProbes(read_elements=32 * 1024 * 1024, copy_elements=0, matmul_n=1024, dtype="float32",
+                          bandwidth_repeats=4, matmul_repeats=5, with_torch=True)
+
+
+def _measure_bandwidth(probes: RooflineProbes) -> tuple[float, str]:
+    """Bytes/s of the faster of the read (and, on accelerators, copy) probe, and which one it was."""
     import jax
     import jax.numpy as jnp
 
-    x = jnp.ones((32 * 1024 * 1024,), jnp.float32)
+    x = jnp.ones((probes.read_elements,), probes.dtype)
     f = jax.jit(jnp.sum)
     f(x).block_until_ready()
-    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(4))
-    return x.nbytes / best
+    best = x.nbytes / min(_timed(lambda: f(x).block_until_ready()) for _ in range(probes.bandwidth_repeats))
+    which = "read"
+    del x
+    if probes.copy_elements:
+        y = jnp.ones((probes.copy_elements,), probes.dtype)
+        g = jax.jit(lambda a: a + 1)
+        g(y).block_until_ready()
+        copy = 2 * y.nbytes / min(_timed(lambda: g(y).block_until_ready()) for _ in range(probes.bandwidth_repeats))
+        if copy > best:
+            best, which = copy, "copy"
+        del y
+    return best, which
 
 
-def _measure_matmul_rate() -> float:
-    """FLOP/s of a 1024^3 float32 matmul: the best of XLA and torch (best of 5 each)."""
+def _measure_matmul_rate(probes: RooflineProbes) -> float:
+    """FLOP/s of the matmul probe in XLA (and torch when ``with_torch``, taking the better)."""
     import jax
     import jax.numpy as jnp
 
-    n = 1024
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    n = probes.matmul_n
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(probes.dtype)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(5))
-    try:
-        import torch
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(probes.matmul_repeats))
+    if probes.with_torch:
+        try:
+            import torch
 
-        t = torch.randn(n, n)
-        t @ t
-        best = min(best, min(_timed(lambda: t @ t) for _ in range(5)))
-    except ImportError:
-        pass
+            t = torch.randn(n, n)
+            t @ t
+            best = min(best, min(_timed(lambda: t @ t) for _ in range(probes.matmul_repeats)))
+        except ImportError:
+            pass
     return 2 * n**3 / best
 
 
@@ -165,7 +214,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             c0, t0 = time.process_time(), time.perf_counter()
             tokens = _hf_generate(hf_model, prompts, params, n)
             hf_runs.append((time.perf_counter() - t0, time.process_time() - c0, tokens))
-    bandwidth, rate = _measure_bandwidth(), _measure_matmul_rate()
+    probes = roofline_probes(jax.default_backend(), np.dtype(cfg.dtype).name)
+    bandwidth, bandwidth_kind = _measure_bandwidth(probes)
+    rate = _measure_matmul_rate(probes)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     roof = _roofline(cfg, b, p, n, bandwidth, rate)
     wall = statistics.median(x[0] for x in runs)
@@ -178,6 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": round(tokens / wall, 1), "tokens_per_cpu_s": round(tokens / cpu, 1),
         "step_ms": round(wall / n * 1e3, 2), "first_run_s_with_compile": round(compile_s, 2),
         "bandwidth_gb_s": round(bandwidth / 1e9, 2), "matmul_gflop_s": round(rate / 1e9, 1),
+        **probes.describe(), "bandwidth_probe_used": bandwidth_kind,
         "roofline_tokens_per_s": round(roof["roofline_tokens_per_s"], 1), "roofline_bound": roof["bound"],
         "pct_of_roofline": round(100 * tokens / wall / roof["roofline_tokens_per_s"], 1),
         "runs_s": [round(x[0], 3) for x in runs],
