@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The single GPU device call (issue: GPU measurement). From the repository root on the lent machine:
-#   bash scripts/gpu_check.sh            # results under $OUT (the device tool's folder) or ./benchmarks
+#   bash scripts/gpu_check.sh --budget 480   # results under $OUT (the device tool's folder) or ./benchmarks;
+#   ~6.5 min expected, 8 min hard stop (give the device call a 560 s timeout)
 # The image has jax 0.11.x, flax, optax, orbax, torch, transformers; the wheels it lacks travel in .whl/
 # (see the device tool's README): pydantic, outlines-core, tensorboardX, grain, array-record, portpicker.
 set -u
