@@ -15,6 +15,7 @@ it with the model and with transformers. Costs one extra copy of the weights (CP
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -40,27 +41,7 @@ class DecodeWeights:
 def decode_weights(model: Any) -> DecodeWeights:
     """Rearrange ``model``'s parameters (once, outside the decode loop); keeps each array's sharding family."""
     cfg: ModelConfig = model.cfg
-    dt = cfg.compute_dtype
     a, m, lyr = model.layers.self_attn, model.layers.mlp, model.layers
-
-    @jax.jit
-    def build(params):
-        layers = []
-        for i in range(cfg.num_layers):
-            w = {
-                "ln1": params["ln1"][i], "ln2": params["ln2"][i],
-                "qkv": jnp.concatenate([params["q"][i], params["k"][i], params["v"][i]], axis=-1).astype(dt),
-                "o": params["o"][i].astype(dt),
-                "gate_up": jnp.concatenate([params["gate"][i], params["up"][i]], axis=-1).astype(dt),
-                "down": params["down"][i].astype(dt),
-            }
-            if "qb" in params:
-                w["qkv_bias"] = jnp.concatenate([params["qb"][i], params["kb"][i], params["vb"][i]], -1).astype(dt)
-            if "qn" in params:
-                w["qn"], w["kn"] = params["qn"][i], params["kn"][i]
-            layers.append(w)
-        head = params["embed"].T if params["head"] is None else params["head"]
-        return DecodeWeights(layers=layers, embed=params["embed"], head=head.astype(dt), norm=params["norm"])
 
     params = {
         "ln1": lyr.input_layernorm.scale[...], "ln2": lyr.post_attention_layernorm.scale[...],
@@ -73,7 +54,28 @@ def decode_weights(model: Any) -> DecodeWeights:
         params.update(qb=a.q_proj.bias[...], kb=a.k_proj.bias[...], vb=a.v_proj.bias[...])
     if a.q_norm is not None:
         params.update(qn=a.q_norm.scale[...], kn=a.k_norm.scale[...])
-    return build(params)
+    return _relayout(params, num_layers=cfg.num_layers, dtype=cfg.compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("num_layers", "dtype"))
+def _relayout(params: dict[str, Any], *, num_layers: int, dtype: Any) -> DecodeWeights:
+    """``DecodeWeights`` from the stacked parameters (module level: same-shaped models share its compilation)."""
+    layers = []
+    for i in range(num_layers):
+        w = {
+            "ln1": params["ln1"][i], "ln2": params["ln2"][i],
+            "qkv": jnp.concatenate([params["q"][i], params["k"][i], params["v"][i]], axis=-1).astype(dtype),
+            "o": params["o"][i].astype(dtype),
+            "gate_up": jnp.concatenate([params["gate"][i], params["up"][i]], axis=-1).astype(dtype),
+            "down": params["down"][i].astype(dtype),
+        }
+        if "qb" in params:
+            w["qkv_bias"] = jnp.concatenate([params["qb"][i], params["kb"][i], params["vb"][i]], -1).astype(dtype)
+        if "qn" in params:
+            w["qn"], w["kn"] = params["qn"][i], params["kn"][i]
+        layers.append(w)
+    head = params["embed"].T if params["head"] is None else params["head"]
+    return DecodeWeights(layers=layers, embed=params["embed"], head=head.astype(dtype), norm=params["norm"])
 
 
 def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, window: int | None) -> jax.Array:

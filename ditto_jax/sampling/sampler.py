@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import Any
 
 import flax.struct
@@ -235,28 +236,33 @@ def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, *, c
 
 
 class Sampler:
-    """Device-side slots for one model: ``prefill`` and ``decode`` (jitted once per shape), state donated."""
+    """Device-side slots for one model: ``prefill`` and ``decode`` (jitted once per shape), state donated.
 
-    def __init__(self, model: Any, cfg: SamplerConfig, mesh: jax.sharding.Mesh | None = None):
+    The jitted functions come from ``shared_step_functions``: samplers over models of the same structure and
+    config (different weights) run the same compiled executables. ``share_compiled=False`` builds private ones.
+    """
+
+    def __init__(self, model: Any, cfg: SamplerConfig, mesh: jax.sharding.Mesh | None = None, *,
+                 share_compiled: bool = True):
         self.model_cfg = model.cfg
         self.cfg = cfg
         self.mesh = mesh
         self.vocab_size = model.cfg.vocab_size
-        self.graphdef, self.params = nnx.split(model)
         if cfg.decode_path not in ("fused", "model"):
             raise ValueError(f"decode_path must be 'fused' or 'model', got {cfg.decode_path!r}")
+        self.graphdef, self.params, graph_cfg = _canonical_split(model)
+        if mesh is None:  # committed, like the state: eagerly built and loaded models then share executables
+            self.params = jax.device_put(self.params, jax.local_devices()[0])  # no copy when already there
         with _maybe_mesh(mesh):
             self.decode_weights = decode_weights(model) if cfg.decode_path == "fused" else self.params
+        if mesh is None:
+            self.decode_weights = jax.device_put(self.decode_weights, jax.local_devices()[0])
         self.state = self._init_state()
         self._shardings = None if mesh is None else self._state_shardings()
         # Committed from the start, so the first call compiles the same executable as every later one.
         self.state = jax.device_put(self.state, self._shardings or jax.local_devices()[0])
-        out_state = None if self._shardings is None else (self._shardings, None, None, None)
-        self._prefill = jax.jit(functools.partial(prefill_fn, self.graphdef, cfg=cfg), donate_argnums=(1,),
-                                out_shardings=out_state)
-        self._decode = jax.jit(functools.partial(decode_fn, self.graphdef, cfg=cfg, mcfg=model.cfg),
-                               donate_argnums=(1,), out_shardings=out_state,
-                               compiler_options=decode_compiler_options())
+        make = shared_step_functions if share_compiled else StepFunctions.build
+        self._steps = make(self.graphdef, cfg, graph_cfg, mesh, self._shardings)
 
     def _init_state(self) -> SlotState:
         b, v, ms = self.cfg.batch_size, self.vocab_size, self.cfg.max_stop_ids
@@ -302,19 +308,80 @@ class Sampler:
     def prefill(self, tables, slots: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, rows: RowParams):
         """Prefill rows into slots (host arrays in); returns host ``(first_tokens, logprobs, finish_codes)``."""
         with _maybe_mesh(self.mesh):
-            self.state, tok, lp, code = self._prefill(self.params, self.state, tables, jnp.asarray(slots),
+            self.state, tok, lp, code = self._steps.prefill(self.params, self.state, tables, jnp.asarray(slots),
                                                        jnp.asarray(tokens), jnp.asarray(lengths), rows)
         return np.asarray(tok), np.asarray(lp), np.asarray(code)
 
     def decode(self, tables, keep: np.ndarray):
         """One decode chunk; returns host ``(tokens [B, K], logprobs [B, K], finish [B], steps)``."""
         with _maybe_mesh(self.mesh):
-            self.state, tok, lp, steps = self._decode(self.decode_weights, self.state, tables, jnp.asarray(keep))
+            self.state, tok, lp, steps = self._steps.decode(self.decode_weights, self.state, tables, jnp.asarray(keep))
         return np.asarray(tok), np.asarray(lp), np.asarray(self.state.finish), int(steps)
 
     def compile_count(self) -> int:
-        """Number of distinct compiled executables so far (prefill buckets + decode)."""
-        return self._prefill._cache_size() + self._decode._cache_size()
+        """Distinct compiled executables so far (prefill buckets + decode) of this sampler's step functions,
+        counting those compiled for any sampler that shares them."""
+        return self._steps.compile_count()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    """The jitted ``prefill`` and ``decode`` of one (model structure, sampler config, mesh): everything they
+    close over is static; weights, slot state and constraint tables are arguments (the state donated)."""
+
+    prefill: Any
+    decode: Any
+
+    @classmethod
+    def build(cls, graphdef: Any, cfg: SamplerConfig, mcfg: Any, mesh: jax.sharding.Mesh | None,
+              state_shardings: SlotState | None) -> "StepFunctions":
+        """New jitted functions (nothing compiled yet; each compiles per argument shape on first call)."""
+        del mesh  # part of the sharing key only; the shardings carry it
+        out_state = None if state_shardings is None else (state_shardings, None, None, None)
+        prefill = jax.jit(functools.partial(prefill_fn, graphdef, cfg=cfg), donate_argnums=(1,),
+                          out_shardings=out_state)
+        decode = jax.jit(functools.partial(decode_fn, graphdef, cfg=cfg, mcfg=mcfg), donate_argnums=(1,),
+                         out_shardings=out_state, compiler_options=decode_compiler_options())
+        return cls(prefill, decode)
+
+    def compile_count(self) -> int:
+        """Compiled executables held by both functions."""
+        return self.prefill._cache_size() + self.decode._cache_size()
+
+
+_SHARED_LIMIT = 16  # distinct model structures x sampler configs kept compiled in one process
+_shared: list[tuple[tuple[Any, ...], StepFunctions]] = []  # most recently used last
+_shared_lock = threading.Lock()
+
+
+def shared_step_functions(graphdef: Any, cfg: SamplerConfig, mcfg: Any, mesh: jax.sharding.Mesh | None,
+                          state_shardings: SlotState | None) -> StepFunctions:
+    """The process-wide ``StepFunctions`` for everything the jitted functions close over: equal graph
+    definitions (model structure and config), sampler configs, model configs, meshes, slot-state shardings
+    and decode compiler options give the same functions, so a second engine on a same-shaped model compiles
+    nothing. Compared with ``==`` (a ``GraphDef`` holding a pydantic config is not hashable); the least
+    recently used entry is dropped beyond ``_SHARED_LIMIT``."""
+    options = decode_compiler_options()
+    key = (graphdef, cfg, mcfg, mesh, state_shardings, None if options is None else sorted(options.items()))
+    with _shared_lock:
+        for i, (known, steps) in enumerate(_shared):
+            if _same_key(known, key):
+                _shared.append(_shared.pop(i))
+                return steps
+        steps = StepFunctions.build(graphdef, cfg, mcfg, mesh, state_shardings)
+        _shared.append((key, steps))
+        del _shared[:-_SHARED_LIMIT]
+        return steps
+
+
+def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return all(x is y or (type(x) is type(y) and bool(x == y)) for x, y in zip(a, b, strict=True))
+
+
+def clear_shared_step_functions() -> None:
+    """Forget every shared ``StepFunctions`` (their executables are freed once no sampler uses them)."""
+    with _shared_lock:
+        _shared.clear()
 
 
 def decode_compiler_options() -> dict[str, str] | None:
@@ -326,6 +393,23 @@ def decode_compiler_options() -> dict[str, str] | None:
     if jax.default_backend() != "cpu" or os.environ.get("DITTO_DECODE_YNN") == "1":
         return None
     return {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def _canonical_split(model: Any) -> tuple[Any, Any, Any]:
+    """``(graphdef, params, config)`` of ``nnx.split(model)``, an unset ``head_dim`` in the graph's config
+    written out as ``dim_per_head``.
+
+    Only ``dim_per_head`` is read by the model, so both spellings compute the same; writing it one way lets a
+    random-init model (``head_dim: null``) and its Hugging Face export (``head_dim`` given) share executables.
+    The caller's model is left alone: the change is made on a second module over the same arrays.
+    """
+    graphdef, params = nnx.split(model)
+    cfg = model.cfg
+    if cfg.head_dim is not None:
+        return graphdef, params, cfg
+    twin = nnx.merge(graphdef, params)
+    twin.cfg = cfg.model_copy(update={"head_dim": cfg.dim_per_head})
+    return *nnx.split(twin), twin.cfg
 
 
 def _maybe_mesh(mesh):

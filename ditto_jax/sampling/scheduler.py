@@ -64,11 +64,14 @@ class SamplingEngine:
       default_params: used for requests without ``params``.
       decode_path: ``"fused"`` (``sampling/decoder.py``: weights re-laid out for decoding, one extra copy of
         them; the CPU default) or ``"model"`` (the model's own scanned forward; the default elsewhere).
+      share_compiled: run the process-wide compiled prefill/decode of every engine over a model of the same
+        structure and config (weights are arguments, never constants); ``False`` compiles private ones.
     """
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int, max_len: int, mesh: jax.sharding.Mesh | None = None,
                  *, chunk: int = 16, prefill_batch: int | None = None, min_bucket: int = 16, max_top_k: int = 64,
-                 max_stop_ids: int = 8, default_params: SamplingParams | None = None, decode_path: str | None = None):
+                 max_stop_ids: int = 8, default_params: SamplingParams | None = None, decode_path: str | None = None,
+                 share_compiled: bool = True):
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
         self.tokenizer = tokenizer
@@ -76,7 +79,7 @@ class SamplingEngine:
             decode_path = "fused" if jax.default_backend() == "cpu" else "model"
         self.cfg = SamplerConfig(batch_size=batch_size, max_len=max_len, chunk=chunk, max_stop_ids=max_stop_ids,
                                  max_top_k=max_top_k, decode_path=decode_path)
-        self.sampler = Sampler(model, self.cfg, mesh)
+        self.sampler = Sampler(model, self.cfg, mesh, share_compiled=share_compiled)
         self.vocab_size = model.cfg.vocab_size
         self.buckets = length_buckets(max_len, min_bucket)
         self.prefill_batch = prefill_batch or batch_size
@@ -257,6 +260,7 @@ class SamplingEngine:
                       finish_reason=reason, prompt_len=rec.prompt_len)  # type: ignore[arg-type]
 
     def compile_count(self) -> int:
-        """Compiled executables so far (constant after warm-up over a fixed set of buckets)."""
+        """Compiled executables so far (constant after warm-up over a fixed set of buckets), counting those of
+        other engines that share them (``share_compiled``)."""
         return self.sampler.compile_count()
 
