@@ -11,7 +11,9 @@ constraint state). Two jitted functions act on it, both donating the state so th
   when every slot is idle), returning the chunk's tokens and log-probabilities for the host.
 
 Shapes are static per ``(G, P)`` bucket for prefill and fixed for decode: after warm-up nothing recompiles.
-With a mesh, rows are split over the data axes and cached kv heads over ``tensor``.
+With a mesh, rows are split over the data axes and cached kv heads over ``tensor``. The jitted functions are
+process-wide (``shared_step_functions``): a second sampler over a model of the same structure and config (other
+weights: the weights are arguments, never constants) runs the executables the first one compiled.
 """
 
 from __future__ import annotations
