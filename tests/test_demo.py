@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ def test_demo_end_to_end_then_resumed(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     first, first_s = run_demo_cli(workdir)
     assert first.returncode == 0, first.stderr[-4000:]
+    assert not re.search(r"[\d.]+ ?(it|req)/s", first.stderr), "--no-progress still drew a progress bar"
     snapshot = {
         "corpus": corpus_bytes(workdir),
         "metrics": (workdir / "train" / "metrics.jsonl").read_bytes(),

@@ -27,6 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workdir", type=output_dir, help="work dir (re-running with the same one resumes)")
     parser.add_argument("--runs", nargs="+", metavar="DIR", help="report: evaluation work dirs to compare")
     parser.add_argument("--out", type=output_dir, help="report: output folder for report.md and report.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
 
@@ -57,7 +58,7 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     from ditto_jax.eval.pipeline import run_eval
 
     cfg = load_config(EvalConfig, args.config, overrides)
-    report = run_eval(cfg, args.workdir)
+    report = run_eval(cfg, args.workdir, progress=not args.no_progress)
     print(json.dumps({"metrics": report["metrics"], "mtbench": report["mtbench"],
                       "unparsable": {m: u["samples"] for m, u in report["unparsable"].items()}}, ensure_ascii=False))
     print(f"wrote {args.workdir}/report.json, report.md, report.png", file=sys.stderr)

@@ -178,6 +178,10 @@ class Demo:
             self.log("transformers check skipped: transformers/torch not installed")
             return {"passed": None, "skipped": "transformers/torch not installed"}
         ids = check_token_ids(vocab_size, ec.check_batch, ec.check_length)
+        if not self.progress:  # transformers' own "Loading weights" bar
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
         diff = transformers_logit_diff(self.dirs.export_hf, model, ids)
         passed = diff["max_abs_diff"] <= ec.atol
         self.log(f"transformers {diff['architecture']} loads the export: max |logit diff| = "
@@ -191,7 +195,7 @@ class Demo:
         from ditto_jax.eval.report import REPORT_JSON
 
         resumed = (self.dirs.eval / REPORT_JSON).exists()
-        run_eval(self.cfg.eval, self.dirs.eval)
+        run_eval(self.cfg.eval, self.dirs.eval, progress=self.progress)
         reports = {name: json.loads((self.dirs.eval / "runs" / name / REPORT_JSON).read_text(encoding="utf-8"))
                    for name in (SEED_NAME, FINETUNED_NAME)}
         return {"reports": reports, "resumed": resumed}

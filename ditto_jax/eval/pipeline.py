@@ -33,9 +33,9 @@ from ditto_jax.eval.report import REPORT_JSON, load_runs, write_comparison, writ
 from ditto_jax.eval.stages import run_stage
 from ditto_jax.eval.testsets import EvalSession, MTBenchQuestion, load_mtbench, load_wikiroleeval
 from ditto_jax.fileio import atomic_write_json, atomic_write_text
+from ditto_jax.model_source import ModelSource
 
 PROMPT_STATS = "prompt_stats.json"
-from ditto_jax.model_source import ModelSource
 
 
 @dataclasses.dataclass
@@ -132,7 +132,7 @@ def _vocab_mask(loaded: LoadedModel) -> Any:
 
 def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[int], list[str]],
                   prompts: Callable[[int, dict[str, str], Any], list[W.Prompt]], cand: LoadedModel, cfg: EvalConfig,
-                  stats: dict[str, int], desc: str) -> dict[str, str]:
+                  stats: dict[str, int], desc: str, progress: bool = True) -> dict[str, str]:
     """Run answer waves ``0..waves-1``; each wave sees the answers of the previous ones."""
     answers: dict[str, str] = {}
     for t in range(waves):
@@ -151,7 +151,7 @@ def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[i
             return [Request(p.id, p.input_ids, params, vocab_mask) for p in wave if p.id in pending]
 
         records = run_stage(stage_dir, expected(t), make_requests, lambda: cand.load().engine,
-                            f"{name}: {desc} turn {t + 1}/{waves}")
+                            f"{name}: {desc} turn {t + 1}/{waves}", progress=progress)
         if (stage_dir / PROMPT_STATS).exists():
             stats["history_trimmed"] += json.loads((stage_dir / PROMPT_STATS).read_text("utf-8"))["history_trimmed"]
         for rid, rec in records.items():
@@ -162,7 +162,7 @@ def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[i
 
 
 def answer_candidate(cand_cfg: CandidateConfig, cand: LoadedModel, cfg: EvalConfig, testset: TestSet,
-                     run_dir: Path) -> tuple[dict[str, str], dict[str, str], dict[str, int]]:
+                     run_dir: Path, progress: bool = True) -> tuple[dict[str, str], dict[str, str], dict[str, int]]:
     """All answers of one candidate: ``(wikiroleeval answers, mtbench answers, stats)``."""
     stats = {"answers": 0, "truncated": 0, "history_trimmed": 0}
     sessions = testset.sessions
@@ -171,7 +171,7 @@ def answer_candidate(cand_cfg: CandidateConfig, cand: LoadedModel, cfg: EvalConf
         cand_cfg.name, run_dir / "answers", max_turns,
         lambda t: [W.answer_request_id(s.id, t) for s in sessions if t < len(s.turns)],
         lambda t, answers, enc, budget: W.answer_prompts(sessions, t, answers, enc, budget),
-        cand, cfg, stats, "WikiRoleEval answers")
+        cand, cfg, stats, "WikiRoleEval answers", progress)
     mt: dict[str, str] = {}
     if testset.questions:
         qs = testset.questions
@@ -179,7 +179,7 @@ def answer_candidate(cand_cfg: CandidateConfig, cand: LoadedModel, cfg: EvalConf
             cand_cfg.name, run_dir / "mtbench_answers", 2,
             lambda t: [M.answer_request_id(q.question_id, t) for q in qs],
             lambda t, answers, enc, budget: M.answer_prompts(qs, t, answers, enc, budget),
-            cand, cfg, stats, "MT-Bench answers")
+            cand, cfg, stats, "MT-Bench answers", progress)
     return wre, mt, stats
 
 
@@ -191,7 +191,8 @@ def _judge_ids(testset: TestSet, samples: int) -> list[str]:
 
 
 def judge_candidate(name: str, judge: LoadedModel, cfg: EvalConfig, testset: TestSet, wre: Mapping[str, str],
-                    mt: Mapping[str, str], run_dir: Path) -> tuple[list[Any], list[Any], dict[str, Any]]:
+                    mt: Mapping[str, str], run_dir: Path, progress: bool = True
+                    ) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Judge every turn of one candidate: ``(TurnJudgements, MTBenchJudgements, stats)``."""
     from ditto_jax.sampling import Request, SamplingParams
 
@@ -216,7 +217,7 @@ def judge_candidate(name: str, judge: LoadedModel, cfg: EvalConfig, testset: Tes
             yield Request(task.id, task.input_ids, params, constraint)
 
     outputs = run_stage(run_dir / "judge", _judge_ids(testset, jc.samples), make_requests,
-                        lambda: judge.load().engine, f"{name}: judging")
+                        lambda: judge.load().engine, f"{name}: judging", progress=progress)
     wre_tasks, mt_tasks = _task_skeletons(testset, jc.samples)
     return (W.collect_judgements(testset.sessions, wre_tasks, outputs),
             M.collect_judgements(testset.questions, mt_tasks, outputs), {"judge_requests": len(outputs)})
@@ -242,8 +243,10 @@ def _check_config(workdir: Path, cfg: EvalConfig) -> None:
         atomic_write_text(path, text)
 
 
-def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, LoadedModel] | None = None) -> dict[str, Any]:
-    """Evaluate every candidate (resuming whatever is on disk); returns the top-level report.
+def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, LoadedModel] | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate every candidate (resuming whatever is on disk); returns the top-level report (``progress``:
+    show progress bars).
 
     ``models``: a cache of loaded models (with their compiled engines) that the caller keeps across calls, e.g. to
     evaluate a seed model and its fine-tune with one judge load; without it, each model is dropped after use.
@@ -274,14 +277,16 @@ def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, LoadedModel
     answers: dict[str, tuple[dict[str, str], dict[str, str], dict[str, int]]] = {}
     for cand_cfg in cfg.candidates:
         cand = loaded(cand_cfg.model)  # a candidate that is also the judge shares its loaded model
-        answers[cand_cfg.name] = answer_candidate(cand_cfg, cand, cfg, testset, workdir / "runs" / cand_cfg.name)
+        answers[cand_cfg.name] = answer_candidate(cand_cfg, cand, cfg, testset, workdir / "runs" / cand_cfg.name,
+                                                   progress)
         if not keep_loaded and cand is not judge:
             cand.release()
     reports = {}
     for cand_cfg in cfg.candidates:
         run_dir = workdir / "runs" / cand_cfg.name
         wre, mt, answer_stats = answers[cand_cfg.name]
-        turns, mt_items, judge_stats = judge_candidate(cand_cfg.name, judge, cfg, testset, wre, mt, run_dir)
+        turns, mt_items, judge_stats = judge_candidate(cand_cfg.name, judge, cfg, testset, wre, mt, run_dir,
+                                                         progress)
         reports[cand_cfg.name] = build_report(cand_cfg, cfg, testset, turns, mt_items, answer_stats | judge_stats)
         write_run_report(run_dir / REPORT_JSON, reports[cand_cfg.name])
     if not keep_loaded:
