@@ -71,6 +71,28 @@ def test_create_model_is_directly_sharded():
     assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (2, 32, 64)
 
 
+def test_sharded_create_model_compiles_once_per_config_and_mesh():
+    from jax import monitoring
+
+    cfg = load_model_config("model/tiny")
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    first = create_model(cfg, mesh=mesh, seed=1)
+    compiles: list[str] = []
+    listener = lambda event, *_, **__: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        second = create_model(cfg, mesh=mesh, seed=2)
+        again = create_model(cfg.model_copy(), mesh=mesh, seed=1)
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    leaves = [jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (first, second, again)]
+    assert all(np.array_equal(a, c) and a.sharding == c.sharding for a, c in zip(leaves[0], leaves[2]))
+    assert not np.array_equal(leaves[0][0], leaves[1][0])  # the seed is an argument, not a baked-in constant
+    eager = jax.tree.leaves(nnx.state(create_model(cfg, seed=1), nnx.Param))
+    assert all(np.allclose(a, e, rtol=1e-6, atol=1e-7) for a, e in zip(leaves[0], eager))
+
+
 def test_logical_rules_drop_axes_that_do_not_divide_or_are_reused():
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
     assert logical_to_spec(("layers", "embed", "kv_heads"), (2, 64, 6), mesh) == PartitionSpec(None, "fsdp")

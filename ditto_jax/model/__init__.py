@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import threading
+from typing import Callable
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from ditto_jax.mesh import param_shardings
@@ -13,16 +18,35 @@ from ditto_jax.model.transformer import Transformer
 
 def create_model(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
                  rules: dict | None = None) -> Transformer:
-    """A randomly initialised model; with a mesh every parameter is created directly in its sharding."""
+    """A randomly initialised model; with a mesh every parameter is created directly in its sharding (by one
+    jitted initialiser per config, mesh and rules, compiled once and reused for every seed)."""
     if mesh is None:
         return Transformer(cfg, rngs=nnx.Rngs(seed))
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
-    graphdef, abs_state = nnx.split(abstract)
-    shardings = param_shardings(abs_state, mesh, rules)
-    make = jax.jit(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed))), out_shardings=shardings)
+    graphdef, make = _sharded_initializer(cfg, mesh, rules)
     with jax.set_mesh(mesh):
-        state = make()
+        state = make(jnp.int32(seed))
     return nnx.merge(graphdef, state)
+
+
+_INITIALIZERS: dict[tuple, tuple[nnx.GraphDef, Callable]] = {}
+_INITIALIZERS_LOCK = threading.Lock()
+_MAX_INITIALIZERS = 8
+
+
+def _sharded_initializer(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: dict | None
+                         ) -> tuple[nnx.GraphDef, Callable]:
+    """``(graphdef, jitted seed -> sharded state)``; the seed is an argument, so a new seed compiles nothing."""
+    key = (cfg.model_dump_json(), mesh, json.dumps(rules, sort_keys=True, default=str))
+    with _INITIALIZERS_LOCK:
+        if key not in _INITIALIZERS:
+            graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+            shardings = param_shardings(abs_state, mesh, rules)
+            make = jax.jit(lambda seed: nnx.state(Transformer(cfg, rngs=nnx.Rngs(jax.random.key(seed)))),
+                           out_shardings=shardings)
+            if len(_INITIALIZERS) >= _MAX_INITIALIZERS:  # oldest first (dicts keep insertion order)
+                del _INITIALIZERS[next(iter(_INITIALIZERS))]
+            _INITIALIZERS[key] = (graphdef, make)
+        return _INITIALIZERS[key]
 
 
 __all__ = ["KVCache", "ModelConfig", "RopeScaling", "Transformer", "create_model", "init_cache", "load_model_config"]
