@@ -111,17 +111,22 @@ def _parse_kv(text: str, source: str) -> dict[str, int | None]:
     return out
 
 
+def _field_changes(text: str, source: str, cls) -> dict[str, int | None]:
+    """Comma-separated ``field=value`` pairs of the dataclass ``cls``; an unknown field is named."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    changes = _parse_kv(text, source)
+    unknown = set(changes) - fields
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(fields)}")
+    return changes
+
+
 def _with_env(blocks, env_name: str):
     """``blocks`` updated with the ``key=value`` pairs of the environment variable ``env_name`` (if set)."""
     env = os.environ.get(env_name)
     if not env:
         return blocks
-    fields = {f.name for f in dataclasses.fields(blocks)}
-    changes = _parse_kv(env, env_name)
-    unknown = set(changes) - fields
-    if unknown:
-        raise ValueError(f"{env_name}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
-    return blocks.replace(**changes)
+    return blocks.replace(**_field_changes(env, env_name, type(blocks)))
 
 
 def default_blocks(backend: str, override: BlockSizes | None = None) -> BlockSizes:
@@ -207,15 +212,6 @@ def check_tiles(backend: str, blocks: "BlockSizes | DecodeBlockSizes", source: s
             raise ValueError(f"{source}: {key}={value} must be a power of two >= 16 for the Triton kernels")
 
 
-def _spec_changes(spec: str, tiles: str, cls) -> dict[str, int | None]:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    changes = _parse_kv(tiles.replace(";", ","), spec)
-    unknown = set(changes) - fields
-    if unknown:
-        raise ValueError(f"{spec}: unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(fields)}")
-    return changes
-
-
 def parse_decode_spec(spec: str | None) -> tuple[str | None, DecodeBlockSizes | None]:
     """``backend[@field=value;...]`` -> ``(backend or None, DecodeBlockSizes or None)`` for the decode kernel.
 
@@ -230,7 +226,7 @@ def parse_decode_spec(spec: str | None) -> tuple[str | None, DecodeBlockSizes | 
         raise ValueError(f"{spec}: attention backend {backend!r} not in {BACKENDS}")
     if not tiles:
         return backend, None
-    changes = _spec_changes(spec, tiles, DecodeBlockSizes)
+    changes = _field_changes(tiles.replace(";", ","), spec, DecodeBlockSizes)
     concrete = resolve_backend(backend, mosaic_gpu_ok=False)
     blocks = default_decode_blocks().replace(**changes)
     check_tiles("triton" if concrete in ("triton", "mosaic_gpu") else concrete, blocks, spec)
@@ -250,6 +246,6 @@ def parse_backend_spec(spec: str | None) -> tuple[str | None, BlockSizes | None]
     if not tiles:
         return backend, None
     concrete = resolve_backend(backend)
-    blocks = default_blocks(concrete).replace(**_spec_changes(spec, tiles, BlockSizes))
+    blocks = default_blocks(concrete).replace(**_field_changes(tiles.replace(";", ","), spec, BlockSizes))
     check_tiles(concrete, blocks, spec)
     return backend, blocks

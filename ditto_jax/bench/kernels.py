@@ -306,12 +306,13 @@ def _markdown(result: dict[str, Any]) -> str:
 
 def _sorted_flash(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows grouped by shape (first-seen order), impls in measurement order within a shape."""
+    def shape(r: dict[str, Any]) -> tuple:
+        return tuple(r[f] for f in ("batch", "seq", "heads", "kv_heads", "head_dim", "causal", "dtype"))
+
     order: dict[tuple, int] = {}
     for r in rows:
-        order.setdefault(tuple(r[f] for f in ("batch", "seq", "heads", "kv_heads", "head_dim", "causal", "dtype")),
-                         len(order))
-    return sorted(rows, key=lambda r: order[tuple(r[f] for f in ("batch", "seq", "heads", "kv_heads", "head_dim",
-                                                                   "causal", "dtype"))])
+        order.setdefault(shape(r), len(order))
+    return sorted(rows, key=lambda r: order[shape(r)])
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
@@ -510,7 +511,7 @@ def _run_here(args, sweep: _Sweep, platform, impls, decode_impls, modes, iters, 
             if sweep.time_left() <= 0:
                 sweep.add_decode(_skipped(case, impl))
                 continue
-            sweep.add_decode(_decode_row(case, impl, iters, args.warmup))
+            sweep.add_decode(_entry_row(_decode_entry, case, impl, iters, args.warmup))
     for impl in impls:
         if impl == "cudnn" and platform != "gpu":
             continue
@@ -518,26 +519,17 @@ def _run_here(args, sweep: _Sweep, platform, impls, decode_impls, modes, iters, 
             if sweep.time_left() <= 0:
                 sweep.add_flash(_skipped(case, impl))
                 continue
-            sweep.add_flash(_flash_row(case, impl, modes, iters, args.warmup))
+            sweep.add_flash(_entry_row(_flash_entry, case, impl, modes, iters, args.warmup))
 
 
-def _flash_row(case: FlashCase, impl: str, modes: list[str], iters: int, warmup: int) -> dict[str, Any]:
+def _entry_row(entry: Callable[..., dict[str, Any]], case: Any, impl: str, *args: Any) -> dict[str, Any]:
+    """``entry(case, impl, *args)``, or an error row when it fails, with what it cost the run in seconds."""
     t0 = time.perf_counter()
     try:
-        row = _flash_entry(case, impl, modes, iters, warmup)
+        row = entry(case, impl, *args)
     except Exception as exc:  # noqa: BLE001 - one failing lowering must not end the sweep
         row = {**dataclasses.asdict(case), "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-    row["seconds"] = round(time.perf_counter() - t0, 2)  # compile + timing: what the entry cost the run
-    return row
-
-
-def _decode_row(case: DecodeCase, impl: str, iters: int, warmup: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    try:
-        row = _decode_entry(case, impl, iters, warmup)
-    except Exception as exc:  # noqa: BLE001
-        row = {**dataclasses.asdict(case), "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-    row["seconds"] = round(time.perf_counter() - t0, 2)
+    row["seconds"] = round(time.perf_counter() - t0, 2)  # compile + timing
     return row
 
 
@@ -554,6 +546,6 @@ def _confirm_best(args, sweep: _Sweep, modes: list[str], iters: int, goal_flash:
         if sweep.time_left() <= 0:
             sweep.add_flash(_skipped(case, spec))
             continue
-        row = _flash_row(case, spec, modes, iters, args.warmup)
+        row = _entry_row(_flash_entry, case, spec, modes, iters, args.warmup)
         row["combined_from"] = [summary["best_fwd"], summary["best_bwd"]]
         sweep.add_flash(row)
