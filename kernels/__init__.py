@@ -10,16 +10,21 @@ Lowering and tile choice: ``backend=``/``block_sizes=`` arguments or the ``DITTO
 ``DITTO_ATTN_BLOCKS`` and ``DITTO_DECODE_BLOCKS`` environment variables (see ``_config``).
 """
 
-from ditto_jax.kernels._config import BlockSizes, DecodeBlockSizes
-from ditto_jax.kernels.decode_attention import decode_attention
-from ditto_jax.kernels.flash_attention import flash_attention
-from ditto_jax.kernels.reference import attention_reference, decode_reference
+if __name__ != "ditto_jax.kernels":  # the repository root is on sys.path: `kernels` is the PyPI package's name
+    from ditto_jax._toplevel import hand_over
 
-__all__ = [
-    "BlockSizes",
-    "DecodeBlockSizes",
-    "attention_reference",
-    "decode_attention",
-    "decode_reference",
-    "flash_attention",
-]
+    hand_over(__name__, __file__)
+else:
+    from ditto_jax.kernels._config import BlockSizes, DecodeBlockSizes
+    from ditto_jax.kernels.decode_attention import decode_attention
+    from ditto_jax.kernels.flash_attention import flash_attention
+    from ditto_jax.kernels.reference import attention_reference, decode_reference
+
+    __all__ = [
+        "BlockSizes",
+        "DecodeBlockSizes",
+        "attention_reference",
+        "decode_attention",
+        "decode_reference",
+        "flash_attention",
+    ]
