@@ -13,7 +13,8 @@ import sys
 
 COMMANDS: dict[str, str] = {
     "demo": "the whole Ditto pipeline end to end on the embedded default",
-    "convert": "convert checkpoints between Hugging Face and Orbax",
+    "convert": "convert checkpoints between Hugging Face, GGUF and Orbax",
+    "models": "fetch a named real model (e.g. smollm2-135m-instruct) into the local cache",
     "sample": "sharded, resumable batched sampling over a prompts file",
     "simulate": "Ditto self-simulation: queries -> responses -> sessions -> corpus",
     "train": "supervised fine-tuning on a role-play corpus",
@@ -51,6 +52,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - only known kinds of bad input become one line; the rest re-raise
+        if not isinstance(exc, _user_errors()):
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (a missing or malformed model, tokenizer, config or file), not a bug."""
+    from ditto_jax.checkpoints import CheckpointError
+    from ditto_jax.config import ConfigError
+    from ditto_jax.hf import HFCheckpointError
+    from ditto_jax.tokenizer import TokenizerError
+
+    return (CheckpointError, HFCheckpointError, TokenizerError, ConfigError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

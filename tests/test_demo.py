@@ -99,7 +99,7 @@ def check_training_checkpoints_and_export(demo_runs: dict) -> None:
     import transformers
 
     from ditto_jax import hf
-    from ditto_jax.model.checkpoint import load_model
+    from ditto_jax.checkpoints import load_model
 
     workdir = demo_runs["workdir"]
     summary = demo_runs["first"]["summary"]
@@ -184,7 +184,7 @@ def test_logit_check_tells_the_exported_model_from_another(tmp_path: Path) -> No
     """The export check passes for the exported model and fails (a large difference) for a different one."""
     from ditto_jax import hf
     from ditto_jax.demo.parity import check_token_ids, transformers_logit_diff
-    from ditto_jax.model_source import ModelSource, load_model_source
+    from ditto_jax.checkpoints import ModelSource, load_model_source
 
     model, cfg, tokenizer = load_model_source(ModelSource(config="model/tiny", seed=0))
     other, _, _ = load_model_source(ModelSource(config="model/tiny", seed=1))

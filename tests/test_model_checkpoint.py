@@ -10,7 +10,7 @@ from flax import nnx
 from ditto_jax import hf
 from ditto_jax.cli import main
 from ditto_jax.mesh import MeshConfig, make_mesh
-from ditto_jax.model.checkpoint import is_model_checkpoint, load_model, save_model_checkpoint, tokenizer_dir
+from ditto_jax.checkpoints import is_model_checkpoint, load_model, save_model_checkpoint, tokenizer_dir
 from hf_fixtures import hf_state, make_hf_model, save_hf
 
 

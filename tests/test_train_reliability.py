@@ -221,7 +221,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, co
 def test_load_model_accepts_a_training_workdir_and_step_dir(reference_run: Path) -> None:
     import jax
 
-    from ditto_jax.model.checkpoint import load_model, tokenizer_dir
+    from ditto_jax.checkpoints import load_model, tokenizer_dir
 
     model, cfg = load_model(reference_run)
     params = load_params(reference_run / "checkpoints" / "6")

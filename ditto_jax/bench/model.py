@@ -75,7 +75,7 @@ def load_bench_model(args: argparse.Namespace, mesh: Any) -> tuple[Any, Any]:
     from ditto_jax.model import ModelConfig, create_model
 
     if args.model:
-        from ditto_jax.model.checkpoint import load_model
+        from ditto_jax.checkpoints import load_model
 
         model, cfg = load_model(args.model, mesh=mesh)
         if args.override:

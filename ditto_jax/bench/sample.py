@@ -138,7 +138,7 @@ def _roofline(cfg: Any, batch: int, prompt_len: int, new_tokens: int, bandwidth:
 def _load(args: argparse.Namespace):
     """``(description, model, cfg, tokenizer)``; a random-init preset runs without a tokenizer (ids only)."""
     if args.model:
-        from ditto_jax.model_source import ModelSource, load_model_source
+        from ditto_jax.checkpoints import ModelSource, load_model_source
 
         source = ModelSource(path=args.model)
         model, cfg, tokenizer = load_model_source(source)

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from ditto_jax.mesh import MeshConfig, make_mesh
-    from ditto_jax.model_source import ModelSource, load_model_source
+    from ditto_jax.checkpoints import ModelSource, load_model_source
     from ditto_jax.sampling import Request, SamplingEngine
     from ditto_jax.sampling.inputs import read_prompt_file
     from ditto_jax.sampling.runner import run_sampling

@@ -22,7 +22,7 @@ import pydantic
 
 from ditto_jax.config import ConfigError, StrictModel, apply_overrides, read_yaml, resolve_config_path, validate
 from ditto_jax.eval.config import EvalConfig
-from ditto_jax.model_source import ModelSource
+from ditto_jax.checkpoints import ModelSource
 from ditto_jax.simulation.config import SimulateConfig
 from ditto_jax.train.config import ASSET_PREFIX, SFTConfig
 

@@ -150,8 +150,7 @@ class Demo:
             self.log(f"{self.dirs.export_hf} already holds checkpoint {step_dir}; not redone")
             return {**previous, "resumed": True}
         from ditto_jax import hf
-        from ditto_jax.model.checkpoint import load_model
-        from ditto_jax.model_source import source_tokenizer
+        from ditto_jax.checkpoints import load_model, source_tokenizer
 
         model, model_cfg = load_model(step_dir)
         hf.save_pretrained(model, model_cfg, self.dirs.export_hf, tokenizer=source_tokenizer(self.cfg.sft.model))
@@ -209,7 +208,7 @@ class Demo:
 
 def training_figures(train_dir: Path) -> dict[str, Any]:
     """Steps, first and last loss (``metrics.jsonl``), checkpoints and status of a training workdir."""
-    from ditto_jax.train.checkpoint import CHECKPOINT_DIR
+    from ditto_jax.checkpoints import CHECKPOINT_DIR
 
     by_step: dict[int, dict[str, Any]] = {}
     with open(train_dir / "metrics.jsonl", encoding="utf-8") as f:

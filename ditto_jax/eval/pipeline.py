@@ -33,7 +33,7 @@ from ditto_jax.eval.report import REPORT_JSON, load_runs, write_comparison, writ
 from ditto_jax.eval.stages import run_stage
 from ditto_jax.eval.testsets import EvalSession, MTBenchQuestion, load_mtbench, load_wikiroleeval
 from ditto_jax.fileio import atomic_write_json, atomic_write_text
-from ditto_jax.model_source import ModelSource
+from ditto_jax.checkpoints import ModelSource
 
 PROMPT_STATS = "prompt_stats.json"
 
@@ -52,7 +52,7 @@ class LoadedModel:
     def load(self) -> "LoadedModel":
         """Load the model and build its engine (idempotent)."""
         if self.engine is None:
-            from ditto_jax.model_source import load_model_source
+            from ditto_jax.checkpoints import load_model_source
             from ditto_jax.sampling import SamplingEngine
 
             print(f"loading {self.source.describe()}", file=sys.stderr)

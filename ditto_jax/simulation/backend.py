@@ -23,7 +23,7 @@ class Backend:
         import jax
 
         from ditto_jax.mesh import make_mesh
-        from ditto_jax.model_source import load_model_source
+        from ditto_jax.checkpoints import load_model_source
         from ditto_jax.sampling import SamplingEngine, vocab_constraint
 
         self.cfg = cfg

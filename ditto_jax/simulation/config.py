@@ -15,7 +15,7 @@ import pydantic
 
 from ditto_jax.config import StrictModel
 from ditto_jax.mesh import MeshConfig
-from ditto_jax.model_source import ModelSource
+from ditto_jax.checkpoints import ModelSource
 
 
 class SamplingConfig(StrictModel):

@@ -23,9 +23,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ditto_jax.checkpoints import CHECKPOINT_DIR, TRAIN_ITEMS, TRAIN_META
 
-CHECKPOINT_DIR = "checkpoints"
-ITEMS = ("params", "train", "data", "meta")
+ITEMS = TRAIN_ITEMS
 
 
 class StatefulIterator(Protocol):
@@ -188,9 +188,9 @@ def abstract_like(tree: Any) -> Any:
 
 def read_meta(step_dir: str | Path) -> dict[str, Any]:
     """The ``meta`` JSON of one step directory."""
-    path = Path(step_dir) / "meta" / "metadata"
+    path = Path(step_dir) / TRAIN_META
     if not path.exists():
-        raise FileNotFoundError(f"{step_dir}: no checkpoint metadata (meta/metadata)")
+        raise FileNotFoundError(f"{step_dir}: no checkpoint metadata ({TRAIN_META})")
     return json.loads(path.read_text())
 
 

@@ -11,7 +11,7 @@ import pydantic
 from ditto_jax.config import ConfigError, StrictModel, load_config
 from ditto_jax.data.pipeline import DataConfig
 from ditto_jax.mesh import MeshConfig
-from ditto_jax.model_source import ModelSource
+from ditto_jax.checkpoints import ModelSource
 from ditto_jax.train.optim import OptimConfig
 
 ASSET_PREFIX = "asset:"

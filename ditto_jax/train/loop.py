@@ -20,9 +20,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ditto_jax.checkpoints import EXPORT_DIR, TOKENIZER_DIR, write_tokenizer_dir
 from ditto_jax.config import dump_config
 from ditto_jax.distributed import global_batch, is_primary
-from ditto_jax.fileio import atomic_directory, atomic_write_json, atomic_write_text
+from ditto_jax.fileio import atomic_write_json, atomic_write_text
 from ditto_jax.mesh import make_mesh
 from ditto_jax.model import ModelConfig, Transformer
 from ditto_jax.train import step as steplib
@@ -32,8 +33,6 @@ from ditto_jax.train.metrics import MetricsWriter, device_peak_flops
 from ditto_jax.train.optim import lr_schedule, make_optimizer
 from ditto_jax.train.preemption import PreemptionGuard
 
-
-EXPORT_DIR = Path("export") / "hf"
 
 
 class TrainingError(RuntimeError):
@@ -51,11 +50,9 @@ class TrainResult:
 
 
 def _tokenizer(cfg: SFTConfig) -> Any:
-    from ditto_jax.model.checkpoint import tokenizer_dir
-    from ditto_jax.tokenizer import default_tokenizer, load_tokenizer
+    from ditto_jax.checkpoints import source_tokenizer
 
-    path = cfg.model.tokenizer or (tokenizer_dir(cfg.model.path) if cfg.model.path else None)
-    return load_tokenizer(path) if path else default_tokenizer()
+    return source_tokenizer(cfg.model, required=True)
 
 
 def _pipeline(cfg: SFTConfig, tokenizer: Any, eval_split: bool = False) -> Any:
@@ -103,7 +100,7 @@ def _model_config(cfg: SFTConfig, meta: dict[str, Any] | None) -> ModelConfig | 
 def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
     """Train (or resume training) in ``workdir``; see the module docstring for what is written there and how
     a run ends."""
-    from ditto_jax.model_source import load_model_source
+    from ditto_jax.checkpoints import load_model_source
 
     workdir = Path(workdir)
     finished = _already_finished(cfg, workdir)
@@ -176,9 +173,8 @@ def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
     writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard, resume_step=start)
     if is_primary():
         atomic_write_json(workdir / "data_summary.json", pipe.summary.to_dict())
-        if not (workdir / "tokenizer").exists():  # lets load_model(WORKDIR) find the tokenizer
-            with atomic_directory(workdir / "tokenizer") as tmp:
-                tokenizer.save(tmp)
+        if not (workdir / TOKENIZER_DIR).exists():  # lets load_model(WORKDIR) find the tokenizer
+            write_tokenizer_dir(tokenizer, workdir / TOKENIZER_DIR)
 
     def save(step: int, st: steplib.TrainState) -> None:
         ckpts.save(step, st.params, _train_part(st), data_it.get_state(), dict(meta, step=step))
@@ -263,7 +259,7 @@ def _already_finished(cfg: SFTConfig, workdir: Path) -> TrainResult | None:
         return None
     _say(f"already complete at step {step} (train.steps={cfg.train.steps}, {step_dir}); nothing to do")
     if cfg.export_hf and not (workdir / EXPORT_DIR / "config.json").exists():
-        from ditto_jax.model.checkpoint import load_model
+        from ditto_jax.checkpoints import load_model
 
         model, model_cfg = load_model(step_dir, mesh=make_mesh(cfg.mesh), rules=cfg.mesh.logical_rules())
         _say(f"export_hf: {workdir / EXPORT_DIR} is missing; exporting step {step}")

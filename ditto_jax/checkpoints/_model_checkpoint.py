@@ -1,18 +1,8 @@
-"""Model checkpoint directories and the one ``load_model`` entry point.
-
-A model checkpoint is a folder::
-
-    model.yaml     the ModelConfig
-    params/        Orbax checkpoint of the nnx Param state (a nested dict, restored straight into its sharding)
-    tokenizer/     optional, the tokenizer's files (``Tokenizer.save``)
-
-``load_model`` accepts such a folder or a Hugging Face folder (``config.json``); it is a small dispatch that
-other kinds of folders (training workdirs) can extend.
-"""
+"""Model checkpoint folders (``model.yaml`` + Orbax ``params/`` + optional ``tokenizer/``): save and restore,
+every parameter written and restored directly in its sharding."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,15 +14,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from ditto_jax.checkpoints._errors import CheckpointError
+from ditto_jax.checkpoints._layout import MODEL_CONFIG_FILE, PARAMS_DIR, TOKENIZER_DIR
 from ditto_jax.config import dump_config, load_config
 from ditto_jax.fileio import atomic_write_text
 from ditto_jax.mesh import param_shardings
 from ditto_jax.model.config import ModelConfig
 from ditto_jax.model.transformer import Transformer
-
-MODEL_CONFIG_FILE = "model.yaml"
-PARAMS_DIR = "params"
-TOKENIZER_DIR = "tokenizer"
 
 
 def is_model_checkpoint(path: str | Path) -> bool:
@@ -112,55 +100,7 @@ def restore_model(cfg: ModelConfig, params_dir: str | Path, mesh: Mesh | None = 
     try:
         restored = ocp.StandardCheckpointer().restore(params_dir.absolute(), target)
     except (ValueError, KeyError, FileNotFoundError) as exc:
-        raise ValueError(f"{params_dir}: cannot restore parameters for the model config "
+        raise CheckpointError(f"{params_dir}: cannot restore parameters for the model config "
                          f"({cfg.architecture}, {cfg.num_layers} layers, hidden {cfg.hidden_size}): {exc}") from exc
     nnx.replace_by_pure_dict(abs_state, restored)
     return nnx.merge(graphdef, abs_state), cfg
-
-
-def load_model(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None,
-               rules: dict | None = None) -> tuple[Transformer, ModelConfig]:
-    """``(model, cfg)`` from a Hugging Face folder (``config.json``) or a model checkpoint (``model.yaml``)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if is_model_checkpoint(path):
-        return load_model_checkpoint(path, mesh=mesh, dtype=dtype, rules=rules)
-    if (path / "config.json").is_file():
-        from ditto_jax.hf.load import load_pretrained
-
-        return load_pretrained(path, mesh=mesh, dtype=dtype, rules=rules)
-    step_dir = training_step_dir(path)
-    if step_dir is not None:
-        meta = json.loads((step_dir / TRAIN_META).read_text())
-        cfg = ModelConfig.model_validate(meta["model_config"])
-        return restore_model(cfg, step_dir / PARAMS_DIR, mesh, dtype, rules)
-    raise ValueError(
-        f"{path}: not a model: expected a Hugging Face folder (config.json + safetensors), "
-        f"a model checkpoint ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/) or a training workdir / checkpoint step"
-    )
-
-
-TRAIN_META = "meta/metadata"
-
-
-def training_step_dir(path: str | Path) -> Path | None:
-    """A training checkpoint step folder (``params/`` + ``meta/metadata``), or the newest one under
-    ``WORKDIR/checkpoints/`` of a training workdir; None if ``path`` is neither."""
-    path = Path(path)
-    if (path / TRAIN_META).is_file() and (path / PARAMS_DIR).is_dir():
-        return path
-    root = path / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / TRAIN_META).is_file()]
-    return root / str(max(steps)) if steps else None
-
-
-def tokenizer_dir(path: str | Path) -> Path | None:
-    """The folder holding a model's tokenizer files (``tokenizer/`` of a checkpoint, or the HF folder itself)."""
-    path = Path(path)
-    for cand in (path / TOKENIZER_DIR, path):
-        if (cand / "tokenizer.json").exists() or (cand / "tokenizer.model").exists():
-            return cand
-    return None

@@ -1,0 +1,98 @@
+"""Where a model comes from, as one config entry: a checkpoint path or a random-init preset, plus a tokenizer.
+
+Simulation (supervision model), training (seed model) and evaluation (candidate and judge models) all name
+their models with a ``ModelSource``; ``load_model_source`` returns ``(model, cfg, tokenizer)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+
+from ditto_jax.checkpoints._errors import CheckpointError
+from ditto_jax.checkpoints._layout import TOKENIZER_MODEL_FILES
+from ditto_jax.checkpoints._resolve import GGUF_FILE, load_model, resolve
+from ditto_jax.checkpoints._tokenizer_files import tokenizer_dir
+from ditto_jax.config import StrictModel, apply_overrides, read_yaml, validate
+from ditto_jax.model import ModelConfig, create_model
+from ditto_jax.tokenizer import Tokenizer, TokenizerError, default_tokenizer, load_tokenizer
+
+
+class ModelSource(StrictModel):
+    """A model: ``path`` (Hugging Face folder, GGUF file, model checkpoint, training workdir) or ``config``
+    (random init, e.g. ``model/tiny``).
+
+    ``tokenizer`` defaults to the checkpoint's own tokenizer (files, or a GGUF file's metadata); a checkpoint
+    without one has none (``None``: token-id prompts only). A random-init preset uses the embedded tokenizer.
+    ``overrides`` are dotted overrides applied to the model config (e.g. ``attention=pallas``, ``dtype=bfloat16``).
+    """
+
+    path: str | None = None
+    config: str | None = None
+    seed: int = 0
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    overrides: list[str] = pydantic.Field(default_factory=list)
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> "ModelSource":
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of `path` (checkpoint) or `config` (random-init preset)")
+        return self
+
+    def describe(self) -> str:
+        """One line for logs and reports."""
+        return f"checkpoint {self.path}" if self.path else f"random init {self.config} (seed {self.seed})"
+
+
+def load_model_source(src: ModelSource, mesh: Any = None) -> tuple[Any, Any, Tokenizer | None]:
+    """Load ``(model, model_config, tokenizer)`` for a ``ModelSource`` (sharded over ``mesh`` when given);
+    the tokenizer is None for a checkpoint without one (see ``source_tokenizer``)."""
+    if src.path is not None:
+        model, cfg = load_model(src.path, mesh=mesh, dtype=src.dtype)
+        if src.overrides:
+            cfg = validate(ModelConfig, apply_overrides(cfg.model_dump(), src.overrides), f"{src.path} overrides")
+            model.cfg = cfg
+    else:
+        data = read_yaml(src.config)
+        if src.dtype is not None:
+            data["param_dtype"] = data["dtype"] = src.dtype
+        cfg = validate(ModelConfig, apply_overrides(data, src.overrides), str(src.config))
+        model = create_model(cfg, mesh=mesh, seed=src.seed)
+    tokenizer = source_tokenizer(src)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                              f"{cfg.vocab_size} ({src.describe()})")
+    return model, cfg, tokenizer
+
+
+def source_tokenizer(src: ModelSource, required: bool = False) -> Tokenizer | None:
+    """The tokenizer of a ``ModelSource``: ``tokenizer`` if given; else the checkpoint's own (tokenizer files,
+    or a GGUF file's ``tokenizer.ggml.*`` metadata); else, for a random-init preset, the embedded default.
+
+    A checkpoint without a tokenizer never falls back to the embedded one (its ids would not match the
+    model's): the result is None, or with ``required`` a ``CheckpointError`` naming the missing files.
+    """
+    try:
+        if src.tokenizer:
+            return load_tokenizer(src.tokenizer)
+        if src.path is None:
+            return default_tokenizer()
+        found = resolve(src.path)
+        if found.kind == GGUF_FILE:
+            from ditto_jax.checkpoints._gguf import gguf_tokenizer
+
+            return gguf_tokenizer(found.path)
+        folder = tokenizer_dir(found.path) or tokenizer_dir(found.weights)
+        if folder is not None:
+            return load_tokenizer(folder)
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from None
+    if required:
+        raise CheckpointError(
+            f"{src.path}: no tokenizer: the checkpoint has none of {', '.join(TOKENIZER_MODEL_FILES)} "
+            f"(in the folder or its tokenizer/); give one with `tokenizer:` (--tokenizer PATH) or use token-id prompts"
+        )
+    return None
