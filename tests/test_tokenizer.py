@@ -90,34 +90,42 @@ def qwen_dir(tmp_path_factory):
 
 
 def test_chatml_equals_transformers_qwen2_template(qwen_dir):
-    ours = load_tokenizer(qwen_dir, default_system="You are a helpful assistant.")
+    """The folder's own template (chat_template.jinja, located assistant spans) and the hand-written ChatML
+    fallback (same layout, no template in the config) both equal transformers, mask included."""
+    from_template = load_tokenizer(qwen_dir)
     ref = transformers.AutoTokenizer.from_pretrained(qwen_dir)
+    fallback = HFTokenizer(ref.backend_tokenizer.to_str(), {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+                           default_system="You are a helpful assistant.")
     masked = _hf_fast(ref.backend_tokenizer, QWEN2_MASK_TEMPLATE)
-    assert ours.chat_format == "chatml" and ours.eos_id == ref.convert_tokens_to_ids("<|im_end|>")
-    for conv in CONVERSATIONS:
-        for gen in (False, True):
-            ids, mask = ours.encode_chat(conv, add_generation_prompt=gen)
-            assert ids == _ids(ref.apply_chat_template(conv, chat_template=QWEN2_TEMPLATE, add_generation_prompt=gen))
-            assert ours.chat_text(conv, gen) == ref.apply_chat_template(
-                conv, chat_template=QWEN2_TEMPLATE, add_generation_prompt=gen, tokenize=False
-            )
-            out = masked.apply_chat_template(conv, add_generation_prompt=gen, return_assistant_tokens_mask=True,
-                                             return_dict=True)
-            assert out["input_ids"] == ids
-            assert mask == list(out["assistant_masks"])
-        # every assistant <|im_end|> is trained, no other special token is
-        ids, mask = ours.encode_chat(conv)
-        n_assistant = sum(m["role"] == "assistant" for m in conv)
-        assert sum(1 for i, m in zip(ids, mask) if m and i == ours.im_end_id) == n_assistant
-        assert all(not m for i, m in zip(ids, mask) if i == ours.im_start_id)
+    assert (from_template.chat_format, fallback.chat_format) == ("template", "chatml")
+    assert from_template.chat_template == QWEN2_TEMPLATE
+    for ours in (from_template, fallback):
+        assert ours.eos_id == ref.convert_tokens_to_ids("<|im_end|>")
+        assert (ours.im_start_id, ours.im_end_id) == tuple(ref.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]))
+        for conv in CONVERSATIONS:
+            for gen in (False, True):
+                ids, mask = ours.encode_chat(conv, add_generation_prompt=gen)
+                assert ids == _ids(ref.apply_chat_template(conv, chat_template=QWEN2_TEMPLATE, add_generation_prompt=gen))
+                assert ours.chat_text(conv, gen) == ref.apply_chat_template(
+                    conv, chat_template=QWEN2_TEMPLATE, add_generation_prompt=gen, tokenize=False
+                )
+                out = masked.apply_chat_template(conv, add_generation_prompt=gen, return_assistant_tokens_mask=True,
+                                                 return_dict=True)
+                assert out["input_ids"] == ids
+                assert mask == list(out["assistant_masks"])
+            # every assistant <|im_end|> is trained, no other special token is
+            ids, mask = ours.encode_chat(conv)
+            n_assistant = sum(m["role"] == "assistant" for m in conv)
+            assert sum(1 for i, m in zip(ids, mask) if m and i == ours.im_end_id) == n_assistant
+            assert all(not m for i, m in zip(ids, mask) if i == ours.im_start_id)
 
 
 def test_llama3_header_tokens_selected_and_match_transformers():
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     tok = _train_byte_level(specials)
     ref = _hf_fast(tok, cf.LLAMA3_TEMPLATE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
-    ours = HFTokenizer(tok.to_str(), {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})
-    assert ours.chat_format == "llama3"
+    ours = HFTokenizer(tok.to_str(), {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})  # no template
+    assert ours.chat_format == "llama3" and not ours.has_own_template
     assert (ours.im_start_id, ours.im_end_id) == (tok.token_to_id("<|start_header_id|>"), tok.token_to_id("<|eot_id|>"))
     for conv in CONVERSATIONS:
         ids, mask = ours.encode_chat(conv, add_generation_prompt=True)
