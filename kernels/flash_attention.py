@@ -51,6 +51,9 @@ def _mosaic_gpu_ok(q: jax.Array, k: jax.Array) -> bool:
     return q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and d % 64 == 0 and d <= 256
 
 
+SELF_CHECK_TIMEOUT_S = 300.0
+
+
 @functools.lru_cache(maxsize=None)
 def mosaic_gpu_self_check(head_dim: int, dtype_name: str) -> str | None:
     """Compile and run the Mosaic GPU kernels once on a small causal, padded GQA case and compare with XLA.
@@ -61,14 +64,19 @@ def mosaic_gpu_self_check(head_dim: int, dtype_name: str) -> str | None:
     """
     if os.environ.get("DITTO_ATTN_SELFCHECK", "1") == "0":
         return None
+    # The first call usually happens while the caller's jit is tracing, and JAX's trace state is per thread:
+    # run the check in a fresh thread so it computes concrete values (in the caller's thread every value here
+    # would be a tracer; seen on an H200 as a ConcretizationTypeError). A check that neither passes nor fails
+    # within SELF_CHECK_TIMEOUT_S counts as failed (the thread is left behind, not waited for).
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mosaic-gpu-self-check")
     try:
-        # The first call usually happens while the caller's jit is tracing, and JAX's trace state is
-        # per thread: run the check in a fresh thread so it computes concrete values (in the caller's thread
-        # every value here would be a tracer; seen on an H200 as a ConcretizationTypeError).
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(_mosaic_gpu_self_check, head_dim, dtype_name).result()
+        return pool.submit(_mosaic_gpu_self_check, head_dim, dtype_name).result(timeout=SELF_CHECK_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+        return f"no result within {SELF_CHECK_TIMEOUT_S:.0f} s"
     except Exception as exc:  # noqa: BLE001 - any failure means: do not pick this lowering automatically
         return f"{type(exc).__name__}: {str(exc)[:500]}"
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _mosaic_gpu_self_check(head_dim: int, dtype_name: str) -> str | None:

@@ -1,16 +1,23 @@
-"""One device call: check correctness on the GPU, then time kernels, sampling and training.
+"""One device call: check correctness on the GPU, then time kernels, training and sampling.
 
-Run on the lent machine from the repository root (``bash scripts/gpu_check.sh --budget 480``). Every section
+Run on the lent machine from the repository root (``bash scripts/gpu_check.sh --budget 420``). Every section
 runs in its own subprocess with its own time limit, so one failure or hang costs only that section; the
 results are gathered into ``OUT/gpu-<device>-<date>.json`` and a markdown table ``OUT/gpu-<device>-<date>.md``
-(rewritten after every section).
+(rewritten after every section). What comes back (at most 8 files, 2 folders deep): those two,
+``kernels_check.json`` (every correctness entry, rewritten after each), ``sections.log`` (each section's
+command, stdout and the tail of its stderr) and ``kernels_tune/kernels.{json,md,png}`` (the tiling sweep,
+rewritten after every entry). Model configs and the length sweep's own files go to a scratch folder.
 
-Order: correctness first, then the kernel tiling sweep (``kernels_tune``: the prepared variants of
-``ditto_jax.bench.kernel_tuning`` at the goal shapes, with the goals met / not met), then sampling and
-training, and last the sequence-length sweep with the tuned spec. With ``--budget`` each section's limit is
-cut to what is left; the two sweeps take ``--budget`` themselves, the tuning sweep whatever is left after
-reserving the later sections' typical time, and stop cleanly (they write their results after every entry,
-and a section cut short is read back from that file).
+Order: correctness first (in-process, a time limit per case: ``scripts/gpu_kernels_check.py``), then the
+tiling sweep (``kernels_tune``: cuDNN, the Mosaic GPU forward + backward, the Triton defaults, then the
+prepared variants of ``ditto_jax.bench.kernel_tuning`` at [2, 8192, 16, 128] bf16, forward and backward, the
+goals met / not met), then SFT of the 1.24B config at S=4096 (Pallas through ``auto``: Mosaic GPU forward
+when its self-check passes under the train step's trace, else Triton; and Pallas forced to Triton), the
+sampler at B=64 on a SmolLM2-135M-shaped model (random init: the GGUF file cannot travel), and last the
+sequence-length sweep with the tuned spec. With ``--budget`` each section's limit is cut to what is left;
+the two sweeps take ``--budget`` themselves, the tuning sweep whatever is left after reserving the later
+sections' typical time, and stop cleanly (they write their results after every entry, and a section cut
+short is read back from that file).
 
 ``--small`` runs the same sections on CPU with tiny shapes (interpret mode), which is how CI-side tests
 prove the script works before a GPU minute is spent.
@@ -48,21 +55,26 @@ class Section:
     takes_budget: bool = False  # a sweep: gets --budget (what is left after reserving later sections)
     result_file: str | None = None  # JSON the section rewrites as it goes: read when it is cut short
     add_tuned_impl: bool = False  # append kernels_tune's fastest spec to its --impls
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # added to the environment
+    time_flag: str | None = None  # option that receives the section's limit less a margin (own time keeping)
 
 
-def _run(name: str, cmd: list[str], timeout: float, out_dir: Path,
-         result_file: str | None = None) -> dict[str, Any]:
-    """Run one section; parse the last JSON object it prints (else its ``result_file``). Never raises."""
+def _run(name: str, cmd: list[str], timeout: float, out_dir: Path, result_file: str | None = None,
+         env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one section; parse the last JSON object it prints (else its ``result_file``). Never raises.
+
+    Its command, stdout and the tail of its stderr are appended to ``out_dir/sections.log``.
+    """
     t0 = time.time()
-    log = out_dir / f"{name}.log"
     if result_file:  # never read back a previous run's file
         Path(result_file).unlink(missing_ok=True)
+    stdout, stderr = "", ""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
-        text = proc.stdout
-        log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-20000:]}\n")
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+        stdout, stderr = proc.stdout, proc.stderr
         result: dict[str, Any] = {"returncode": proc.returncode}
-        for line in reversed(text.strip().splitlines()):
+        for line in reversed(stdout.strip().splitlines()):
             line = line.strip()
             if line.startswith("{") and line.endswith("}"):
                 try:
@@ -71,10 +83,14 @@ def _run(name: str, cmd: list[str], timeout: float, out_dir: Path,
                 except json.JSONDecodeError:
                     continue
         if proc.returncode != 0:
-            result["error"] = proc.stderr.strip().splitlines()[-5:] if proc.stderr.strip() else ["(no stderr)"]
+            result["error"] = stderr.strip().splitlines()[-5:] if stderr.strip() else ["(no stderr)"]
     except subprocess.TimeoutExpired as exc:
-        log.write_text(f"$ {' '.join(cmd)}\nTIMEOUT after {timeout}s\n{(exc.stdout or b'')!r}\n")
-        result = {"returncode": None, "error": [f"timeout after {timeout}s"]}
+        stdout, stderr = _text(exc.stdout), _text(exc.stderr)
+        result = {"returncode": None, "error": [f"timeout after {timeout:.0f}s"]}
+    # Which lowering the kernels fell back to, and why (a Mosaic GPU self-check failure, say).
+    warned = sorted({line.strip()[:400] for line in stderr.splitlines() if "flash_attention:" in line})
+    if warned:
+        result["kernel_warnings"] = warned
     if "result" not in result and result_file and Path(result_file).exists():
         try:  # multi-line JSON, or cut short: keep what the section wrote
             result["result"] = json.loads(Path(result_file).read_text())
@@ -83,8 +99,18 @@ def _run(name: str, cmd: list[str], timeout: float, out_dir: Path,
             pass
     result["seconds"] = round(time.time() - t0, 1)
     result["command"] = " ".join(cmd[1:] if cmd[0] == PY else cmd)
+    with open(out_dir / "sections.log", "a", encoding="utf-8") as log:
+        log.write(f"=== {name}: {' '.join(f'{k}={v}' for k, v in (env or {}).items())} {' '.join(cmd)}\n"
+                  f"--- rc={result['returncode']} in {result['seconds']}s\n--- stdout\n{stdout[-20000:]}\n"
+                  f"--- stderr (tail)\n{stderr[-12000:]}\n\n")
     print(f"[gpu_check] {name}: rc={result['returncode']} in {result['seconds']}s", flush=True)
     return result
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
 def _device_name() -> str:
@@ -96,63 +122,76 @@ def _device_name() -> str:
         return "cpu"
 
 
-def _variant(preset: str, out_dir: Path, **overrides: str) -> str:
-    """Write a copy of a model preset with some fields changed; returns its path."""
+# SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M-Instruct config.json), for the sampler at B=64 with random
+# weights: the real GGUF file (98 MB) cannot travel with the working tree (64 MiB).
+SMOLLM2_135M = {
+    "architecture": "llama", "vocab_size": 49152, "hidden_size": 576, "num_layers": 30, "num_heads": 9,
+    "num_kv_heads": 3, "head_dim": 64, "intermediate_size": 1536, "rope_theta": 100000.0, "rms_norm_eps": 1.0e-5,
+    "tie_word_embeddings": True, "max_position_embeddings": 8192, "param_dtype": "bfloat16", "dtype": "bfloat16",
+}
+
+
+def _variant(preset: str | dict, scratch: Path, name: str | None = None, **overrides: str) -> str:
+    """Write a copy of a model preset (a preset name, or a config dict) with some fields changed; its path."""
     import yaml
 
     from ditto_jax.config import read_yaml
 
-    data = read_yaml(preset)
+    data = dict(preset) if isinstance(preset, dict) else read_yaml(preset)
     data.update(overrides)
-    path = out_dir / "configs" / f"{Path(preset).stem}-{'-'.join(f'{k}{v}' for k, v in overrides.items())}.yaml"
+    stem = name or Path(str(preset)).stem
+    path = scratch / "configs" / f"{stem}-{'-'.join(f'{k}{v}' for k, v in overrides.items())}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data))
     return str(path)
 
 
-def sections(small: bool, out_dir: Path) -> list[Section]:
-    """Every section, in order: checks first, then the tiling sweep, sampling, training, the length sweep."""
+def sections(small: bool, out_dir: Path, scratch: Path | None = None) -> list[Section]:
+    """Every section, in order: checks, the tiling sweep, training, sampling, the length sweep."""
+    scratch = scratch or out_dir / "scratch"
     cli = [PY, "-m", "ditto_jax.cli", "bench"]
     preset = "model/tiny" if small else "model/gpu-1b"
     prompt, new, b64, seq, tb = (16, 16, 4, 64, 1) if small else (128, 256, 64, 4096, 4)
-    # In-process (no per-backend children): on the H200 the isolated runs hung past their limits, in-process
-    # runs finished in seconds (benchmarks/gpu-h200-2026-11-27.md). The explicit mosaic_gpu backend is left
-    # out: its forward is checked by mosaic_gpu@mgpu_bwd=1 and its (Triton) backward by triton and auto.
-    check = [PY, "scripts/gpu_kernels_check.py", "--isolate", "off"] + (
-        ["--small"] if small else ["--backends", "mosaic_gpu@mgpu_bwd=1,triton,auto"])
-    tune_dir, sweep_dir = out_dir / "kernels_tune", out_dir / "kernels"
+    # In-process, a time limit per case (a case that hangs ends its child process, a new one goes on).
+    check = [PY, "scripts/gpu_kernels_check.py"] + (["--small", "--isolate", "off"] if small else [
+        "--backends", "triton,mosaic_gpu,mosaic_gpu@mgpu_bwd=1,auto", "--case-timeout", "75"])
+    tune_dir, sweep_dir = out_dir / "kernels_tune", scratch / "kernels_sweep"
     if small:
         tune = ["--preset", "cpu-tiny", "--impls", "tune-small", "--decode-impls", "tune-small", "--modes", "fwd",
                 "--iters", "1", "--warmup", "0"]
         length_sweep = ["--preset", "cpu", "--modes", "fwd", "--iters", "1", "--warmup", "0"]
     else:
         tune = ["--preset", "gpu-goal", "--impls", "tune", "--decode-impls", "tune", "--modes", "fwd,bwd",
-                "--confirm-best"]
-        length_sweep = ["--preset", "gpu-sweep", "--impls", "pallas,cudnn", "--no-decode"]
-    decode_impl = "pallas"
-    cfg_pallas = _variant(preset, out_dir, attention=decode_impl)
-    cfg_xla = _variant(preset, out_dir, attention="xla")
-    cfg_train = _variant(preset, out_dir, attention="pallas" if small else "auto")
+                "--iters", "10", "--confirm-best"]
+        length_sweep = ["--preset", "gpu-sweep", "--impls", "pallas,cudnn", "--no-decode", "--iters", "10"]
+    cfg_train = _variant(preset, scratch, attention="pallas")
+    small_model = preset if small else SMOLLM2_135M
+    cfg_smol_pallas = _variant(small_model, scratch, "smollm2-135m", attention="pallas")
+    cfg_smol_xla = _variant(small_model, scratch, "smollm2-135m", attention="xla")
 
     def sample(b: int, cfg: str) -> list[str]:
         return cli + ["sample", "--config", cfg, "--batch", str(b), "--prompt-len", str(prompt), "--new-tokens",
                       str(new), "--top-p", "0.8", "--ignore-eos", "--repeats", "2", "--json"]
 
+    def train(extra: list[str]) -> list[str]:
+        return cli + ["train", "--config", cfg_train, "--batch", str(tb), "--seq-len", str(seq), "--override",
+                      "remat=none" if small else "remat=full", "--rounds", "2", "--no-forward", "--json", *extra]
+
     return [
         Section("env", [PY, "-c", "import jax,json;print(json.dumps({'jax':jax.__version__,'backend':"
                         "jax.default_backend(),'devices':[str(d) for d in jax.devices()]}))"], 120, typical_s=5),
-        Section("kernels_check", check + ["--out", str(out_dir / "kernels_check.json")], 600 if small else 150,
-                typical_s=90, result_file=str(out_dir / "kernels_check.json")),
+        Section("kernels_check", check + ["--out", str(out_dir / "kernels_check.json")], 600 if small else 170,
+                typical_s=100, result_file=str(out_dir / "kernels_check.json"), time_flag="--timeout"),
         Section("kernels_tune", cli + ["kernels", *tune, "--isolate", "off", "--json", "--out-dir", str(tune_dir)],
-                600 if small else 280, typical_s=120, takes_budget=True, result_file=str(tune_dir / "kernels.json")),
-        Section("sampler_check", [PY, "scripts/gpu_sampler_check.py"] + (["--small"] if small else []), 240,
-                typical_s=50),
-        Section("sample_b1_pallas", sample(1, cfg_pallas), 180, typical_s=30),
-        Section("sample_b64_pallas", sample(b64, cfg_pallas), 180, typical_s=30),
-        Section("sample_b64_xla", sample(b64, cfg_xla), 180, typical_s=35),
-        Section("train_seq4096", cli + ["train", "--config", cfg_train, "--batch", str(tb), "--seq-len", str(seq),
-                                        "--override", "remat=none" if small else "remat=full", "--rounds", "2",
-                                        "--no-forward", "--json"], 300, typical_s=20),
+                600 if small else 300, typical_s=150, takes_budget=True, result_file=str(tune_dir / "kernels.json")),
+        # SFT with the Pallas kernels as the model picks them (auto: Mosaic GPU forward once its self-check has
+        # passed under this trace, Triton backward), then with Triton forced. The model's cuDNN path takes
+        # batches without segment ids only, and the train step always passes them: no cuDNN SFT row.
+        Section("train_seq4096_pallas", train([]), 600 if small else 150, typical_s=50),
+        Section("train_seq4096_triton", train([]), 600 if small else 150, typical_s=50,
+                env={"DITTO_ATTN_BACKEND": "interpret" if small else "triton"}),
+        Section("sample_b64_smollm2_pallas", sample(b64, cfg_smol_pallas), 180, typical_s=30),
+        Section("sample_b64_smollm2_xla", sample(b64, cfg_smol_xla), 180, typical_s=30),
         Section("kernels_bench", cli + ["kernels", *length_sweep, "--isolate", "off", "--json", "--out-dir",
                                         str(sweep_dir)], 300, typical_s=20, takes_budget=True,
                 result_file=str(sweep_dir / "kernels.json"), add_tuned_impl=not small),
@@ -175,6 +214,11 @@ def _command(sec: Section, report: dict[str, Any], budget: float | None) -> list
     if sec.takes_budget and budget is not None:
         cmd += ["--budget", f"{budget:.0f}"]
     return cmd
+
+
+def _with_time_flag(sec: Section, cmd: list[str], limit: float) -> list[str]:
+    """Tell a section that keeps its own time (``time_flag``) to finish 10 s inside its limit."""
+    return cmd + [sec.time_flag, f"{max(limit - 10.0, 5.0):.0f}"] if sec.time_flag else cmd
 
 
 def plan_limit(secs: list[Section], index: int, time_left: float | None,
@@ -200,17 +244,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
     ap.add_argument("--small", action="store_true", help="CPU smoke run with tiny shapes")
+    ap.add_argument("--scratch", default=None,
+                    help="folder for generated configs and the length sweep's files (default: a new temporary one)")
     ap.add_argument("--only", default=None, help="comma list of section names")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds for the whole run: each section's limit is cut to what is left")
     args = ap.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.scratch is None:
+        import tempfile
+
+        args.scratch = tempfile.mkdtemp(prefix="gpu_check_")
     device = _device_name()
     date = dt.date.today().isoformat()
     report: dict[str, Any] = {"device": device, "date": date, "host": os.uname().nodename, "budget_s": args.budget,
                               "sections": {}}
-    secs = sections(args.small, out_dir)
+    (out_dir / "sections.log").unlink(missing_ok=True)
+    secs = sections(args.small, out_dir, Path(args.scratch))
     wanted = set(args.only.split(",")) if args.only else None
     unknown = (wanted or set()) - {s.name for s in secs}
     if unknown:
@@ -225,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         if limit < 20 or (budget is not None and budget < 5):
             report["sections"][sec.name] = {"returncode": None, "error": ["skipped: run budget spent"]}
         else:
-            report["sections"][sec.name] = _run(sec.name, _command(sec, report, budget), limit, out_dir,
-                                                sec.result_file)
+            cmd = _with_time_flag(sec, _command(sec, report, budget), limit)
+            report["sections"][sec.name] = _run(sec.name, cmd, limit, out_dir, sec.result_file, sec.env)
         # Written after every section, so a run cut short still leaves what it measured.
         stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown(report))

@@ -2,22 +2,28 @@
 """Correctness of the attention kernels on the machine's accelerator, entry by entry.
 
 Each entry (flash forward + backward, decode) runs in its own try block and is reported as ``pass``,
-``fail`` (with its relative errors) or ``error`` (with the exception): a lowering that does not compile on
-this jax/CUDA never hides the others. Prints one JSON object (also written to ``--out``).
+``fail`` (with its relative errors), ``error`` (with the exception), ``timeout`` or ``n/a`` (a Mosaic GPU case
+with a dtype or head dim those kernels do not take): a lowering that does not compile on this jax/CUDA never
+hides the others. The entries run in-process, one after the other, each with a time limit (``--case-timeout``);
+on a GPU they run in a child process that, when a case passes its limit, records it as ``timeout`` and exits,
+and a new child goes on with the next case (a hung kernel blocks the device, so only a fresh process can).
+The JSON report is rewritten after every entry (``--out``) and printed at the end. ``auto`` entries say which
+lowering ``auto`` picked inside the caller's jit (Mosaic GPU only when its self-check passed there).
 
-    python scripts/gpu_kernels_check.py                # GPU: Mosaic GPU (Triton / own backward), Triton, auto
+    python scripts/gpu_kernels_check.py --out c.json   # GPU: Triton, Mosaic GPU (Triton / own backward), auto
     python scripts/gpu_kernels_check.py --small        # CPU: tiny shapes in the Pallas interpreter
     python scripts/gpu_kernels_check.py --backends triton --out check.json
 
 Reference: the XLA implementation in float32 with full-precision matmuls on the same inputs. Tolerances:
 2e-2 (relative to the largest reference magnitude) for bf16 inputs, 1e-3 for float32 on a GPU, 1e-5 on CPU.
-Exit status 0 unless ``--strict`` and some entry did not pass.
+Exit status 0 unless ``--strict`` and some entry did not pass (``n/a`` counts as passed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -54,6 +60,7 @@ SMALL_FLASH = {
     "causal_gqa_unaligned": (1, 40, 40, 4, 2, 32, "float32", True, False),
     "segments_sq_lt_sk": (1, 24, 40, 2, 1, 32, "float32", True, True),
 }
+AUTO_FLASH = ("causal_gqa4_d128", "packed_segments_unaligned_d128")  # auto's picks repeat an explicit lowering
 # name: (batch, cache, hq, hkv, d, dtype, lengths)
 GPU_DECODE = {
     "decode_gqa4_d128": (4, 2048, 32, 8, 128, "bfloat16", (1, 1000, 2048, 0)),
@@ -151,40 +158,165 @@ def check_decode(spec: tuple, backend: str, platform: str) -> dict[str, Any]:
     return {"status": "pass" if ok else "fail", "errors": {"o": err}, "zero_rows_ok": zero_rows_ok, "tolerance": tol}
 
 
-def _run_child(backend: str, args: argparse.Namespace, flash_specs: dict, decode_specs: dict) -> list[dict]:
-    """This script for one backend in a child process; a timeout or crash becomes error entries."""
-    import subprocess
-    import tempfile
+def _cases(backends: list[str], flash_specs: dict, decode_specs: dict, platform: str) -> list[tuple]:
+    """``(kind, name, backend, spec)`` in run order: every backend's flash shapes, then its decode lowering once.
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "child.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--backends", backend, "--isolate", "off", "--out", str(out)]
-        if args.small:
-            cmd.append("--small")
+    Mosaic GPU cases take bf16/fp16 with head dim % 64 == 0 only (other shapes are reported as ``n/a``);
+    ``auto`` runs two shapes (its lowering is one of the explicit ones), recording which lowering it picked.
+    """
+    out: list[tuple] = []
+    decoded: set[str] = set()
+    for backend in backends:
+        specs = flash_specs
+        if backend == "auto" and platform == "gpu":
+            specs = {n: s for n, s in flash_specs.items() if n in AUTO_FLASH} or flash_specs
+        out += [("flash", name, backend, spec) for name, spec in specs.items()]
+        decode_backend = "triton" if backend.startswith("mosaic_gpu") else backend.partition("@")[0]
+        if decode_backend not in decoded:
+            decoded.add(decode_backend)
+            out += [("decode", name, decode_backend, spec) for name, spec in decode_specs.items()]
+    return out
+
+
+def _mosaic_applicable(backend: str, spec: tuple) -> bool:
+    dtype, d = spec[6], spec[5]
+    return not backend.startswith("mosaic_gpu") or (dtype in ("bfloat16", "float16") and d % 64 == 0)
+
+
+def _run_case(kind: str, name: str, backend: str, spec: tuple, platform: str) -> dict[str, Any]:
+    """One entry, exceptions reported as ``error`` (with warnings seen, e.g. a self-check fallback)."""
+    import warnings
+
+    entry: dict[str, Any] = {"kind": kind, "name": name, "backend": backend}
+    if kind == "flash" and not _mosaic_applicable(backend, spec):
+        entry.update(status="n/a", why="Mosaic GPU kernels take bf16/fp16 with head dim % 64 == 0")
+        return entry
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            sys.stderr.write(proc.stderr[-4000:])
-            if out.exists():
-                return json.loads(out.read_text())["entries"]
-            error = f"child exited {proc.returncode}: {proc.stderr[-1500:]}"
+            entry.update(check_flash(spec, backend, platform) if kind == "flash" else
+                         check_decode(spec, backend, platform))
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            entry.update(status="error", error=f"{type(exc).__name__}: {exc}"[:1500],
+                         trace=traceback.format_exc()[-1500:])
+    entry["wall_s"] = round(time.perf_counter() - t0, 2)
+    if seen:
+        entry["warnings"] = [str(w.message)[:500] for w in seen][:5]
+    if kind == "flash" and backend == "auto" and platform == "gpu":
+        entry["auto_lowering"] = _auto_lowering(spec, entry.get("warnings", []))
+    return entry
+
+
+def _auto_lowering(spec: tuple, warned: list[str]) -> str:
+    """Which lowering ``auto`` used for this shape (Mosaic GPU only when its self-check passed)."""
+    import jax.numpy as jnp
+
+    from ditto_jax.kernels._config import resolve_backend
+    from ditto_jax.kernels.flash_attention import _mosaic_gpu_ok, mosaic_gpu_self_check
+
+    d, dtype = spec[5], spec[6]
+    probe = jnp.zeros((1, 1, 1, d), dtype)
+    backend = resolve_backend(None, mosaic_gpu_ok=_mosaic_gpu_ok(probe, probe))
+    if backend == "mosaic_gpu":
+        reason = mosaic_gpu_self_check(d, jnp.dtype(dtype).name)  # cached: the value the kernel call saw
+        if reason is not None or any("self-check failed" in w for w in warned):
+            return f"triton (Mosaic GPU self-check failed: {reason})"
+    return backend
+
+
+class _Report:
+    """The report as it grows: rewritten (atomically) after every entry, so a cut run keeps what finished."""
+
+    def __init__(self, path: Path | None, head: dict[str, Any]):
+        self.path, self.data = path, head
+        if path is not None and path.exists():  # resuming after a case hung (see --isolate restart)
+            try:
+                old = json.loads(path.read_text())
+                if old.get("backends") == head["backends"]:
+                    self.data = old
+            except (OSError, json.JSONDecodeError):
+                pass
+        self.data.setdefault("entries", [])
+
+    def done(self) -> set[tuple[str, str, str]]:
+        return {(e["kind"], e["name"], e["backend"]) for e in self.data["entries"]}
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self.data["entries"].append(entry)
+        self.write()
+
+    def write(self) -> None:
+        statuses = [e["status"] for e in self.data["entries"]]
+        self.data["summary"] = {s: statuses.count(s) for s in ("pass", "fail", "error", "timeout", "n/a")}
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+            os.replace(tmp, self.path)
+
+
+def _run_in_process(cases: list[tuple], report: _Report, platform: str, case_timeout: float) -> None:
+    """Every case not in the report yet, here; a case past ``case_timeout`` is recorded as ``timeout`` and the
+    process exits with status 3 at once (a hung kernel blocks the device: only a fresh process goes on)."""
+    import threading
+
+    done = report.done()
+    for kind, name, backend, spec in cases:
+        if (kind, name, backend) in done:
+            continue
+        print(f"[check] {kind} {backend:>10} {name:<40} ...", file=sys.stderr, flush=True)
+
+        def hung(kind=kind, name=name, backend=backend) -> None:
+            report.add({"kind": kind, "name": name, "backend": backend, "status": "timeout",
+                        "error": f"no result after {case_timeout:.0f} s (hung, or compiling took too long)"})
+            print(f"[check] {kind} {backend} {name}: TIMEOUT after {case_timeout:.0f} s", file=sys.stderr, flush=True)
+            os._exit(3)
+
+        timer = threading.Timer(case_timeout, hung)
+        timer.daemon = True
+        timer.start()
+        entry = _run_case(kind, name, backend, spec, platform)
+        timer.cancel()
+        report.add(entry)
+        print(f"[check] {kind} {backend:>10} {name:<40} {entry['status']} ({entry.get('wall_s', 0)} s)",
+              file=sys.stderr, flush=True)
+
+
+def _run_restarting(argv: list[str], out: Path, cases: list[tuple], total_timeout: float) -> None:
+    """Run this script (``--isolate off``) until every case has an entry: a child that stops on a hung case
+    (exit 3, the case recorded as ``timeout``) is started again and goes on after it."""
+    import subprocess
+
+    deadline = time.time() + total_timeout
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--isolate", "off", "--out", str(out), "--resume"]
+    for _ in range(len(cases) + 1):
+        left = deadline - time.time()
+        if left <= 5:
+            break
+        try:
+            proc = subprocess.run(cmd, check=False, timeout=left, stdout=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            error = f"timeout after {args.timeout:.0f} s (a kernel hung, or compiling took too long)"
-    names = [("flash", n) for n in flash_specs] + [("decode", n) for n in decode_specs]
-    print(f"[check] {backend}: {error[:200]}", file=sys.stderr, flush=True)
-    return [{"kind": kind, "name": name, "backend": backend, "status": "error", "error": error} for kind, name in names]
+            break
+        if proc.returncode != 3:
+            break
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every entry; returns (and prints) the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes in the interpreter (CPU)")
-    parser.add_argument("--backends", default=None, help="comma list (default: mosaic_gpu,triton,auto on GPU)")
-    parser.add_argument("--out", default=None, help="also write the JSON report here")
+    parser.add_argument("--backends", default=None,
+                        help="comma list (default on GPU: triton,mosaic_gpu,mosaic_gpu@mgpu_bwd=1,auto)")
+    parser.add_argument("--out", default=None, help="also write the JSON report here (rewritten after every entry)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when an entry does not pass")
-    parser.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
-                        help="one child process per backend with --timeout (auto: on for GPU), so a kernel that "
-                             "hangs or kills the process is reported as an error instead of stopping the check")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per isolated backend")
+    parser.add_argument("--isolate", choices=["auto", "restart", "off"], default="auto",
+                        help="restart: the cases run in a child process, in-process one after the other; a case "
+                             "past --case-timeout ends that child and a new one goes on after it (auto: restart "
+                             "on GPU); off: here (a hung case ends this process after recording it)")
+    parser.add_argument("--case-timeout", type=float, default=90.0, help="seconds per case (compile + run)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole check (restart mode)")
+    parser.add_argument("--resume", action="store_true", help="keep --out's entries and run only the others")
     args = parser.parse_args(argv)
     _importable_without_install()
 
@@ -197,56 +329,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         backends = ["interpret"]
     elif platform == "tpu":
         backends = ["mosaic_tpu", "auto"]
-    else:
-        backends = ["mosaic_gpu", "mosaic_gpu@mgpu_bwd=1", "triton", "auto"]
+    else:  # Triton first: a Mosaic GPU case that hangs must not hide it
+        backends = ["triton", "mosaic_gpu", "mosaic_gpu@mgpu_bwd=1", "auto"]
     flash_specs = SMALL_FLASH if args.small else GPU_FLASH
     decode_specs = SMALL_DECODE if args.small else GPU_DECODE
-    report: dict[str, Any] = {"platform": platform, "device_kind": jax.devices()[0].device_kind,
-                              "jax_version": jax.__version__, "backends": backends, "entries": []}
-    if platform == "gpu" and "auto" in backends:
-        from ditto_jax.kernels.flash_attention import mosaic_gpu_self_check
+    cases = _cases(backends, flash_specs, decode_specs, platform)
+    out = Path(args.out) if args.out else None
+    head = {"platform": platform, "device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+            "backends": backends, "case_timeout_s": args.case_timeout, "entries": []}
+    if out is not None and not args.resume:
+        out.unlink(missing_ok=True)
+    restart = args.isolate == "restart" or (args.isolate == "auto" and platform == "gpu")
+    if restart:
+        import tempfile
 
-        report["mosaic_gpu_self_check"] = {f"d{d}": mosaic_gpu_self_check(d, "bfloat16") or "pass" for d in (64, 128)}
-
-    isolate = args.isolate == "on" or (args.isolate == "auto" and platform == "gpu" and len(backends) > 1)
-    if isolate:
-        for backend in backends:
-            report["entries"] += _run_child(backend, args, flash_specs, decode_specs)
-        backends = []
-    for backend in backends:
-        for name, spec in flash_specs.items():
-            entry: dict[str, Any] = {"kind": "flash", "name": name, "backend": backend}
-            try:
-                entry.update(check_flash(spec, backend, platform))
-            except Exception as exc:  # noqa: BLE001 - report and go on
-                entry.update(status="error", error=f"{type(exc).__name__}: {exc}"[:1500],
-                             trace=traceback.format_exc()[-1500:])
-            report["entries"].append(entry)
-            print(f"[check] flash {backend:>10} {name:<40} {entry['status']}", file=sys.stderr, flush=True)
-        decode_backend = "triton" if backend.startswith("mosaic_gpu") else backend.partition("@")[0]
-        if decode_backend in {e["backend"] for e in report["entries"] if e["kind"] == "decode"}:
-            continue
-        for name, spec in decode_specs.items():
-            entry = {"kind": "decode", "name": name, "backend": decode_backend}
-            try:
-                entry.update(check_decode(spec, decode_backend, platform))
-            except Exception as exc:  # noqa: BLE001
-                entry.update(status="error", error=f"{type(exc).__name__}: {exc}"[:1500],
-                             trace=traceback.format_exc()[-1500:])
-            report["entries"].append(entry)
-            print(f"[check] decode {decode_backend:>9} {name:<40} {entry['status']}", file=sys.stderr, flush=True)
-
-    statuses = [e["status"] for e in report["entries"]]
-    report["summary"] = {s: statuses.count(s) for s in ("pass", "fail", "error")}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        target = out or Path(tempfile.mkdtemp()) / "check.json"
+        child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+        child_argv = _drop_options(child_argv, {"--out", "--isolate"}, {"--resume", "--strict"})
+        _run_restarting(child_argv, target, cases, args.timeout)
+        report = _Report(target, head)
+        for kind, name, backend, _ in cases:  # cases never reached (the whole-check limit ran out)
+            if (kind, name, backend) not in report.done():
+                report.data["entries"].append({"kind": kind, "name": name, "backend": backend,
+                                               "status": "timeout", "error": "not reached: --timeout spent"})
+        report.path = out
+        report.write()
+    else:
+        report = _Report(out if args.resume else None, head)
+        report.path = out
+        _run_in_process(cases, report, platform, args.case_timeout)
+        report.write()
+    text = json.dumps(report.data, indent=2)
     print(text)
-    return report
+    return report.data
+
+
+def _drop_options(argv: list[str], with_value: set[str], flags: set[str]) -> list[str]:
+    """``argv`` without the named options (``--x v`` and ``--x=v`` forms)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in flags:
+            continue
+        if name in with_value:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
 
 
 if __name__ == "__main__":
     result = main()
     strict = "--strict" in sys.argv
-    sys.exit(1 if strict and result["summary"]["pass"] != len(result["entries"]) else 0)
+    ok = all(e["status"] in ("pass", "n/a") for e in result["entries"])
+    sys.exit(1 if strict and not ok else 0)

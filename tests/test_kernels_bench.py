@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from ditto_jax.bench import kernels as bench_kernels
@@ -35,5 +37,35 @@ def test_gpu_check_script_small_runs_on_cpu(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     report = module.main(["--small", "--out", str(tmp_path / "check.json")])
-    assert report["summary"] == {"pass": 3, "fail": 0, "error": 0}, report
+    assert report["summary"] == {"pass": 3, "fail": 0, "error": 0, "timeout": 0, "n/a": 0}, report
     assert json.loads((tmp_path / "check.json").read_text())["summary"] == report["summary"]
+
+
+def test_gpu_check_script_goes_on_after_a_case_passes_its_time_limit(tmp_path):
+    """A case past --case-timeout is recorded as timeout, its process ends, and a new one runs the next case
+    (here every case is too slow for 0.5 s, so each one ends a child: the check still reaches all three)."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_kernels_check.py"), "--small", "--isolate",
+                           "restart", "--case-timeout", "0.5", "--timeout", "120", "--out", str(out)],
+                          check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [e["status"] for e in report["entries"]] == ["timeout"] * 3, report
+    assert [e["name"] for e in report["entries"]] == ["causal_gqa_unaligned", "segments_sq_lt_sk", "decode_small"]
+    assert proc.stderr.count("TIMEOUT after 0 s") == 3
+
+
+def test_gpu_check_script_cases_order_and_mosaic_applicability():
+    spec = importlib.util.spec_from_file_location("gpu_kernels_check2", ROOT / "scripts" / "gpu_kernels_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cases = module._cases(["triton", "mosaic_gpu", "mosaic_gpu@mgpu_bwd=1", "auto"], module.GPU_FLASH,
+                          module.GPU_DECODE, "gpu")
+    keys = [(kind, backend) for kind, _, backend, _ in cases]
+    assert keys[:len(module.GPU_FLASH)] == [("flash", "triton")] * len(module.GPU_FLASH)  # Triton first
+    assert keys.count(("decode", "triton")) == len(module.GPU_DECODE)  # decode once per lowering
+    assert [n for k, n, b, _ in cases if b == "auto" and k == "flash"] == list(module.AUTO_FLASH)
+    assert not module._mosaic_applicable("mosaic_gpu", module.GPU_FLASH["float32_causal_d64"])
+    assert module._mosaic_applicable("triton", module.GPU_FLASH["float32_causal_d64"])
+    assert module._drop_options(["--small", "--out", "x", "--isolate=off", "--resume", "--case-timeout", "3"],
+                                {"--out", "--isolate"}, {"--resume"}) == ["--small", "--case-timeout", "3"]
