@@ -187,13 +187,15 @@ def sections(small: bool, out_dir: Path, scratch: Path | None = None) -> list[Se
         # SFT with the Pallas kernels as the model picks them (auto: Mosaic GPU forward once its self-check has
         # passed under this trace, Triton backward), then with Triton forced. The model's cuDNN path takes
         # batches without segment ids only, and the train step always passes them: no cuDNN SFT row.
-        Section("train_seq4096_pallas", train([]), 600 if small else 150, typical_s=50),
-        Section("train_seq4096_triton", train([]), 600 if small else 150, typical_s=50,
+        # Reserved before the tuning sweep: 40 + 30 + 30 s (the 1.24B train section took ~20 s on the last lease).
+        Section("train_seq4096_pallas", train([]), 600 if small else 150, typical_s=40),
+        Section("train_seq4096_triton", train([]), 600 if small else 120, typical_s=30,
                 env={"DITTO_ATTN_BACKEND": "interpret" if small else "triton"}),
         Section("sample_b64_smollm2_pallas", sample(b64, cfg_smol_pallas), 180, typical_s=30),
-        Section("sample_b64_smollm2_xla", sample(b64, cfg_smol_xla), 180, typical_s=30),
+        # Only when time is left (nothing reserved for them): the XLA sampler row and the length sweep.
+        Section("sample_b64_smollm2_xla", sample(b64, cfg_smol_xla), 180, typical_s=0),
         Section("kernels_bench", cli + ["kernels", *length_sweep, "--isolate", "off", "--json", "--out-dir",
-                                        str(sweep_dir)], 300, typical_s=20, takes_budget=True,
+                                        str(sweep_dir)], 300, typical_s=0, takes_budget=True,
                 result_file=str(sweep_dir / "kernels.json"), add_tuned_impl=not small),
     ]
 
@@ -292,23 +294,43 @@ def markdown(report: dict[str, Any]) -> str:
 
     lines = [f"# GPU measurement — {report['device']} — {report['date']}", "",
              "| section | status | seconds | headline |", "|---|---|---|---|"]
-    goal_tables = []
+    goal_tables: list[str] = []
+    check_notes: list[str] = []
     for name, sec in report["sections"].items():
         res = sec.get("result") or {}
-        keys = [k for k in ("tokens_per_s", "tflops", "mfu", "roofline_fraction", "gbps", "passed", "failed", "match",
-                            "errors", "skipped") if k in res]
+        keys = [k for k in ("tokens_per_s", "train_mfu", "train_step_s", "pct_of_roofline", "tflops", "mfu",
+                            "roofline_fraction", "gbps", "passed", "failed", "match", "errors", "skipped") if k in res]
         head = ", ".join(f"{k}={res[k]}" for k in keys)
         summ = res.get("summary")
         if isinstance(summ, dict) and "goals" in summ:  # a kernel sweep
             head += f"{', ' if head else ''}goals met {summ['met']} of {len(summ['goals'])}"
             goal_tables.append(f"### {name}\n\n" + goals_markdown(summ).replace("## Goals", "Goals", 1))
-        elif isinstance(summ, dict):  # the correctness check: pass / fail / error counts
+        elif isinstance(summ, dict):  # the correctness check: pass / fail / error counts, then what did not pass
             head += (", " if head else "") + ", ".join(f"{k}={v}" for k, v in summ.items())
+            check_notes.extend(_check_notes(res))
         if not head and sec.get("error"):
             head = "; ".join(sec["error"])
         status = "ok" if sec.get("returncode") == 0 else ("partial" if sec.get("result_from_file") else "FAIL")
+        if sec.get("kernel_warnings"):
+            head += f" (warned: {'; '.join(sec['kernel_warnings'])[:300]})"
         lines.append(f"| {name} | {status} | {sec.get('seconds')} | {head} |")
+    if check_notes:
+        goal_tables.insert(0, "### kernels_check: entries that did not pass, and auto's lowering\n\n"
+                           + "\n".join(check_notes) + "\n")
     return "\n".join(lines + [""] + goal_tables) + "\n"
+
+
+def _check_notes(res: dict[str, Any]) -> list[str]:
+    """One line per correctness entry that did not pass, and per ``auto`` entry the lowering it used."""
+    notes = []
+    for e in res.get("entries", []):
+        what = f"- {e.get('kind')} `{e.get('backend')}` {e.get('name')}: {e.get('status')}"
+        if e.get("status") in ("fail", "error", "timeout"):
+            detail = e.get("errors") or e.get("error") or ""
+            notes.append(f"{what} {str(detail)[:300]}")
+        elif e.get("auto_lowering"):
+            notes.append(f"{what}, auto used {e['auto_lowering']}")
+    return notes
 
 
 if __name__ == "__main__":

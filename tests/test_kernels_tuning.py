@@ -288,3 +288,19 @@ def test_roofline_probes_saturate_accelerators_and_keep_the_cpu_probe():
     bandwidth, which = sample._measure_bandwidth(small)
     assert bandwidth > 0 and which in ("read", "copy")
     assert sample._measure_matmul_rate(small) > 0
+
+
+def test_gpu_check_markdown_names_what_did_not_pass_and_autos_lowering():
+    gc = _gpu_check()
+    entries = [{"kind": "flash", "name": "a", "backend": "triton", "status": "pass"},
+               {"kind": "flash", "name": "b", "backend": "mosaic_gpu", "status": "timeout", "error": "no result"},
+               {"kind": "flash", "name": "c", "backend": "auto", "status": "pass", "auto_lowering": "mosaic_gpu"}]
+    report = {"device": "NVIDIA H200", "date": "2026-12-04", "sections": {
+        "kernels_check": {"returncode": 0, "seconds": 1.0,
+                          "result": {"summary": {"pass": 2, "timeout": 1}, "entries": entries}},
+        "train_seq4096_pallas": {"returncode": 0, "seconds": 2.0, "result": {"tokens_per_s": 5.0, "train_mfu": 0.4},
+                                 "kernel_warnings": ["flash_attention: Mosaic GPU self-check failed (x)"]}}}
+    md = gc.markdown(report)
+    assert "| kernels_check | ok | 1.0 | pass=2, timeout=1 |" in md
+    assert "- flash `mosaic_gpu` b: timeout no result" in md and "- flash `auto` c: pass, auto used mosaic_gpu" in md
+    assert "train_mfu=0.4" in md and "self-check failed (x)" in md and "`triton` a" not in md
