@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ditto_jax.checkpoints._errors import CheckpointError
+from ditto_jax.checkpoints._gguf import gguf_tokenizer
 from ditto_jax.checkpoints._model_checkpoint import save_model_checkpoint
 from ditto_jax.checkpoints._resolve import GGUF_FILE, load_model, resolve
 from ditto_jax.checkpoints._tokenizer_files import folder_tokenizer
@@ -18,8 +19,6 @@ def tokenizer_to_copy(path: str | Path) -> Any:
     tokenizer built from a GGUF file's metadata, or None when the source has no tokenizer."""
     found = resolve(path)
     if found.kind == GGUF_FILE:
-        from ditto_jax.checkpoints._gguf import gguf_tokenizer
-
         return gguf_tokenizer(found.path)
     return folder_tokenizer(found.path) or folder_tokenizer(found.weights)
 

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from ditto_jax.checkpoints._errors import CheckpointError
 from ditto_jax.checkpoints._fetch import locate
+from ditto_jax.checkpoints._gguf import load_gguf
 from ditto_jax.checkpoints._layout import (
     CHECKPOINT_DIR, GGUF_SUFFIX, HF_CONFIG_FILE, MODEL_CONFIG_FILE, PARAMS_DIR, TRAIN_META,
 )
@@ -95,8 +96,6 @@ def load_model(path: str | Path, mesh: Mesh | None = None, dtype: str | None = N
     if found.kind == HF_FOLDER:
         return load_pretrained(found.weights, mesh=mesh, dtype=dtype, rules=rules)
     if found.kind == GGUF_FILE:
-        from ditto_jax.checkpoints._gguf import load_gguf
-
         return load_gguf(found.weights, mesh=mesh, dtype=dtype, rules=rules)
     meta_file = found.weights / TRAIN_META
     try:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import pydantic
 
 from ditto_jax.checkpoints._errors import CheckpointError
+from ditto_jax.checkpoints._gguf import gguf_tokenizer
 from ditto_jax.checkpoints._layout import TOKENIZER_MODEL_FILES
 from ditto_jax.checkpoints._resolve import GGUF_FILE, load_model, resolve
 from ditto_jax.checkpoints._tokenizer_files import tokenizer_dir
@@ -82,8 +83,6 @@ def source_tokenizer(src: ModelSource, required: bool = False) -> Tokenizer | No
             return default_tokenizer()
         found = resolve(src.path)
         if found.kind == GGUF_FILE:
-            from ditto_jax.checkpoints._gguf import gguf_tokenizer
-
             return gguf_tokenizer(found.path)
         folder = tokenizer_dir(found.path) or tokenizer_dir(found.weights)
         if folder is not None:

@@ -148,7 +148,7 @@ def _check_tensors(reader: TensorReader, cfg: ModelConfig, shapes: dict[str, tup
         got = reader.shape(name)
         if got != want:
             raise HFCheckpointError(
-                f"{reader.files[name]}: tensor {name!r} has shape {list(got)}, expected {list(want)} from config.json"
+                f"{reader.files[name]}: tensor {name!r} has shape {list(got)}, expected {list(want)} from the model config"
             )
     return expected
 
@@ -239,27 +239,40 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None, dtype: str | np.
     path = Path(path)
     cfg = from_hf_config(read_hf_config(path), source=str(path / "config.json"))
     with TensorReader(path, weight_files(path)) as reader:
-        if not reader.files:
-            raise HFCheckpointError(f"{path}: the checkpoint holds no tensors")
-        stored = "model.embed_tokens.weight" if "model.embed_tokens.weight" in reader.files else next(iter(reader.files))
-        name = jnp.dtype(dtype).name if dtype is not None else reader.dtype(stored)
-        cfg = cfg.model_copy(update={"param_dtype": name, "dtype": name})
-        graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-        flat = list(nnx.to_flat_state(abs_state))
-        keys = {".".join(map(str, p)): p for p, _ in flat}
-        abstract = {k: v.get_value() for k, (_, v) in zip(keys, flat)}
-        if mesh is not None:
-            by_path = {p: v.get_value() for p, v in nnx.to_flat_state(param_shardings(abs_state, mesh, rules))}
-            shardings = {k: by_path[p] for k, p in keys.items()}
-        else:
-            shardings = {k: SingleDeviceSharding(jax.local_devices()[0]) for k in keys}
-        expected = _check_tensors(reader, cfg, {k: tuple(a.shape) for k, a in abstract.items()})
-        by_param: dict[str, tuple[TensorRule, list[str]]] = {}
-        for tensor, (rule, _) in expected.items():
-            by_param.setdefault(rule.ours, (rule, []))[1].append(tensor)
-        unfilled = sorted(set(keys) - set(by_param))
-        if unfilled:
-            raise HFCheckpointError(f"{path}: no rule fills parameter(s) {unfilled} (mapping table incomplete)")
-        arrays = _build_params(reader, by_param, abstract, shardings)
+        return build_model(reader, cfg, mesh, dtype, rules)
+
+
+def build_model(reader: Any, cfg: ModelConfig, mesh: Mesh | None = None, dtype: str | np.dtype | None = None,
+                rules: dict | None = None) -> tuple[Transformer, ModelConfig]:
+    """``(model, cfg)`` from a reader of HF-named tensors, checked against the mapping table, streamed layer by
+    layer into the target sharding.
+
+    ``reader`` has ``path`` (for errors), ``files`` (HF tensor name -> file), ``slice(name)`` (an indexable
+    lazy tensor in HF layout), ``dtype(name)`` and ``shape(name)``: ``TensorReader`` for safetensors folders,
+    the GGUF reader of ``ditto_jax.checkpoints`` for GGUF files.
+    """
+    path = reader.path
+    if not reader.files:
+        raise HFCheckpointError(f"{path}: the checkpoint holds no tensors")
+    stored = "model.embed_tokens.weight" if "model.embed_tokens.weight" in reader.files else next(iter(reader.files))
+    name = jnp.dtype(dtype).name if dtype is not None else reader.dtype(stored)
+    cfg = cfg.model_copy(update={"param_dtype": name, "dtype": name})
+    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    flat = list(nnx.to_flat_state(abs_state))
+    keys = {".".join(map(str, p)): p for p, _ in flat}
+    abstract = {k: v.get_value() for k, (_, v) in zip(keys, flat)}
+    if mesh is not None:
+        by_path = {p: v.get_value() for p, v in nnx.to_flat_state(param_shardings(abs_state, mesh, rules))}
+        shardings = {k: by_path[p] for k, p in keys.items()}
+    else:
+        shardings = {k: SingleDeviceSharding(jax.local_devices()[0]) for k in keys}
+    expected = _check_tensors(reader, cfg, {k: tuple(a.shape) for k, a in abstract.items()})
+    by_param: dict[str, tuple[TensorRule, list[str]]] = {}
+    for tensor, (rule, _) in expected.items():
+        by_param.setdefault(rule.ours, (rule, []))[1].append(tensor)
+    unfilled = sorted(set(keys) - set(by_param))
+    if unfilled:
+        raise HFCheckpointError(f"{path}: no rule fills parameter(s) {unfilled} (mapping table incomplete)")
+    arrays = _build_params(reader, by_param, abstract, shardings)
     state = nnx.from_flat_state([(p, var.replace(arrays[k])) for k, (p, var) in zip(keys, flat)])
     return nnx.merge(graphdef, state), cfg
