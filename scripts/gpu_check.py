@@ -55,6 +55,7 @@ class Section:
     takes_budget: bool = False  # a sweep: gets --budget (what is left after reserving later sections)
     result_file: str | None = None  # JSON the section rewrites as it goes: read when it is cut short
     add_tuned_impl: bool = False  # append kernels_tune's fastest spec to its --impls
+    drop_hung: bool = False  # leave out of its --impls the lowerings whose correctness check timed out
     env: dict[str, str] = dataclasses.field(default_factory=dict)  # added to the environment
     time_flag: str | None = None  # option that receives the section's limit less a margin (own time keeping)
 
@@ -183,7 +184,8 @@ def sections(small: bool, out_dir: Path, scratch: Path | None = None) -> list[Se
         Section("kernels_check", check + ["--out", str(out_dir / "kernels_check.json")], 600 if small else 170,
                 typical_s=100, result_file=str(out_dir / "kernels_check.json"), time_flag="--timeout"),
         Section("kernels_tune", cli + ["kernels", *tune, "--isolate", "off", "--json", "--out-dir", str(tune_dir)],
-                600 if small else 300, typical_s=150, takes_budget=True, result_file=str(tune_dir / "kernels.json")),
+                600 if small else 300, typical_s=150, takes_budget=True, result_file=str(tune_dir / "kernels.json"),
+                drop_hung=True),
         # SFT with the Pallas kernels as the model picks them (auto: Mosaic GPU forward once its self-check has
         # passed under this trace, Triton backward), then with Triton forced. The model's cuDNN path takes
         # batches without segment ids only, and the train step always passes them: no cuDNN SFT row.
@@ -213,9 +215,37 @@ def _command(sec: Section, report: dict[str, Any], budget: float | None) -> list
         i = cmd.index("--impls") + 1
         if spec not in cmd[i].split(","):
             cmd[i] = f"{cmd[i]},{spec}"
+    if sec.drop_hung and (hung := _hung_lowerings(report)) and "--impls" in cmd:
+        from ditto_jax.bench.kernel_tuning import NAMED_FLASH, expand
+
+        i = cmd.index("--impls") + 1
+        keep = [impl for impl in expand(cmd[i], NAMED_FLASH) if not _runs_hung(impl, hung)]
+        cmd[i] = ",".join(keep) or "cudnn"
     if sec.takes_budget and budget is not None:
         cmd += ["--budget", f"{budget:.0f}"]
     return cmd
+
+
+def _hung_lowerings(report: dict[str, Any]) -> set[str]:
+    """Backends (``triton``, ``mosaic_gpu``, ``mosaic_gpu@mgpu_bwd=1``) with a correctness case that timed out:
+    the in-process sweep has no per-entry limit, so one hung kernel there would stop every later entry."""
+    res = (report["sections"].get("kernels_check") or {}).get("result") or {}
+    return {e["backend"] for e in res.get("entries", []) if e.get("status") == "timeout" and e.get("kind") == "flash"}
+
+
+def _runs_hung(impl: str, hung: set[str]) -> bool:
+    """Whether a flash impl spec runs a lowering in ``hung`` (a Mosaic GPU spec with ``mgpu_bwd=1`` runs both
+    Mosaic GPU kernels; without it, the Mosaic GPU forward and the Triton backward)."""
+    if not impl.startswith("pallas:"):
+        return False
+    backend, _, tiles = impl[len("pallas:"):].partition("@")
+    own_bwd = "mgpu_bwd=1" in tiles.split(";")
+    if backend == "triton":
+        return bool(hung & {"triton"})
+    if backend == "mosaic_gpu":
+        return "mosaic_gpu" in hung or (own_bwd and "mosaic_gpu@mgpu_bwd=1" in hung) or (
+            not own_bwd and "triton" in hung)
+    return False
 
 
 def _with_time_flag(sec: Section, cmd: list[str], limit: float) -> list[str]:

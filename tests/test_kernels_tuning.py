@@ -304,3 +304,16 @@ def test_gpu_check_markdown_names_what_did_not_pass_and_autos_lowering():
     assert "| kernels_check | ok | 1.0 | pass=2, timeout=1 |" in md
     assert "- flash `mosaic_gpu` b: timeout no result" in md and "- flash `auto` c: pass, auto used mosaic_gpu" in md
     assert "train_mfu=0.4" in md and "self-check failed (x)" in md and "`triton` a" not in md
+
+
+def test_gpu_check_tuning_sweep_leaves_out_lowerings_whose_check_hung(tmp_path):
+    gc = _gpu_check()
+    secs = gc.sections(False, tmp_path)
+    tune = next(s for s in secs if s.name == "kernels_tune")
+    hung = {"kind": "flash", "name": "x", "backend": "mosaic_gpu@mgpu_bwd=1", "status": "timeout"}
+    report = {"sections": {"kernels_check": {"result": {"entries": [hung]}}}}
+    impls = gc._command(tune, report, None)[tune.cmd.index("--impls") + 1].split(",")
+    assert "cudnn" in impls and "pallas:triton" in impls and not any("mgpu_bwd=1" in i for i in impls)
+    assert gc._command(tune, {"sections": {}}, None) == tune.cmd  # nothing hung: the prepared list unchanged
+    assert gc._runs_hung("pallas:mosaic_gpu", {"triton"}) and not gc._runs_hung("pallas:mosaic_gpu@mgpu_bwd=1",
+                                                                                  {"triton"})
