@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - only known kinds of bad input become one line; the rest re-raise
+    except Exception as exc:  # only known kinds of bad input become one line; the rest re-raise
         if not isinstance(exc, _user_errors()):
             raise
         print(f"error: {_one_line(exc)}", file=sys.stderr)

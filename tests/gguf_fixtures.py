@@ -13,9 +13,8 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
 from hf_fixtures import make_hf_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -70,7 +69,7 @@ def _kquant_blocks(rows: int, cols: int, qtype: Q, rng: np.random.RandomState) -
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     nb = cols // block
     data = rng.randint(0, 256, (rows, nb, size)).astype(np.uint8)
-    scale = lambda n: np.frombuffer(rng.uniform(0.002, 0.02, (rows, nb, n)).astype(np.float16).tobytes(),  # noqa: E731
+    scale = lambda n: np.frombuffer(rng.uniform(0.002, 0.02, (rows, nb, n)).astype(np.float16).tobytes(),
                                     np.uint8).reshape(rows, nb, 2 * n)
     if qtype in (Q.Q4_K, Q.Q5_K):
         data[..., 0:4] = scale(2)  # d, dmin

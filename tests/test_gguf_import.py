@@ -10,13 +10,26 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from gguf_fixtures import (
+    CHATML,
+    TEXTS,
+    VOCAB,
+    hf_model_for,
+    transformers_model,
+    transformers_tokenizer,
+    write_gguf,
+)
+from hf_fixtures import forward, hf_logits
 
 from ditto_jax import checkpoints
-from ditto_jax.checkpoints import ModelSource, gguf_tokenizer, load_model, load_model_source
+from ditto_jax.checkpoints import (
+    ModelSource,
+    gguf_tokenizer,
+    load_model,
+    load_model_source,
+)
 from ditto_jax.cli import main
 from ditto_jax.sampling import Request, SamplingEngine, SamplingParams
-from gguf_fixtures import CHATML, TEXTS, VOCAB, hf_model_for, transformers_model, transformers_tokenizer, write_gguf
-from hf_fixtures import forward, hf_logits
 
 # family -> tensor types by GGUF name fragment (first match; "*" for the other 2-D tensors; 1-D stay F32)
 TYPES = {
@@ -89,7 +102,7 @@ def test_tokenizer_and_chat_template_match_transformers(files, family):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_greedy_chat_generation_matches_transformers(files, references, family):
-    model, cfg, tokenizer = load_model_source(ModelSource(path=str(files[family])))
+    model, _, tokenizer = load_model_source(ModelSource(path=str(files[family])))
     prompts = [tokenizer.encode_chat(m, add_generation_prompt=True)[0] for m in MESSAGES]
     params = SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=sorted(tokenizer.stop_ids))
     engine = SamplingEngine(model, tokenizer, batch_size=2, max_len=64, chunk=8, prefill_batch=1)
@@ -108,7 +121,7 @@ def test_convert_from_gguf_writes_the_from_hf_layout(files, references, tmp_path
     assert "wrote" in capsys.readouterr().out
     assert checkpoints.is_model_checkpoint(dst) and checkpoints.tokenizer_dir(dst) == dst / "tokenizer"
     direct, _ = load_model(src)
-    converted, cfg = load_model(dst)
+    converted, _ = load_model(dst)
     np.testing.assert_array_equal(forward(converted, IDS), forward(direct, IDS))
     _, _, tok = load_model_source(ModelSource(path=str(dst)))
     ref_tok = gguf_tokenizer(src)

@@ -45,7 +45,7 @@ def supported_tensor_types() -> list[str]:
     """Every GGML tensor type the installed ``gguf`` package can dequantise."""
     from gguf import quants
 
-    return [t.name for t in FLOAT_TYPES] + sorted(t.name for t in quants._type_traits)  # noqa: SLF001
+    return [t.name for t in FLOAT_TYPES] + sorted(t.name for t in quants._type_traits)
 
 
 def _open(path: Path) -> GGUFReader:
@@ -175,10 +175,10 @@ class GGUFTensorReader:
         self.files = {hf: model.path for hf in self.hf_to_gguf}
         self._cached: tuple[str, np.ndarray] | None = None
 
-    def __enter__(self) -> "GGUFTensorReader":
+    def __enter__(self) -> GGUFTensorReader:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._cached = None
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -208,7 +208,7 @@ class GGUFTensorReader:
         self._cached = (name, data)
         return data
 
-    def slice(self, name: str) -> "_Lazy":
+    def slice(self, name: str) -> _Lazy:
         """An indexable view of tensor ``name`` (dequantised on first use)."""
         return _Lazy(self, name)
 
@@ -298,7 +298,7 @@ def _build_backend(path: Path, kind: str, pre: str | None, tokens: list[str], ty
         else:
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        control_ok = lambda t: set(t) <= spelled  # noqa: E731 - a control token outside the alphabet is a mislabel
+        control_ok = lambda t: set(t) <= spelled
     elif kind == "llama":
         vocab = {t: i for i, t in enumerate(tokens)}
         pairs = [tuple(m.split(" ", 1)) for m in merges] if merges else _sentencepiece_merges(tokens, scores or [0.0] * len(tokens))
@@ -307,7 +307,7 @@ def _build_backend(path: Path, kind: str, pre: str | None, tokens: list[str], ty
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(content=" ", left=1)])
-        control_ok = lambda t: True  # noqa: E731
+        control_ok = lambda t: True
     else:
         raise CheckpointError(f"{path}: tokenizer type {kind!r} (metadata tokenizer.ggml.model) is not supported; "
                               f"supported: gpt2 (byte-level BPE), llama (SentencePiece BPE)")

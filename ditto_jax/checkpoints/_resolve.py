@@ -15,7 +15,12 @@ from ditto_jax.checkpoints._errors import CheckpointError
 from ditto_jax.checkpoints._fetch import locate
 from ditto_jax.checkpoints._gguf import load_gguf
 from ditto_jax.checkpoints._layout import (
-    CHECKPOINT_DIR, GGUF_SUFFIX, HF_CONFIG_FILE, MODEL_CONFIG_FILE, PARAMS_DIR, TRAIN_META,
+    CHECKPOINT_DIR,
+    GGUF_SUFFIX,
+    HF_CONFIG_FILE,
+    MODEL_CONFIG_FILE,
+    PARAMS_DIR,
+    TRAIN_META,
 )
 from ditto_jax.checkpoints._model_checkpoint import load_model_checkpoint, restore_model
 from ditto_jax.hf import load_pretrained

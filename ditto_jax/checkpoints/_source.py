@@ -6,7 +6,6 @@ their models with a ``ModelSource``; ``load_model_source`` returns ``(model, cfg
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
@@ -18,7 +17,12 @@ from ditto_jax.checkpoints._resolve import GGUF_FILE, load_model, resolve
 from ditto_jax.checkpoints._tokenizer_files import tokenizer_dir
 from ditto_jax.config import StrictModel, apply_overrides, read_yaml, validate
 from ditto_jax.model import ModelConfig, create_model
-from ditto_jax.tokenizer import Tokenizer, TokenizerError, default_tokenizer, load_tokenizer
+from ditto_jax.tokenizer import (
+    Tokenizer,
+    TokenizerError,
+    default_tokenizer,
+    load_tokenizer,
+)
 
 
 class ModelSource(StrictModel):
@@ -38,7 +42,7 @@ class ModelSource(StrictModel):
     overrides: list[str] = pydantic.Field(default_factory=list)
 
     @pydantic.model_validator(mode="after")
-    def _one_source(self) -> "ModelSource":
+    def _one_source(self) -> ModelSource:
         if (self.path is None) == (self.config is None):
             raise ValueError("give exactly one of `path` (checkpoint) or `config` (random-init preset)")
         return self
@@ -83,15 +87,15 @@ def source_tokenizer(src: ModelSource, required: bool = False) -> Tokenizer | No
             return default_tokenizer()
         found = resolve(src.path)
         if found.kind == GGUF_FILE:
-            return gguf_tokenizer(found.path)
-        folder = tokenizer_dir(found.path) or tokenizer_dir(found.weights)
-        if folder is not None:
-            return load_tokenizer(folder)
+            tokenizer = gguf_tokenizer(found.path)
+            missing = "tokenizer.ggml.model / tokenizer.ggml.tokens metadata"
+        else:
+            folder = tokenizer_dir(found.path) or tokenizer_dir(found.weights)
+            tokenizer = load_tokenizer(folder) if folder is not None else None
+            missing = f"{' or '.join(TOKENIZER_MODEL_FILES)} (in the folder or its tokenizer/)"
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from None
-    if required:
-        raise CheckpointError(
-            f"{src.path}: no tokenizer: the checkpoint has none of {', '.join(TOKENIZER_MODEL_FILES)} "
-            f"(in the folder or its tokenizer/); give one with `tokenizer:` (--tokenizer PATH) or use token-id prompts"
-        )
-    return None
+    if tokenizer is None and required:
+        raise CheckpointError(f"{src.path}: no tokenizer: the checkpoint has no {missing}; give one with "
+                              f"`tokenizer:` (--tokenizer PATH) or use token-id prompts")
+    return tokenizer

@@ -6,7 +6,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ditto_jax.checkpoints._layout import CHECKPOINT_DIR, TOKENIZER_DIR, TOKENIZER_FILES, TOKENIZER_MODEL_FILES
+from ditto_jax.checkpoints._layout import (
+    CHECKPOINT_DIR,
+    TOKENIZER_DIR,
+    TOKENIZER_FILES,
+    TOKENIZER_MODEL_FILES,
+)
 from ditto_jax.fileio import atomic_directory
 
 
