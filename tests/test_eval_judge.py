@@ -98,3 +98,78 @@ def test_constraints_compile_over_the_embedded_tokenizer():
     c = J.judge_constraint("consistency", tok, tok.vocab_size, num_options=3)
     texts = {tok.decode([i]) for i in range(tok.vocab_size) if c.allowed(c.initial_state)[i]}
     assert texts <= {"A", "B", "C"} and texts
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the reference protocol (OFA-Sys/Ditto eval/call_openai_api_gpt4_eval.py: structure and answer formats)
+# ------------------------------------------------------------------------------------------------------------
+def test_reference_prompts_structure():
+    cons = J.ref_consistency_messages("en", "Who rules France?", "I, the Emperor, do.", ["Ada", "Napoleon"])
+    assert len(cons) == 1 and cons[0]["role"] == "user"  # one user message, no system prompt (as the reference)
+    text = cons[0]["content"]
+    assert "- Ada\n- Napoleon" in text and "[Instruction]" in text and "[Response]" in text
+    assert "step by step" in text and "The most suitable role is [character name]." in text
+    assert "—" not in text  # candidates carry no description
+    zh = J.ref_consistency_messages("zh", "你是谁？", "我是张衡。", ["张衡", "华佗"])[0]["content"]
+    assert "- 张衡\n- 华佗" in zh and "最符合的角色为[角色名]" in zh and "一步一步" in zh
+    know = J.ref_knowledge_messages("en", "Ada", "A mathematician.", ["fact one"], "q?", "a.")[0]["content"]
+    assert "- fact one" in know and "First" in know and "last line" in know and "1 to 10" in know
+    rej = J.ref_rejection_messages("zh", "张衡", "q", "a")[0]["content"]
+    assert "1" in rej and "0" in rej and "张衡" in rej
+    mt = J.ref_mtbench_messages(["q1", "q2"], ["a1", "a2"], 1)
+    assert "[[rating]]" in mt[1]["content"] and "a2" in mt[1]["content"]
+    tpl = {"system_prompt": "SYS", "prompt_template": "Q={question} A={answer} [[rating]]"}
+    assert J.ref_mtbench_messages(["q1"], ["a1"], 0, tpl) == [{"role": "system", "content": "SYS"},
+                                                              {"role": "user", "content": "Q=q1 A=a1 [[rating]]"}]
+
+
+@pytest.mark.parametrize("text,lang,expected", [
+    ("The reply mentions Waterloo.\nThe most suitable role is [Napoleon].", "en", 1),
+    ("Analysis... the most suitable role is [ ada ]", "en", 0),               # case and spaces folded
+    ("I must end with 'The most suitable role is [character name]'. ... The most suitable role is [Ada].", "en", 0),
+    ("The most suitable role is [Cleopatra].", "en", -1),                    # parsed, not listed: scores 0
+    ("I think it is Napoleon.", "en", None),
+    ("分析……最符合的角色为[张衡]", "zh", 2),
+    ("最符合的角色为【张衡】", "zh", 2),
+    ("", "en", None),
+])
+def test_parse_role(text, lang, expected):
+    assert J.parse_role(text, lang, ["Ada", "Napoleon", "张衡"]) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("The answer is accurate and rich.\n8", 8), ("analysis\nScore: 7", 7), ("analysis\n**9**", 9),
+    ("analysis\n10\n", 10), ("分析\n评分：6", 6), ("analysis 8", None), ("analysis\n8 because", None),
+    ("analysis\n0", None), ("analysis\n11", None), ("7\nmore text", None),
+])
+def test_parse_last_line_score(text, expected):
+    assert J.parse_last_line_score(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Good answer. Rating: [[8]]", 8), ("[[2.5]]", 2.5), ("e.g. [[5]] ... Rating: [[9]]", 9), ("Rating: [7]", 7),
+    ("Rating: 8", None), ("[[11]]", None),
+])
+def test_parse_rating(text, expected):
+    assert J.parse_rating(text) == expected
+
+
+def test_shuffled_order_is_seeded_and_spreads_the_true_role():
+    assert J.shuffled_order(4, 0, "s/t00/s0") == J.shuffled_order(4, 0, "s/t00/s0")
+    orders = [tuple(J.shuffled_order(4, 0, f"s/t{t:02d}/s{k}")) for t in range(20) for k in range(3)]
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    # where index 0 (say the true role) is shown: every position occurs, none dominates
+    positions = [o.index(0) for o in orders]
+    assert set(positions) == {0, 1, 2, 3} and max(positions.count(p) for p in range(4)) < 30
+    assert J.shuffled_order(4, 1, "s/t00/s0") != J.shuffled_order(4, 0, "s/t00/s0") or \
+        J.shuffled_order(4, 1, "s/t01/s0") != J.shuffled_order(4, 0, "s/t01/s0")
+
+
+def test_verdict_patterns_force_parsable_verdicts():
+    for metric, lead_text, forced in [("consistency", "The most suitable role is [", "Ada]"),
+                                      ("knowledge", "\n", "7"), ("mtbench", "\nRating: [[", "7]]")]:
+        assert re.fullmatch(J.verdict_pattern(metric), forced)
+        raw = "free reasoning" + J.VERDICT_LEAD[(metric, "en")] + forced
+        assert J.parse_reference(metric, raw, "en", ["Ada", "Bob"]) is not None
+    zh = "分析" + J.VERDICT_LEAD[("consistency", "zh")] + "张衡]"
+    assert J.parse_reference("consistency", zh, "zh", ["华佗", "张衡"]) == 1

@@ -15,8 +15,9 @@ def turn(lang: str, label: int, cons, know, rej, answer: int = 2, failures=None)
 def test_consistency_is_mean_correctness_over_parsable_samples():
     assert consistency_score([2, 2, 0], 2) == pytest.approx(2 / 3)
     assert consistency_score([2, None, 0], 2) == pytest.approx(1 / 2)
-    assert consistency_score([None, None, None], 2) is None
+    assert consistency_score([None, None, None], 2) == 0.0  # the reference: no parsable sample scores 0
     assert consistency_score([1, 3, 0], 2) == 0.0
+    assert consistency_score([-1, 2], 2) == 0.5  # a name not among the candidates is parsed and wrong
 
 
 def test_knowledge_is_mean_of_parsable_scores():
@@ -35,6 +36,9 @@ def test_knowledge_is_mean_of_parsable_scores():
     ([1, None, None], "not_refused", 1),
     ([None, None, None], "not_refused", None),
     ([1, 1, 0, 0], "not_refused", 0),
+    ([1, 0], "first", 1),              # the reference: Counter.most_common keeps the first vote among equals
+    ([None, 0, 1], "first", 0),
+    ([0, 1, 1], "first", 1),
 ])
 def test_majority_refusal_and_tie_rule(votes, rule, expected):
     assert majority_refusal(votes, rule) == expected
@@ -43,7 +47,8 @@ def test_majority_refusal_and_tie_rule(votes, rule, expected):
 def test_rejection_correct_compares_majority_with_label():
     assert rejection_correct([1, 1, 0], 1) == 1.0
     assert rejection_correct([1, 1, 0], 0) == 0.0
-    assert rejection_correct([1, 0], 1) == 0.0  # tie -> not refused -> wrong for a refusal label
+    assert rejection_correct([1, 0], 1, "not_refused") == 0.0  # tie -> not refused -> wrong for a refusal label
+    assert rejection_correct([1, 0], 1) == 1.0  # default "first": the first vote wins the tie
     assert rejection_correct([1, 0], 1, "refused") == 1.0
     assert rejection_correct([None], 0) is None
 
@@ -57,22 +62,24 @@ def test_aggregate_per_language_splits_and_unparsable_counts():
         # zh: consistency 0; knowledge unparsable turn; rejection tie (1,0,None) -> not refused, label 0 -> right
         turn("zh", 0, [1, 1, 1], [None, None, None], [1, 0, None],
              failures={"knowledge": ("length", "length", "too_long"), "rejection": ("no_match",)}),
+        # zh: no parsable identity verdict -> scores 0 and stays in the mean (the reference); counted
+        turn("zh", 0, [None, None, None], [5, 5, 5], [0, 0, 0], failures={"consistency": ("no_match",) * 3}),
     ]
-    rep = aggregate(turns)
+    rep = aggregate(turns, "not_refused")
     m = rep["metrics"]
     assert m["en"] == {"consistency": 0.75, "knowledge": 6.0, "rejection": 0.5}
-    assert m["zh"] == {"consistency": 0.0, "knowledge": None, "rejection": 1.0}
-    assert m["all"]["consistency"] == pytest.approx(round((1.0 + 0.5 + 0.0) / 3, 4))
-    assert m["all"]["knowledge"] == 6.0  # the zh turn has no parsable knowledge sample: excluded, counted
-    assert m["all"]["rejection"] == pytest.approx(round(2 / 3, 4))
+    assert m["zh"] == {"consistency": 0.0, "knowledge": 5.0, "rejection": 1.0}
+    assert m["all"]["consistency"] == pytest.approx(round((1.0 + 0.5 + 0.0 + 0.0) / 4, 4))
+    assert m["all"]["knowledge"] == pytest.approx(round((8 + 4 + 5) / 3, 4))  # the no-parse turn: excluded
+    assert m["all"]["rejection"] == pytest.approx(round(3 / 4, 4))
     u = rep["unparsable"]
-    assert u["consistency"] == {"samples": 1, "turns": 0, "total_samples": 9, "reasons": {"length": 1}}
-    assert u["knowledge"] == {"samples": 4, "turns": 1, "total_samples": 9,
+    assert u["consistency"] == {"samples": 4, "turns": 1, "total_samples": 12, "reasons": {"length": 1, "no_match": 3}}
+    assert u["knowledge"] == {"samples": 4, "turns": 1, "total_samples": 12,
                               "reasons": {"no_match": 1, "length": 2, "too_long": 1}}
     assert u["rejection"]["samples"] == 1 and u["rejection"]["turns"] == 0
-    assert rep["counts"]["turns"] == 3
-    assert rep["counts"]["turns_by_lang"] == {"en": 2, "zh": 1}
-    assert rep["counts"]["scored_turns"] == {"consistency": 3, "knowledge": 2, "rejection": 3}
+    assert rep["counts"]["turns"] == 4
+    assert rep["counts"]["turns_by_lang"] == {"en": 2, "zh": 2}
+    assert rep["counts"]["scored_turns"] == {"consistency": 4, "knowledge": 3, "rejection": 4}
 
 
 def test_aggregate_tie_rule_changes_rejection():

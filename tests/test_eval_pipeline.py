@@ -28,8 +28,10 @@ def config(testset: Path, **judge) -> EvalConfig:
         # two candidates side by side; the second is the same model, so its answers and scores must be identical
         "candidates": [{"name": "seed", "model": TINY}, {"name": "again", "model": TINY}],
         # the judge is the candidate's model: loaded and compiled once (tests stay fast)
-        "judge": {"model": TINY, "samples": 3, "max_answer_chars": 120, "max_summary_chars": 80,
+        # the terse protocol keeps these wiring tests fast; the reference protocol: tests/test_eval_protocol.py
+        "judge": {"model": TINY, "protocol": "terse", "samples": 3, "max_answer_chars": 120, "max_summary_chars": 80,
                   "max_evidence_chars": 80, **judge},
+        "calibration": {"enabled": False},
         "testset": {"wikiroleeval": str(testset), "max_turns": 2, "mtbench_limit": 1},
         "answer": {"max_new_tokens": 6},
         "engine": {"batch_size": 8, "max_len": 512, "min_bucket": 256, "chunk": 8, "mesh": None},
@@ -92,10 +94,11 @@ def test_metrics_match_raw_judge_outputs(finished, testset):
     for rid, rec in outputs.items():
         if rid.startswith("mtbench/"):
             continue
-        sid, turn, metric, _ = rid.rsplit("/", 3)
+        sid, turn, metric, sample = rid.rsplit("/", 3)
         t = int(turn[1:])
-        if metric == "consistency":
-            correct.append(J.LETTERS.index(rec["text"].strip()) == sessions[sid].answer_index)
+        if metric == "consistency":  # the letter indexes this sample's shuffled order
+            order = W.sample_order(sessions[sid], t, int(sample[1:]), 0)
+            correct.append(order[J.LETTERS.index(rec["text"].strip())] == sessions[sid].answer_index)
         if metric == "rejection":
             votes.setdefault((sid, t), []).append(int(rec["text"]))
     assert report["metrics"]["all"]["consistency"] == pytest.approx(round(sum(correct) / len(correct), 4))
@@ -157,8 +160,8 @@ def test_unparsable_judge_outputs_are_counted(testset):
     """Free-text, truncated and never-sent judge samples: each counted with its reason, none dropped."""
     sessions = load_wikiroleeval(testset)[0]
     answers = {W.answer_request_id(s.id, t): "an answer" for s in sessions for t in range(len(s.turns))}
-    tasks = W.judge_tasks(sessions, answers, {}, lambda msgs: [1] * 10, 2, W.JudgeLimits(), 100)
-    tasks[0] = W.JudgeTask(**{**tasks[0].__dict__, "input_ids": None})  # a prompt that could not fit
+    tasks = W.judge_tasks(sessions, answers, {}, lambda msgs: [1] * 10, 2, W.JudgeLimits(), 100, protocol="terse")
+    tasks[0] = W.JudgeTask(**{**tasks[0].__dict__, "input_ids": None, "messages": None})  # could not fit
     outputs = {}
     for i, task in enumerate(tasks[1:], start=1):
         text = {"consistency": "B", "knowledge": "7", "rejection": "1"}[task.metric]
@@ -168,7 +171,7 @@ def test_unparsable_judge_outputs_are_counted(testset):
             outputs[task.id] = {"id": task.id, "text": "", "finish_reason": "length"}
         else:
             outputs[task.id] = {"id": task.id, "text": text, "finish_reason": "stop"}
-    turns = W.collect_judgements(sessions, tasks, outputs)
+    turns = W.collect_judgements(sessions, tasks, outputs, "terse")
     rep = aggregate(turns)
     total_bad = 1 + sum(1 for i in range(1, len(tasks)) if i % 5 == 0 or i % 7 == 0)
     assert sum(u["samples"] for u in rep["unparsable"].values()) == total_bad

@@ -58,10 +58,17 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     from ditto_jax.eval.pipeline import run_eval
 
     cfg = load_config(EvalConfig, args.config, overrides)
+    from ditto_jax.eval.report import calibration_warnings, load_runs, results_table
+
     report = run_eval(cfg, args.workdir, progress=not args.no_progress)
+    runs = load_runs([args.workdir])
+    print(results_table(runs), file=sys.stderr)
+    for warning in calibration_warnings(runs):
+        print(f"WARNING: {warning}", file=sys.stderr)
     print(json.dumps({"metrics": report["metrics"], "mtbench": report["mtbench"],
-                      "unparsable": {m: u["samples"] for m, u in report["unparsable"].items()}}, ensure_ascii=False))
-    print(f"wrote {args.workdir}/report.json, report.md, report.png", file=sys.stderr)
+                      "unparsable": {m: u["samples"] for m, u in report["unparsable"].items()},
+                      "unreliable_metrics": report.get("unreliable_metrics", [])}, ensure_ascii=False))
+    print(f"wrote {args.workdir}/report.json, report.md, report.png, judgements.jsonl", file=sys.stderr)
     return 0
 
 

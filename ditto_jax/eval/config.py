@@ -15,7 +15,11 @@ import pydantic
 from ditto_jax.config import StrictModel
 from ditto_jax.mesh import MeshConfig
 from ditto_jax.checkpoints import ModelSource
+from ditto_jax.sampling.endpoint import EndpointSource
 from ditto_jax.sampling.params import SamplingParams
+
+AnyModel = ModelSource | EndpointSource
+"""A local model (checkpoint or random init) or an OpenAI-compatible endpoint (``{endpoint, model, api_key_env}``)."""
 
 
 class AnswerSampling(SamplingParams):
@@ -32,7 +36,7 @@ class CandidateConfig(StrictModel):
     """A model under test: a short ``name`` (a folder name and the report's row label) and its source."""
 
     name: str = pydantic.Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=64)
-    model: ModelSource
+    model: AnyModel
 
 
 class EngineConfig(StrictModel):
@@ -51,24 +55,58 @@ class EngineConfig(StrictModel):
 class JudgeConfig(StrictModel):
     """The judge model and how it is asked.
 
-    ``samples``: judgements per turn and metric (paper: 3 at temperature 0.2). ``constrained``: decode under the
-    output regex (letter / integer / 0-1) so every finished output parses. ``rejection_tie``: how a tied
-    refusal vote resolves (see ``ditto_jax.eval.metrics``). ``knowledge_turns``: ``all`` turns (paper) or only
-    ``answerable`` ones (rejection label 0). ``max_*_chars``: text cut before it enters a judge prompt; a prompt
-    still longer than the engine's ``max_len`` is shortened further, then counted as ``too_long`` if it cannot fit.
+    ``protocol``: ``reference`` (default: the paper's prompt structure and answer formats, free reasoning before
+    the verdict; see ``ditto_jax.eval.judge``) or ``terse`` (one letter / number / 0-1, for cheap smoke runs).
+    ``samples``: judgements per turn and metric (paper: 3 at temperature 0.2). ``max_new_tokens``: the free
+    text's budget (``null``: 512 for ``reference``, 4 for ``terse``). ``constrained``: ``terse`` decodes the whole
+    output under the format's regex; ``reference`` decodes rejection's 0/1 under it and, for a sample whose free
+    text ends without a parsable verdict, forces only the final sentence/line (a local judge; an endpoint judge
+    cannot be constrained, its unparsable samples are counted). ``rejection_tie``: how a tied refusal vote
+    resolves (``first``: the first sample's vote, as the reference; see ``ditto_jax.eval.metrics``).
+    ``knowledge_turns``: ``all`` turns (paper) or only ``answerable`` ones (rejection label 0). ``max_*_chars``:
+    text cut before it enters a judge prompt; a prompt still longer than the engine's ``max_len`` is shortened
+    further, then counted as ``too_long`` if it cannot fit.
     """
 
-    model: ModelSource
+    model: AnyModel
+    protocol: Literal["reference", "terse"] = "reference"
     samples: int = pydantic.Field(3, ge=1)
     temperature: float = pydantic.Field(0.2, ge=0.0)
     top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
     constrained: bool = True
-    max_new_tokens: int = pydantic.Field(4, ge=1, description="constrained outputs need at most 3 tokens")
-    rejection_tie: Literal["not_refused", "refused"] = "not_refused"
+    max_new_tokens: int | None = pydantic.Field(None, ge=1)
+    rejection_tie: Literal["first", "not_refused", "refused"] = "first"
     knowledge_turns: Literal["all", "answerable"] = "all"
     max_answer_chars: int = pydantic.Field(2000, ge=16)
     max_summary_chars: int = pydantic.Field(1500, ge=16)
     max_evidence_chars: int = pydantic.Field(1500, ge=16)
+
+    @property
+    def new_tokens(self) -> int:
+        """The free-text budget actually used."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return 512 if self.protocol == "reference" else 4
+
+    @pydantic.model_validator(mode="after")
+    def _budget(self) -> "JudgeConfig":
+        if self.protocol == "reference" and self.max_new_tokens is not None and self.max_new_tokens < 512:
+            raise ValueError(f"judge.max_new_tokens={self.max_new_tokens}: the reference protocol's reasoning needs "
+                             f"at least 512 tokens (or use judge.protocol=terse)")
+        return self
+
+
+class CalibrationConfig(StrictModel):
+    """The judge's calibration run before the evaluation (``ditto_jax.eval.calibration``): hand-labelled items
+    (``path``: a calibration JSONL, ``null`` = the shipped en + zh set), ``limit``: first N items per language.
+    A judge whose accuracy is within ``margin`` of chance, or whose most frequent verdict covers at least
+    ``max_majority_share`` of its samples, is flagged and its scores marked unreliable."""
+
+    enabled: bool = True
+    path: str | None = None
+    limit: int | None = pydantic.Field(None, ge=1)
+    margin: float = pydantic.Field(0.1, ge=0.0, le=1.0)
+    max_majority_share: float = pydantic.Field(0.9, gt=0.0, le=1.0)
 
 
 class TestSetConfig(StrictModel):
@@ -84,6 +122,7 @@ class TestSetConfig(StrictModel):
     limit: int | None = pydantic.Field(None, ge=1)
     max_turns: int | None = pydantic.Field(None, ge=1, description="first N turns of each session")
     mtbench: str | None = None
+    mtbench_judge_prompts: str | None = None
     mtbench_enabled: bool = True
     mtbench_limit: int | None = pydantic.Field(None, ge=1)
 
@@ -99,6 +138,7 @@ class EvalConfig(StrictModel):
     testset: TestSetConfig = pydantic.Field(default_factory=TestSetConfig)
     answer: AnswerSampling = pydantic.Field(default_factory=AnswerSampling)
     engine: EngineConfig = pydantic.Field(default_factory=EngineConfig)
+    calibration: CalibrationConfig = pydantic.Field(default_factory=CalibrationConfig)
 
     @pydantic.model_validator(mode="after")
     def _unique_names(self) -> "EvalConfig":

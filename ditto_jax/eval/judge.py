@@ -1,6 +1,19 @@
 """The LLM judge: prompts (English and Chinese, by the session's language), output constraints and parsers.
 
-Four questions are asked of the judge, one turn (user query + role's answer) at a time, as in WikiRoleEval:
+Two protocols (``judge.protocol``):
+
+* ``reference`` (default) follows the structure and answer formats of the paper's judge,
+  ``eval/call_openai_api_gpt4_eval.py`` in OFA-Sys/Ditto (our own wording, same layout): one user message,
+  no system prompt; *consistency* lists the candidates as ``- name`` (no descriptions), asks for a step-by-step
+  analysis and a last sentence "The most suitable role is [name]" (zh: 最符合的角色为[角色名]); *knowledge* gives
+  the role's profile and the turn's evidence as tips, asks for an analysis first and the 1-10 score alone on the
+  last line; *rejection* asks for 1 (refused) or 0, nothing else; MT-Bench follows FastChat's single-answer
+  grading (an explanation, then "[[rating]]"). Reasoning is free text; with ``judge.constrained`` only the
+  verdict is forced: a sample whose free text does not end in a parsable verdict is continued after
+  ``VERDICT_LEAD[metric]`` under a small regex (``verdict_pattern``) — see ``ditto_jax.eval.pipeline``.
+* ``terse`` (cheap smoke runs): the questions below, answered with one letter / number / 0-1 under a constraint.
+
+The terse protocol's four questions, one turn (user query + role's answer) at a time:
 
 * ``consistency``: which of the candidate roles (true role + distractors, each "name — first sentence of its
   description", lettered A, B, ...) is speaking? Output: one letter.
@@ -23,6 +36,7 @@ import string
 from typing import Any, Literal, Mapping, Sequence
 
 Metric = Literal["consistency", "knowledge", "rejection", "mtbench"]
+Protocol = Literal["reference", "terse"]
 METRICS: tuple[str, ...] = ("consistency", "knowledge", "rejection")
 Message = dict[str, str]
 LETTERS = string.ascii_uppercase
@@ -179,6 +193,13 @@ def judge_constraint(metric: str, tokenizer: Any, vocab_size: int, num_options: 
     return regex_constraint(output_pattern(metric, num_options), tokenizer, vocab_size)
 
 
+def regex_for(pattern: str, tokenizer: Any, vocab_size: int) -> Any:
+    """A decoding constraint for ``pattern`` over the judge's vocabulary."""
+    from ditto_jax.sampling import regex_constraint
+
+    return regex_constraint(pattern, tokenizer, vocab_size)
+
+
 def parse_choice(text: str, num_options: int) -> int | None:
     """Index of the chosen option: ``"B"``, ``"(B)"``, ``"B."``, ``"Answer: B"``, ``"答案：B"``; else ``None``."""
     allowed = LETTERS[:num_options]
@@ -244,3 +265,209 @@ def descriptions_by_label(characters: Sequence[Any]) -> Mapping[str, str]:
         for name in (c.label, *c.aliases):
             out.setdefault(name, c.description)
     return out
+
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the reference protocol (structure and answer formats of OFA-Sys/Ditto eval/call_openai_api_gpt4_eval.py)
+# ------------------------------------------------------------------------------------------------------------
+_REF_CONSISTENCY = {
+    "en": (
+        "You are good at telling which character is speaking in a dialogue. Below is an exchange between a user "
+        "and a character; the user's message is marked [Instruction] and the character's reply is marked "
+        "[Response].\n\n[Instruction]\n[Begin]\n{query}\n[End]\n\n[Response]\n[Begin]\n{answer}\n[End]\n\n"
+        "The character may be one of the following:\n{cands}\n\n"
+        "Analyse the reply step by step and choose the identity from the list above that fits the speaker best. "
+        "End your answer with the sentence \"The most suitable role is [character name].\""
+    ),
+    "zh": (
+        "你善于判断对话中说话者的角色身份。下面是用户与一个角色之间的对话，用户的话以[指令]标注，角色的回复以[回复]标注。\n\n"
+        "[指令]\n[开始]\n{query}\n[结束]\n\n[回复]\n[开始]\n{answer}\n[结束]\n\n该角色可能是以下身份之一：\n{cands}\n\n"
+        "请根据回复内容一步一步地分析，从上面的身份中选出最符合回复者的一个，并在最后用\"最符合的角色为[角色名]\"的句式作答。"
+    ),
+}
+
+_REF_KNOWLEDGE = {
+    "en": (
+        "You are an expert at checking the quality of answers.\n"
+        "In this conversation the assistant plays the role of {label}. Profile of {label}: {summary}\n\n"
+        "Act as an impartial judge and evaluate how correct the assistant's answer to the user's question below "
+        "is. Some related information is given as tips to help your judgement.\n\n"
+        "[Question]\n{question}\n\n[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]\n\n"
+        "[Begin of Tips]\n{evidence}\n[End of Tips]\n\n"
+        "First write a thorough analysis of your judgement on one line.\n"
+        "Then, on the last line, write only the score: a single number from 1 to 10, higher is better. "
+        "Write nothing after the score."
+    ),
+    "zh": (
+        "你是检查人工智能助手回答质量的专家。\n对话中助手扮演{label}。{label}的简介：{summary}\n\n"
+        "请作为公正的评委，评价助手在扮演{label}时对下面用户问题的回答是否正确。下面提供了一些相关信息供你参考。\n\n"
+        "[问题]\n{question}\n\n[助手回答开始]\n{answer}\n[助手回答结束]\n\n[参考信息开始]\n{evidence}\n[参考信息结束]\n\n"
+        "请先在第一行写出对评分的完整分析。\n然后在最后一行只写分数：一个1到10之间的数字，越高越好。分数之后不要再写任何内容。"
+    ),
+}
+
+_REF_REJECTION = {
+    "en": (
+        "Below is a conversation between a user and the role {label}. The user's message is marked [Instruction] "
+        "and the role's reply is marked [Response].\n\n[Instruction]\n[Begin]\n{query}\n[End]\n\n"
+        "[Response]\n[Begin]\n{answer}\n[End]\n\n"
+        "Decide whether the role refuses to answer the question, because its knowledge is limited or for any "
+        "other reason. Reply 1 if it refuses, otherwise 0. Reply with nothing but 1 or 0."
+    ),
+    "zh": (
+        "下面是用户与角色{label}的对话，用户的话以[指令]标注，角色的回复以[回复]标注。\n\n[指令]\n[开始]\n{query}\n[结束]\n\n"
+        "[回复]\n[开始]\n{answer}\n[结束]\n\n请判断该角色是否因为自身知识有限或其他原因拒绝回答问题。拒绝回答则回复1，否则回复0。"
+        "除了1或0不要回复任何其他内容。"
+    ),
+}
+
+_REF_NO_EVIDENCE = {"en": "(no tips for this question)", "zh": "（本题没有参考信息）"}
+
+# FastChat's single-answer grading ("single-v1" / "single-v1-multi-turn" in its judge_prompts.jsonl), our wording
+_REF_MTBENCH_SYSTEM = "You are a helpful assistant."
+_REF_MTBENCH = (
+    "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the response provided by an AI "
+    "assistant{focus} displayed below. Consider helpfulness, relevance, accuracy, depth, creativity and level of "
+    "detail. Begin with a short explanation, as objective as possible. After the explanation, rate the response "
+    "on a scale of 1 to 10 by strictly following this format: \"[[rating]]\", for example: \"Rating: [[5]]\".\n\n"
+    "{dialogue}"
+)
+
+VERDICT_LEAD = {
+    ("consistency", "en"): "\nThe most suitable role is [", ("consistency", "zh"): "\n最符合的角色为[",
+    ("knowledge", "en"): "\n", ("knowledge", "zh"): "\n",
+    ("mtbench", "en"): "\nRating: [[", ("mtbench", "zh"): "\nRating: [[",
+}
+"""What a forced verdict is written after: the free reasoning, then this text, then ``verdict_pattern``."""
+
+_ROLE_RE = {"en": re.compile(r"most suitable role is\s*[\[［【]([^\]］】\n]*)[\]］】]", re.IGNORECASE),
+            "zh": re.compile(r"最符合的角色[为是]\s*[\[［【]([^\]］】\n]*)[\]］】]")}
+
+
+def reference_candidates(candidates: Sequence[str]) -> str:
+    """``- name`` lines (the reference's candidate list; no descriptions)."""
+    return "\n".join(f"- {c}" for c in candidates)
+
+
+def ref_consistency_messages(lang: str, query: str, answer: str, candidates: Sequence[str]) -> list[Message]:
+    """Reference identity judgement: candidates as ``- name`` in the given (shuffled) order."""
+    return [{"role": "user", "content": _REF_CONSISTENCY[lang].format(query=query, answer=answer,
+                                                                       cands=reference_candidates(candidates))}]
+
+
+def ref_knowledge_messages(lang: str, label: str, summary: str, evidence: Sequence[str], query: str,
+                           answer: str) -> list[Message]:
+    """Reference knowledge judgement: analysis, then the score alone on the last line."""
+    ev = "\n".join(f"- {e}" for e in evidence) if evidence else _REF_NO_EVIDENCE[lang]
+    return [{"role": "user", "content": _REF_KNOWLEDGE[lang].format(label=label, summary=summary or "-",
+                                                                     evidence=ev, question=query, answer=answer)}]
+
+
+def ref_rejection_messages(lang: str, label: str, query: str, answer: str) -> list[Message]:
+    """Reference rejection judgement: 1 or 0, nothing else."""
+    return [{"role": "user", "content": _REF_REJECTION[lang].format(label=label, query=query, answer=answer)}]
+
+
+def ref_mtbench_messages(questions: Sequence[str], answers: Sequence[str], turn: int,
+                         template: Mapping[str, str] | None = None) -> list[Message]:
+    """FastChat single-answer grading of ``answers[turn]``. ``template``: a FastChat ``judge_prompts.jsonl`` record
+    (``system_prompt``, ``prompt_template`` with ``{question}``/``{answer}`` or ``{question_1}``, ``{answer_1}``,
+    ``{question_2}``, ``{answer_2}``); without it, our wording of the same format."""
+    if template is not None:
+        fields = ({"question": questions[0], "answer": answers[0]} if turn == 0 else
+                  {"question_1": questions[0], "answer_1": answers[0], "question_2": questions[1],
+                   "answer_2": answers[1]})
+        return [{"role": "system", "content": template["system_prompt"]},
+                {"role": "user", "content": template["prompt_template"].format(**fields)}]
+    if turn == 0:
+        dialogue = (f"[Question]\n{questions[0]}\n\n[The Start of Assistant's Answer]\n{answers[0]}\n"
+                    f"[The End of Assistant's Answer]")
+        focus = " to the user question"
+    else:
+        dialogue = ("<|The Start of Assistant A's Conversation with User|>\n\n"
+                    f"### User:\n{questions[0]}\n\n### Assistant A:\n{answers[0]}\n\n"
+                    f"### User:\n{questions[1]}\n\n### Assistant A:\n{answers[1]}\n\n"
+                    "<|The End of Assistant A's Conversation with User|>")
+        focus = " to the user's second question (focus on the second answer)"
+    return [{"role": "system", "content": _REF_MTBENCH_SYSTEM},
+            {"role": "user", "content": _REF_MTBENCH.format(focus=focus, dialogue=dialogue)}]
+
+
+def verdict_pattern(metric: str) -> str:
+    """The regex a forced verdict must match after ``VERDICT_LEAD``: a name and the closing bracket
+    (consistency), a 1-10 score (knowledge), a rating and ``]]`` (MT-Bench), 0/1 (rejection, whole output)."""
+    score = "(10|[1-9])"
+    return {"consistency": r"[^\]\n\[]{1,60}\]", "knowledge": score, "mtbench": score + r"\]\]",
+            "rejection": "(0|1)"}[metric]
+
+
+def parse_role(text: str, lang: str, candidates: Sequence[str]) -> int | None:
+    """The named role of a reference identity judgement: index into ``candidates``, ``-1`` for a name that is
+    not among them (parsed, scores 0), ``None`` when the text has no "most suitable role is [...]" sentence.
+    The last such sentence counts (a judge may quote the format before answering)."""
+    matches = list(_ROLE_RE.get(lang, _ROLE_RE["en"]).finditer(text)) or list(
+        _ROLE_RE["zh" if lang == "en" else "en"].finditer(text))
+    if not matches:
+        return None
+    name = matches[-1].group(1).strip().strip("\"'*“”‘’ ").strip()
+    for i, cand in enumerate(candidates):
+        if name == cand:
+            return i
+    folded = name.casefold()
+    for i, cand in enumerate(candidates):
+        if folded == cand.casefold():
+            return i
+    return -1
+
+
+def parse_last_line_score(text: str, low: int = SCORE_RANGE[0], high: int = SCORE_RANGE[1]) -> int | None:
+    """The reference knowledge format: the last non-empty line is the score alone (``7``, ``Score: 7``,
+    ``**7**``, ``评分：7``); else ``None``."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return None
+    last = re.sub(r"^(?:score|rating|评分|分数|得分)\s*[:：]\s*", "", lines[-1].strip("*# "), flags=re.IGNORECASE)
+    match = re.fullmatch(r"\**\s*(\d+)\s*\**(?:\s*/\s*10)?[.。]?", last)
+    if match is None:
+        return None
+    value = int(match.group(1))
+    return value if low <= value <= high else None
+
+
+def parse_rating(text: str) -> float | None:
+    """FastChat's single-answer rating: the last ``[[x]]`` (or ``[x]``) in the text, 1-10; else ``None``."""
+    matches = re.findall(r"\[\[(\d+\.?\d*)\]\]", text) or re.findall(r"\[(\d+\.?\d*)\]", text)
+    if not matches:
+        return None
+    value = float(matches[-1])
+    if not SCORE_RANGE[0] <= value <= SCORE_RANGE[1]:
+        return None
+    return int(value) if value.is_integer() else value
+
+
+def parse_reference(metric: str, text: str | None, lang: str = "en", candidates: Sequence[str] = ()) -> Any:
+    """Parse a reference-protocol judge output (``None`` when unparsable)."""
+    if text is None:
+        return None
+    if metric == "consistency":
+        return parse_role(text, lang, candidates)
+    if metric == "knowledge":
+        return parse_last_line_score(text)
+    if metric == "rejection":
+        return parse_binary(text)
+    if metric == "mtbench":
+        return parse_rating(text)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def shuffled_order(n: int, seed: int, key: str) -> list[int]:
+    """A permutation of ``range(n)`` drawn from ``(seed, key)`` (stable across runs, hosts and Python versions):
+    the candidate order shown in one judge sample."""
+    import hashlib
+    import random
+
+    digest = hashlib.blake2b(f"{int(seed)}\x00{key}".encode("utf-8"), digest_size=8).digest()
+    order = list(range(n))
+    random.Random(int.from_bytes(digest, "little")).shuffle(order)
+    return order

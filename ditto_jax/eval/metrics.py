@@ -2,16 +2,22 @@
 
 Per turn, the judge is sampled ``n`` times per metric; each sample parses to a value or ``None`` (unparsable).
 
-* consistency: a sample scores 1 when the chosen option is the true role, else 0; the turn's score is the mean
-  over its parsable samples.
-* knowledge: the turn's score is the mean of its parsable 1-10 samples.
-* rejection: the turn's prediction is the majority of its parsable 0/1 samples; **a tie** (n even, or an odd n with
-  unparsable samples, e.g. one 1 and one 0) **resolves by ``tie_rule``** — ``"not_refused"`` (default: a refusal
-  must win a strict majority) or ``"refused"``. The turn scores 1 when the prediction equals its label.
+This follows the paper's ``scoring.py`` and ``get_*_score`` functions (OFA-Sys/Ditto):
 
-A metric is the mean of the turn scores over turns with at least one parsable sample, overall and per language.
-A turn with no parsable sample is excluded from that metric and counted under ``unparsable[metric]["turns"]``;
-every unparsable sample is counted under ``["samples"]`` (the reference implementation drops these silently).
+* consistency: a sample scores 1 when the named role is the true role, else 0 (a name not among the candidates
+  is parsed and scores 0); the turn's score is the mean over its parsable samples, and **0 when no sample
+  parses** (the reference: ``np.mean`` of an empty list is NaN, replaced by 0). Such turns stay in the mean.
+* knowledge: the turn's score is the mean of its parsable 1-10 samples; a turn with none is left out of the mean
+  (the reference turns a missing score into NaN and averages with ``skipna``).
+* rejection: the turn's prediction is the majority of its parsable 0/1 samples; **a tie** (n even, or an odd n with
+  unparsable samples, e.g. one 1 and one 0) **resolves by ``tie_rule``** — ``"first"`` (default; the reference's
+  ``Counter.most_common`` keeps the first sample's vote among equals), ``"not_refused"`` or ``"refused"``. The
+  turn scores 1 when the prediction equals its label. A turn with no parsable vote is left out (the reference
+  would crash on it).
+
+A metric is the mean of the turn scores, overall and per language. Every unparsable sample is counted under
+``unparsable[metric]["samples"]`` and every turn without a parsable sample under ``["turns"]`` (and, for
+consistency, scored 0 as above): nothing is dropped without being counted.
 With ``knowledge_turns="answerable"`` the knowledge metric covers only turns whose rejection label is 0 (turns
 left out this way are counted under ``counts["knowledge_turns_skipped"]``); the paper uses all turns.
 """
@@ -22,7 +28,7 @@ import dataclasses
 import math
 from typing import Any, Iterable, Literal, Sequence
 
-TieRule = Literal["not_refused", "refused"]
+TieRule = Literal["first", "not_refused", "refused"]
 KnowledgeTurns = Literal["all", "answerable"]
 SPLITS = ("all", "en", "zh")
 
@@ -50,10 +56,10 @@ def _parsed(values: Iterable[Any]) -> list[Any]:
     return [v for v in values if v is not None]
 
 
-def consistency_score(choices: Sequence[int | None], answer_index: int) -> float | None:
-    """Mean correctness over parsable samples (``None`` when none parsed)."""
+def consistency_score(choices: Sequence[int | None], answer_index: int) -> float:
+    """Mean correctness over parsable samples; 0.0 when none parsed (as the reference)."""
     ok = _parsed(choices)
-    return sum(int(c == answer_index) for c in ok) / len(ok) if ok else None
+    return sum(int(c == answer_index) for c in ok) / len(ok) if ok else 0.0
 
 
 def knowledge_score(scores: Sequence[int | None]) -> float | None:
@@ -62,8 +68,9 @@ def knowledge_score(scores: Sequence[int | None]) -> float | None:
     return sum(ok) / len(ok) if ok else None
 
 
-def majority_refusal(votes: Sequence[int | None], tie_rule: TieRule = "not_refused") -> int | None:
-    """Majority of the parsable 0/1 votes; a tie goes by ``tie_rule``; ``None`` when none parsed."""
+def majority_refusal(votes: Sequence[int | None], tie_rule: TieRule = "first") -> int | None:
+    """Majority of the parsable 0/1 votes; a tie goes by ``tie_rule`` (``first``: the first parsable vote);
+    ``None`` when none parsed."""
     ok = _parsed(votes)
     if not ok:
         return None
@@ -71,10 +78,12 @@ def majority_refusal(votes: Sequence[int | None], tie_rule: TieRule = "not_refus
     zeros = len(ok) - ones
     if ones != zeros:
         return int(ones > zeros)
+    if tie_rule == "first":
+        return int(ok[0])
     return 1 if tie_rule == "refused" else 0
 
 
-def rejection_correct(votes: Sequence[int | None], label: int, tie_rule: TieRule = "not_refused") -> float | None:
+def rejection_correct(votes: Sequence[int | None], label: int, tie_rule: TieRule = "first") -> float | None:
     """1.0 when the majority vote equals ``label``, 0.0 when not, ``None`` when no vote parsed."""
     pred = majority_refusal(votes, tie_rule)
     return None if pred is None else float(pred == label)
@@ -88,7 +97,7 @@ def _round(x: float | None, digits: int = 4) -> float | None:
     return None if x is None or math.isnan(x) else round(x, digits)
 
 
-def aggregate(turns: Sequence[TurnJudgement], tie_rule: TieRule = "not_refused",
+def aggregate(turns: Sequence[TurnJudgement], tie_rule: TieRule = "first",
               knowledge_turns: KnowledgeTurns = "all") -> dict[str, Any]:
     """``{"metrics": {split: {consistency, knowledge, rejection}}, "unparsable": {...}, "counts": {...}}``.
 
@@ -120,8 +129,9 @@ def aggregate(turns: Sequence[TurnJudgement], tie_rule: TieRule = "not_refused",
             u["samples"] += sum(v is None for v in samples)
             for reason in t.failures.get(metric, ()):
                 u["reasons"][reason] = u["reasons"].get(reason, 0) + 1
-            if score is None:
+            if not any(v is not None for v in samples):
                 u["turns"] += 1
+            if score is None:
                 continue
             for s in splits:
                 per[s][metric].append(score)

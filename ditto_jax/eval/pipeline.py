@@ -6,12 +6,20 @@ Work dir layout (every stage resumable; a re-run skips finished requests and loa
     WORKDIR/runs/<name>/answers/t00 ...        candidate answers, one stage per turn position
     WORKDIR/runs/<name>/mtbench_answers/t0, t1
     WORKDIR/runs/<name>/judge                  every judge sample of the candidate (WikiRoleEval + MT-Bench)
+    WORKDIR/runs/<name>/judge_final            reference protocol: forced verdicts of samples whose free text
+                                               did not end in one (local judge, judge.constrained)
+    WORKDIR/calibration/                       the judge on the hand-labelled calibration set (same layout)
+    WORKDIR/judgements.jsonl                   every judge sample: candidate, item, metric, sample, shown
+                                               candidate order, raw text, verdict or why it failed
+    WORKDIR/endpoint_cache/                    answers of endpoint models (never asked twice)
     WORKDIR/runs/<name>/report.json            the candidate's report
     WORKDIR/report.json                        the first candidate's report, plus "runs" (all candidates' names)
     WORKDIR/report.md, WORKDIR/report.png      all candidates side by side
 
 Models are loaded lazily: a candidate whose answers are all on disk is not loaded again; the judge is loaded once
-for all candidates, and only when some judge output is missing.
+for all candidates, and only when some judge output is missing. The judge's calibration runs before it judges
+any candidate (``ditto_jax.eval.calibration``). Any model may be an OpenAI-compatible endpoint
+(``ditto_jax.sampling.endpoint``): it gets chat messages instead of token ids and cannot be constrained.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ditto_jax.config import ConfigError, dump_config
+from ditto_jax.eval import calibration as C
 from ditto_jax.eval import judge as J
 from ditto_jax.eval import mtbench as M
 from ditto_jax.eval import wikiroleeval as W
@@ -32,10 +41,14 @@ from ditto_jax.eval.metrics import aggregate, aggregate_mtbench
 from ditto_jax.eval.report import REPORT_JSON, load_runs, write_comparison, write_run_report
 from ditto_jax.eval.stages import run_stage
 from ditto_jax.eval.testsets import EvalSession, MTBenchQuestion, load_mtbench, load_wikiroleeval
-from ditto_jax.fileio import atomic_write_json, atomic_write_text
+from ditto_jax.fileio import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from ditto_jax.checkpoints import ModelSource
+from ditto_jax.sampling.endpoint import ChatRequest, EndpointEngine, EndpointSource, is_endpoint
 
 PROMPT_STATS = "prompt_stats.json"
+JUDGEMENTS = "judgements.jsonl"
+ENDPOINT_CACHE = "endpoint_cache"
+FINAL_NEW_TOKENS = 40  # room for a forced verdict (a role name and "]", or a score)
 
 
 @dataclasses.dataclass
@@ -75,6 +88,45 @@ class LoadedModel:
         self.constraints.clear()
         gc.collect()
 
+    is_endpoint = False
+
+    def request(self, rid: str, prompt_ids: Any, messages: Any, params: Any, constraint: Any = None) -> Any:
+        """A sampling-engine request (token ids)."""
+        from ditto_jax.sampling import Request
+
+        return Request(rid, prompt_ids, params, constraint)
+
+
+@dataclasses.dataclass
+class EndpointModel:
+    """A model behind an OpenAI-compatible endpoint: no weights, no tokenizer, no constraints; answers are
+    journalled under ``cache_dir`` (a re-run never asks for them again)."""
+
+    source: EndpointSource
+    cache_dir: Path
+    engine: Any = None
+    model: Any = None
+    tokenizer: Any = None
+    is_endpoint = True
+
+    def load(self) -> "EndpointModel":
+        """Build the client (idempotent; reads the key from the environment)."""
+        if self.engine is None:
+            self.engine = EndpointEngine(self.source, self.cache_dir)
+        return self
+
+    def constraint(self, key: Any, build: Callable[[], Any]) -> Any:
+        """Endpoints take no decoding constraints."""
+        return None
+
+    def release(self) -> None:
+        """Nothing to free."""
+        self.engine = None
+
+    def request(self, rid: str, prompt_ids: Any, messages: Any, params: Any, constraint: Any = None) -> Any:
+        """A chat request (messages)."""
+        return ChatRequest(rid, messages, params)
+
 
 @dataclasses.dataclass(frozen=True)
 class TestSet:
@@ -112,6 +164,8 @@ def load_testset(cfg: EvalConfig) -> TestSet:
 
 
 def _answer_params(cfg: EvalConfig, tokenizer: Any) -> Any:
+    if tokenizer is None:
+        return cfg.answer
     stops = sorted(set(cfg.answer.stop_token_ids) | set(tokenizer.stop_ids))
     return cfg.answer.model_copy(update={"stop_token_ids": stops})
 
@@ -120,10 +174,10 @@ def _text(record: Mapping[str, Any]) -> str:
     return (record.get("text") or "").strip()
 
 
-def _vocab_mask(loaded: LoadedModel) -> Any:
+def _vocab_mask(loaded: Any) -> Any:
     """A constraint keeping free text to the tokenizer's ids when the model's embedding is larger (a random-init
-    model samples the extra rows, whose text cannot be decoded); ``None`` when they agree."""
-    if loaded.model.cfg.vocab_size <= loaded.tokenizer.vocab_size:
+    model samples the extra rows, whose text cannot be decoded); ``None`` when they agree (or an endpoint)."""
+    if loaded.is_endpoint or loaded.model.cfg.vocab_size <= loaded.tokenizer.vocab_size:
         return None
     from ditto_jax.sampling import vocab_constraint
 
@@ -131,7 +185,7 @@ def _vocab_mask(loaded: LoadedModel) -> Any:
 
 
 def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[int], list[str]],
-                  prompts: Callable[[int, dict[str, str], Any], list[W.Prompt]], cand: LoadedModel, cfg: EvalConfig,
+                  prompts: Callable[[int, dict[str, str], Any, int], list[W.Prompt]], cand: Any, cfg: EvalConfig,
                   stats: dict[str, int], desc: str, progress: bool = True) -> dict[str, str]:
     """Run answer waves ``0..waves-1``; each wave sees the answers of the previous ones."""
     answers: dict[str, str] = {}
@@ -139,16 +193,14 @@ def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[i
         stage_dir = stage_root / f"t{t:02d}"
 
         def make_requests(pending: set[str], t: int = t, stage_dir: Path = stage_dir) -> Iterable[Any]:
-            from ditto_jax.sampling import Request
-
             cand.load()
             budget = cfg.engine.max_len - cfg.answer.max_new_tokens
             params = _answer_params(cfg, cand.tokenizer)
             vocab_mask = _vocab_mask(cand)
-            wave = prompts(t, answers, W.chat_encoder(cand.tokenizer), budget)
+            wave = prompts(t, answers, None if cand.is_endpoint else W.chat_encoder(cand.tokenizer), budget)
             # counted over the whole wave and kept on disk: a resumed run may not rebuild these prompts
             atomic_write_json(stage_dir / PROMPT_STATS, {"history_trimmed": sum(p.trimmed > 0 for p in wave)})
-            return [Request(p.id, p.input_ids, params, vocab_mask) for p in wave if p.id in pending]
+            return [cand.request(p.id, p.input_ids, p.messages, params, vocab_mask) for p in wave if p.id in pending]
 
         records = run_stage(stage_dir, expected(t), make_requests, lambda: cand.load().engine,
                             f"{name}: {desc} turn {t + 1}/{waves}", progress=progress)
@@ -161,7 +213,7 @@ def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[i
     return answers
 
 
-def answer_candidate(cand_cfg: CandidateConfig, cand: LoadedModel, cfg: EvalConfig, testset: TestSet,
+def answer_candidate(cand_cfg: CandidateConfig, cand: Any, cfg: EvalConfig, testset: TestSet,
                      run_dir: Path, progress: bool = True) -> tuple[dict[str, str], dict[str, str], dict[str, int]]:
     """All answers of one candidate: ``(wikiroleeval answers, mtbench answers, stats)``."""
     stats = {"answers": 0, "truncated": 0, "history_trimmed": 0}
@@ -190,47 +242,147 @@ def _judge_ids(testset: TestSet, samples: int) -> list[str]:
     return ids
 
 
-def judge_candidate(name: str, judge: LoadedModel, cfg: EvalConfig, testset: TestSet, wre: Mapping[str, str],
-                    mt: Mapping[str, str], run_dir: Path, progress: bool = True
-                    ) -> tuple[list[Any], list[Any], dict[str, Any]]:
-    """Judge every turn of one candidate: ``(TurnJudgements, MTBenchJudgements, stats)``."""
-    from ditto_jax.sampling import Request, SamplingParams
+def _strip_stops(ids: Sequence[int], stops: Any) -> list[int]:
+    out = list(ids)
+    while out and out[-1] in stops:
+        out.pop()
+    return out
+
+
+@dataclasses.dataclass
+class JudgeOutcome:
+    """One candidate's judged results: per-turn and MT-Bench judgements, stats, judgements.jsonl rows."""
+
+    turns: list[Any]
+    mtbench: list[Any]
+    stats: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+
+def judge_candidate(name: str, judge: Any, cfg: EvalConfig, testset: TestSet, wre: Mapping[str, str],
+                    mt: Mapping[str, str], run_dir: Path, progress: bool = True,
+                    templates: Mapping[str, Mapping[str, str]] | None = None) -> JudgeOutcome:
+    """Judge every turn of one candidate (``wre``/``mt``: its answers by request id).
+
+    Stage ``judge``: every sample, free text (reference) or constrained (terse; reference's rejection 0/1).
+    Stage ``judge_final`` (reference protocol, local judge, ``judge.constrained``): a sample whose free text does
+    not end in a parsable verdict is continued after ``J.VERDICT_LEAD`` under ``J.verdict_pattern`` — only that
+    final sentence/line is constrained; its raw text is the free text, the lead and the forced verdict."""
+    from ditto_jax.sampling import SamplingParams
 
     jc = cfg.judge
+    protocol = jc.protocol
     limits = W.JudgeLimits(jc.max_answer_chars, jc.max_summary_chars, jc.max_evidence_chars)
-    budget = cfg.engine.max_len - jc.max_new_tokens
+    reserve = FINAL_NEW_TOKENS + 16 if protocol == "reference" else 0
+    budget = cfg.engine.max_len - jc.new_tokens - reserve
+    built: list[tuple[list[W.JudgeTask], list[W.JudgeTask]]] = []
+
+    def full_tasks() -> tuple[list[W.JudgeTask], list[W.JudgeTask]]:
+        if not built:
+            judge.load()
+            enc = None if judge.is_endpoint else W.chat_encoder(judge.tokenizer)
+            built.append((W.judge_tasks(testset.sessions, wre, testset.descriptions, enc, jc.samples, limits, budget,
+                                        protocol=protocol, seed=cfg.seed),
+                          M.judge_tasks(testset.questions, mt, enc, jc.samples, limits, budget, protocol, templates)))
+        return built[0]
+
+    def params(max_new: int) -> Any:
+        stops = [] if judge.is_endpoint else sorted(judge.tokenizer.stop_ids)
+        return SamplingParams(temperature=jc.temperature, top_p=jc.top_p, max_new_tokens=max_new,
+                              stop_token_ids=stops, seed=cfg.seed)
+
+    def constraint_for(metric: str, num_options: int) -> Any:
+        if judge.is_endpoint:
+            return None
+        vocab = judge.model.cfg.vocab_size
+        if jc.constrained and protocol == "terse":
+            return judge.constraint((metric, num_options), lambda: J.judge_constraint(
+                metric, judge.tokenizer, vocab, num_options or 4))
+        if jc.constrained and metric == "rejection":
+            return judge.constraint(("verdict", metric), lambda: J.regex_for(J.verdict_pattern(metric),
+                                                                             judge.tokenizer, vocab))
+        return _vocab_mask(judge)
 
     def make_requests(pending: set[str]) -> Iterable[Any]:
-        judge.load()
-        enc = W.chat_encoder(judge.tokenizer)
-        wre_tasks = W.judge_tasks(testset.sessions, wre, testset.descriptions, enc, jc.samples, limits, budget)
-        mt_tasks = M.judge_tasks(testset.questions, mt, enc, jc.samples, limits, budget)
-        params = SamplingParams(temperature=jc.temperature, top_p=jc.top_p, max_new_tokens=jc.max_new_tokens,
-                                stop_token_ids=sorted(judge.tokenizer.stop_ids), seed=cfg.seed)
+        wre_tasks, mt_tasks = full_tasks()
+        p = params(jc.new_tokens)
         for task in wre_tasks + mt_tasks:
-            if task.id not in pending or task.input_ids is None:
+            if task.id not in pending or not task.sendable:
                 continue
-            constraint = None
-            if jc.constrained:
-                constraint = judge.constraint((task.metric, task.num_options), lambda task=task: J.judge_constraint(
-                    task.metric, judge.tokenizer, judge.model.cfg.vocab_size, task.num_options or 4))
-            yield Request(task.id, task.input_ids, params, constraint)
+            yield judge.request(task.id, task.input_ids, task.messages, p, constraint_for(task.metric, task.num_options))
 
     outputs = run_stage(run_dir / "judge", _judge_ids(testset, jc.samples), make_requests,
                         lambda: judge.load().engine, f"{name}: judging", progress=progress)
-    wre_tasks, mt_tasks = _task_skeletons(testset, jc.samples)
-    return (W.collect_judgements(testset.sessions, wre_tasks, outputs),
-            M.collect_judgements(testset.questions, mt_tasks, outputs), {"judge_requests": len(outputs)})
+    wre_sk, mt_sk = _task_skeletons(testset, jc.samples, cfg.seed)
+    final_outputs = dict(outputs)
+    forced = 0
+    if protocol == "reference" and jc.constrained and not is_endpoint(jc.model):
+        by_id = {s.id: s for s in testset.sessions}
+        need = []
+        for task in wre_sk + mt_sk:
+            out = outputs.get(task.id)
+            if out is None or task.metric == "rejection":
+                continue
+            cands = by_id[task.session].candidates if task.metric != "mtbench" else ()
+            if W.parse_task(task, out.get("text"), protocol, cands) is None:
+                need.append(task)
+        need_ids = [t.id for t in need]
+
+        def make_final(pending: set[str]) -> Iterable[Any]:
+            wre_tasks, mt_tasks = full_tasks()
+            tasks = {t.id: t for t in wre_tasks + mt_tasks}
+            stops = judge.tokenizer.stop_ids
+            for task in need:
+                if task.id not in pending:
+                    continue
+                full = tasks[task.id]
+                lead = judge.tokenizer.encode(J.VERDICT_LEAD[(task.metric, task.lang)])
+                free = _strip_stops(outputs[task.id].get("output_ids") or [], stops)
+                room = cfg.engine.max_len - FINAL_NEW_TOKENS - len(full.input_ids) - len(lead)
+                ids = list(full.input_ids) + free[:max(room, 0)] + lead
+                yield judge.request(task.id, ids, None, params(FINAL_NEW_TOKENS), judge.constraint(
+                    ("verdict", task.metric), lambda m=task.metric: J.regex_for(
+                        J.verdict_pattern(m), judge.tokenizer, judge.model.cfg.vocab_size)))
+
+        if need_ids:
+            finals = run_stage(run_dir / "judge_final", need_ids, make_final, lambda: judge.load().engine,
+                               f"{name}: forcing {len(need_ids)} verdicts", progress=progress)
+            for task in need:
+                fin = finals.get(task.id)
+                if fin is None:
+                    continue
+                free = outputs[task.id]
+                final_outputs[task.id] = {
+                    "id": task.id, "text": (free.get("text") or "") + J.VERDICT_LEAD[(task.metric, task.lang)]
+                    + (fin.get("text") or ""), "finish_reason": fin.get("finish_reason"), "forced": True,
+                    "free_finish_reason": free.get("finish_reason")}
+                forced += 1
+    rows: list[dict[str, Any]] = []
+    turns = W.collect_judgements(testset.sessions, wre_sk, final_outputs, protocol, rows)
+    mt_items = M.collect_judgements(testset.questions, mt_sk, final_outputs, protocol, rows)
+    return JudgeOutcome(turns, mt_items, {"judge_requests": len(outputs), "forced_verdicts": forced}, rows)
 
 
-def _task_skeletons(testset: TestSet, samples: int) -> tuple[list[W.JudgeTask], list[W.JudgeTask]]:
-    """Every judge task's id and bookkeeping, without prompts (no judge tokenizer needed): collecting results
-    from these, an id missing from the outputs is a prompt that could not fit and was never sent."""
-    wre_tasks = [W.JudgeTask(W.judge_request_id(s.id, t, m, k), s.id, t, m, k, [], len(s.candidates))
+def _task_skeletons(testset: TestSet, samples: int, seed: int) -> tuple[list[W.JudgeTask], list[W.JudgeTask]]:
+    """Every judge task's id and bookkeeping (shown candidate order included), without prompts (no judge
+    tokenizer needed): collecting results from these, an id missing from the outputs is a prompt that could not
+    fit and was never sent."""
+    wre_tasks = [W.JudgeTask(W.judge_request_id(s.id, t, m, k), s.id, t, m, k, None, len(s.candidates), [],
+                             W.sample_order(s, t, k, seed), s.lang)
                  for s in testset.sessions for t in range(len(s.turns)) for m in J.METRICS for k in range(samples)]
-    mt_tasks = [W.JudgeTask(M.judge_request_id(q.question_id, t, k), f"q{q.question_id:04d}", t, "mtbench", k, [], 0)
+    mt_tasks = [W.JudgeTask(M.judge_request_id(q.question_id, t, k), f"q{q.question_id:04d}", t, "mtbench", k, None,
+                            0, [], (), J.text_lang(q.turns[0]))
                 for q in testset.questions for t in (0, 1) for k in range(samples)]
     return wre_tasks, mt_tasks
+
+
+def forced_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Forced verdicts per metric (samples whose free text ended without one)."""
+    out: dict[str, int] = {}
+    for row in rows:
+        if row.get("forced"):
+            out[row["metric"]] = out.get(row["metric"], 0) + 1
+    return out
 
 
 def _check_config(workdir: Path, cfg: EvalConfig) -> None:
@@ -243,7 +395,31 @@ def _check_config(workdir: Path, cfg: EvalConfig) -> None:
         atomic_write_text(path, text)
 
 
-def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, LoadedModel] | None = None,
+def load_judge_templates(path: str | None) -> dict[str, dict[str, str]] | None:
+    """FastChat's ``judge_prompts.jsonl`` (single-answer grading records ``single-v1`` and
+    ``single-v1-multi-turn``) from a user-supplied path; ``None`` without a path (our wording of that format)."""
+    if path is None:
+        return None
+    from ditto_jax.data.records import iter_json_lines
+
+    found: dict[str, dict[str, str]] = {}
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"{path}: no MT-Bench judge prompts file (testset.mtbench_judge_prompts; FastChat's "
+                                f"fastchat/llm_judge/data/judge_prompts.jsonl)")
+    for _, line, obj in iter_json_lines(file):
+        if isinstance(obj, dict) and obj.get("name") in ("single-v1", "single-v1-multi-turn"):
+            for field in ("system_prompt", "prompt_template"):
+                if not isinstance(obj.get(field), str):
+                    raise ConfigError(f"{path}:{line}: {obj['name']} needs a string field {field!r}")
+            found[obj["name"]] = obj
+    missing = {"single-v1", "single-v1-multi-turn"} - set(found)
+    if missing:
+        raise ConfigError(f"{path}: no judge prompt named {sorted(missing)} (FastChat's single-answer grading)")
+    return found
+
+
+def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, Any] | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Evaluate every candidate (resuming whatever is on disk); returns the top-level report (``progress``:
     show progress bars).
@@ -255,6 +431,7 @@ def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, LoadedModel
     workdir.mkdir(parents=True, exist_ok=True)
     _check_config(workdir, cfg)
     testset = load_testset(cfg)
+    templates = load_judge_templates(cfg.testset.mtbench_judge_prompts) if cfg.judge.protocol == "reference" else None
     from ditto_jax.mesh import make_mesh
 
     engine = cfg.engine
@@ -264,7 +441,12 @@ def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, LoadedModel
     models = {} if models is None else models
     mesh: list[Any] = []
 
-    def loaded(source: ModelSource) -> LoadedModel:
+    def loaded(source: Any) -> Any:
+        if is_endpoint(source):
+            key = json.dumps(["endpoint", source.model_dump(mode="json"), str(workdir)])
+            if key not in models:
+                models[key] = EndpointModel(source, workdir / ENDPOINT_CACHE)
+            return models[key]
         key = json.dumps([source.model_dump(mode="json"), engine_kwargs,
                           None if engine.mesh is None else engine.mesh.model_dump(mode="json")])
         if key not in models:
@@ -281,16 +463,19 @@ def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, LoadedModel
                                                    progress)
         if not keep_loaded and cand is not judge:
             cand.release()
+    rows: list[dict[str, Any]] = []
+    calibration = run_calibration(cfg, judge, workdir, progress, rows)
     reports = {}
     for cand_cfg in cfg.candidates:
         run_dir = workdir / "runs" / cand_cfg.name
         wre, mt, answer_stats = answers[cand_cfg.name]
-        turns, mt_items, judge_stats = judge_candidate(cand_cfg.name, judge, cfg, testset, wre, mt, run_dir,
-                                                         progress)
-        reports[cand_cfg.name] = build_report(cand_cfg, cfg, testset, turns, mt_items, answer_stats | judge_stats)
+        outcome = judge_candidate(cand_cfg.name, judge, cfg, testset, wre, mt, run_dir, progress, templates)
+        rows += [{"candidate": cand_cfg.name, **r} for r in outcome.rows]
+        reports[cand_cfg.name] = build_report(cand_cfg, cfg, testset, outcome, answer_stats, calibration)
         write_run_report(run_dir / REPORT_JSON, reports[cand_cfg.name])
     if not keep_loaded:
         judge.release()
+    atomic_write_jsonl(workdir / JUDGEMENTS, rows)
     top = dict(reports[cfg.candidates[0].name])
     top["runs"] = [c.name for c in cfg.candidates]
     write_run_report(workdir / REPORT_JSON, top)
@@ -298,26 +483,51 @@ def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, LoadedModel
     return top
 
 
-def build_report(cand_cfg: CandidateConfig, cfg: EvalConfig, testset: TestSet, turns: Sequence[Any],
-                 mt_items: Sequence[Any], stats: dict[str, Any]) -> dict[str, Any]:
+def run_calibration(cfg: EvalConfig, judge: Any, workdir: Path, progress: bool,
+                    rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The judge on the calibration set (``WORKDIR/calibration``), through ``judge_candidate``; ``None`` when
+    disabled. Appends its judgements.jsonl rows (candidate ``"calibration"``)."""
+    cal = cfg.calibration
+    if not cal.enabled:
+        return None
+    items = C.load_calibration(cal.path, cal.limit)
+    sessions, answers = C.as_sessions(items)
+    testset = TestSet(sessions, [], {}, {})
+    outcome = judge_candidate("calibration", judge, cfg, testset, answers, {}, workdir / "calibration", progress)
+    rows += [{"candidate": "calibration", **r} for r in outcome.rows]
+    metrics = C.score_calibration(items, outcome.turns, cal.margin, cal.max_majority_share)
+    return {"items": len(items), "source": cal.path or "shipped (ditto_jax/data/assets/eval_calibration.jsonl)",
+            "metrics": metrics, "reliable": all(m["reliable"] for m in metrics.values()),
+            "forced": forced_counts(outcome.rows)}
+
+
+def build_report(cand_cfg: CandidateConfig, cfg: EvalConfig, testset: TestSet, outcome: JudgeOutcome,
+                 answer_stats: dict[str, Any], calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """One candidate's report (see ``ditto_jax.eval.report``)."""
     jc = cfg.judge
-    agg = aggregate(turns, jc.rejection_tie, jc.knowledge_turns)
+    agg = aggregate(outcome.turns, jc.rejection_tie, jc.knowledge_turns)
     unparsable = dict(agg["unparsable"])
     mt_result = None
-    if mt_items:
-        mt_result, unparsable["mtbench"] = aggregate_mtbench(mt_items)
+    if outcome.mtbench:
+        mt_result, unparsable["mtbench"] = aggregate_mtbench(outcome.mtbench)
+    for metric, n in forced_counts(outcome.rows).items():
+        if metric in unparsable:
+            unparsable[metric]["forced"] = n
     counts = {"sessions": len(testset.sessions), **agg["counts"], "mtbench_questions": len(testset.questions),
-              **stats, "testset": testset.stats}
+              **answer_stats, **outcome.stats, "testset": testset.stats}
+    unreliable = sorted(m for m, v in ((calibration or {}).get("metrics") or {}).items() if not v["reliable"])
     return {
         "name": cand_cfg.name,
         "metrics": agg["metrics"],
         "mtbench": mt_result,
         "unparsable": unparsable,
+        "calibration": calibration,
+        "unreliable_metrics": unreliable,
         "counts": counts,
         "models": {"candidate": {"name": cand_cfg.name, "source": cand_cfg.model.describe()},
-                   "judge": {"source": jc.model.describe(), "samples": jc.samples, "temperature": jc.temperature,
-                             "constrained": jc.constrained, "rejection_tie": jc.rejection_tie}},
+                   "judge": {"source": jc.model.describe(), "protocol": jc.protocol, "samples": jc.samples,
+                             "temperature": jc.temperature, "constrained": jc.constrained,
+                             "max_new_tokens": jc.new_tokens, "rejection_tie": jc.rejection_tie}},
         "config": cfg.model_dump(mode="json"),
     }
 

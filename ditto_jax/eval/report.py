@@ -5,8 +5,11 @@ One run's ``report.json``::
 
     {"name": str, "metrics": {"all"|"en"|"zh": {"consistency", "knowledge", "rejection"}},
      "mtbench": {"roleplay", "turn1", "turn2", "questions", "answers"} | null,
-     "unparsable": {"consistency"|"knowledge"|"rejection"|"mtbench": {"samples", "turns", "total_samples", "reasons"}},
-     "counts": {...}, "models": {"candidate": {...}, "judge": {...}}, "config": {...}}
+     "unparsable": {"consistency"|"knowledge"|"rejection"|"mtbench": {"samples", "turns", "total_samples", "reasons",
+                                                                      "forced"}},
+     "calibration": {"items", "source", "reliable", "metrics": {metric: {"accuracy", "chance", "majority_verdict",
+                     "majority_share", "samples", "unparsable", "reliable", "warning"?}}} | null,
+     "unreliable_metrics": [metric], "counts": {...}, "models": {"candidate": {...}, "judge": {...}}, "config": {...}}
 
 Consistency and rejection are fractions in [0, 1], knowledge and MT-Bench are 1-10; ``null`` = no scored turn.
 """
@@ -43,9 +46,10 @@ def results_table(runs: Sequence[Run]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name, rep in runs:
         cells = [name]
+        unreliable = set(rep.get("unreliable_metrics") or ())
         for split, _ in SPLIT_NAMES:
             for metric, _ in METRIC_NAMES:
-                cells.append(_fmt(_metric(rep, split, metric)))
+                cells.append(_fmt(_metric(rep, split, metric)) + (" †" if metric in unreliable else ""))
         cells.append(_fmt(_mtbench(rep)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -63,29 +67,67 @@ def unparsable_table(runs: Sequence[Run]) -> str:
                 cells.append("–")
                 continue
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(u.get("reasons", {}).items()))
+            forced = f"; {u['forced']} verdicts forced" if u.get("forced") else ""
             cells.append(f"{u['samples']}/{u['total_samples']} samples, {u['turns']} turns"
-                         + (f" ({reasons})" if reasons else ""))
+                         + (f" ({reasons})" if reasons else "") + forced)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def calibration_warnings(runs: Sequence[Run]) -> list[str]:
+    """Plain warnings of the judges' calibration (one per flagged metric and distinct judge)."""
+    out: list[str] = []
+    for _, rep in runs:
+        for m in ((rep.get("calibration") or {}).get("metrics") or {}).values():
+            if m.get("warning") and m["warning"] not in out:
+                out.append(m["warning"])
+    return out
+
+
+def calibration_table(runs: Sequence[Run]) -> str:
+    """The judge's calibration per metric (the first run that has one; one judge scores every run)."""
+    cal = next((rep.get("calibration") for _, rep in runs if rep.get("calibration")), None)
+    if not cal:
+        return "The judge was not calibrated (calibration.enabled=false)."
+    lines = [f"{cal['items']} labelled items ({cal['source']}).", "",
+             "| Metric | Judge accuracy | Chance | Most frequent verdict | Share | Unparsable | Reliable |",
+             "|---|---:|---:|---|---:|---:|---|"]
+    for metric, m in cal["metrics"].items():
+        acc = f"{m['accuracy']:.2f}" + (f" (r={m['correlation']:.2f})" if m.get("correlation") is not None else "")
+        lines.append(f"| {metric} | {acc} | {m['chance']:.2f} | {m['majority_verdict']!s} | {m['majority_share']:.0%} "
+                     f"| {m['unparsable']}/{m['samples']} | {'yes' if m['reliable'] else '**NO**'} |")
+    return "\n".join(lines)
+
+
 def render_markdown(runs: Sequence[Run], chart: str | None = REPORT_PNG) -> str:
-    """``report.md``: the results table, the unparsable counts, test set and models of each run."""
-    out = ["# WikiRoleEval results", "",
+    """``report.md``: calibration warnings, the results table, unparsable counts, calibration, test set and
+    models of each run."""
+    out = ["# WikiRoleEval results", ""]
+    warns = calibration_warnings(runs)
+    if warns:
+        out += ["> **Warning: the judge failed its calibration.** Scores of the flagged metrics measure the judge, "
+                "not the models:", ">"] + [f"> - {w}" for w in warns] + [""]
+    out += [
            "Cons. = consistent role identity (fraction of judge picks naming the true role, 0-1); "
            "Know. = accurate role-related knowledge (1-10); Rej. = unknown-question rejection accuracy (0-1); "
            "MT-Bench roleplay = single-answer grade (1-10). Each is judged per turn and averaged over turns.", "",
            results_table(runs), ""]
+    unreliable = sorted({m for _, rep in runs for m in rep.get("unreliable_metrics") or []})
+    if unreliable:
+        out += [f"† unreliable: the judge failed its calibration for {', '.join(unreliable)}.", ""]
     if chart:
         out += [f"![results]({chart})", ""]
-    out += ["## Unparsable judge outputs", "", "Counted, never dropped silently: a turn with no parsable sample is "
-            "left out of that metric's mean.", "", unparsable_table(runs), "", "## Runs", ""]
+    out += ["## Unparsable judge outputs", "", "Counted, never dropped silently. As the reference scoring: a turn "
+            "with no parsable identity verdict scores 0; a turn with no parsable knowledge score or rejection vote "
+            "is left out of that metric's mean. \"Forced\": samples whose free text ended without a verdict, "
+            "completed under a constraint (only the final sentence/line).", "", unparsable_table(runs), "",
+            "## Judge calibration", "", calibration_table(runs), "", "## Runs", ""]
     for name, rep in runs:
         counts = rep.get("counts", {})
         models = rep.get("models", {})
         out.append(f"- **{name}**: candidate {models.get('candidate', {}).get('source', '?')}; judge "
-                   f"{models.get('judge', {}).get('source', '?')} ({models.get('judge', {}).get('samples', '?')} "
-                   f"samples/turn); {counts.get('sessions', '?')} sessions, {counts.get('turns', '?')} turns "
+                   f"{models.get('judge', {}).get('source', '?')} ({models.get('judge', {}).get('protocol', 'terse')} protocol, "
+                   f"{models.get('judge', {}).get('samples', '?')} samples/turn); {counts.get('sessions', '?')} sessions, {counts.get('turns', '?')} turns "
                    f"({json.dumps(counts.get('turns_by_lang', {}))}), MT-Bench answers "
                    f"{(rep.get('mtbench') or {}).get('answers', 0)}.")
     return "\n".join(out) + "\n"

@@ -39,34 +39,40 @@ def chat_encoder(tokenizer: Any) -> Encode:
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """One request to make: id, token ids, and bookkeeping."""
+    """One request to make: id, token ids (``None`` for an endpoint model: ``messages`` are sent), bookkeeping."""
 
     id: str
-    input_ids: list[int]
+    input_ids: list[int] | None
     trimmed: int = 0  # history pairs dropped (answers) or text cuts made (judge) to fit the cache
+    messages: list[Message] | None = None
 
 
-def fit_conversation(encode: Encode, system: str, history: Sequence[tuple[str, str]], query: str,
-                     budget: int) -> tuple[list[int], int]:
+def fit_conversation(encode: Encode | None, system: str, history: Sequence[tuple[str, str]], query: str,
+                     budget: int) -> tuple[list[int] | None, int, list[Message]]:
     """Prompt ids of ``system + history + query`` within ``budget`` tokens, dropping the oldest pairs first
-    (then cutting the query's tail); returns ``(ids, pairs_dropped)``."""
+    (then cutting the query's tail); returns ``(ids, pairs_dropped, messages)``. Without ``encode`` (an endpoint
+    model) the whole conversation is used, ids ``None``."""
     for dropped in range(len(history) + 1):
         msgs: list[Message] = [{"role": "system", "content": system}]
         for q, a in history[dropped:]:
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        ids = encode(msgs + [{"role": "user", "content": query}])
+        msgs = msgs + [{"role": "user", "content": query}]
+        if encode is None:
+            return None, 0, msgs
+        ids = encode(msgs)
         if len(ids) <= budget:
-            return ids, dropped
+            return ids, dropped, msgs
     text = query
     while len(text) > 1:
         text = text[: len(text) // 2]
-        ids = encode([{"role": "system", "content": system}, {"role": "user", "content": text}])
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+        ids = encode(msgs)
         if len(ids) <= budget:
-            return ids, len(history) + 1
+            return ids, len(history) + 1, msgs
     raise ValueError(f"the system prompt alone ({system[:60]!r}...) does not fit {budget} tokens")
 
 
-def answer_prompts(sessions: Sequence[EvalSession], turn: int, answers: Mapping[str, str], encode: Encode,
+def answer_prompts(sessions: Sequence[EvalSession], turn: int, answers: Mapping[str, str], encode: Encode | None,
                    budget: int) -> list[Prompt]:
     """The wave of answer requests for turn position ``turn`` (sessions with that many turns).
 
@@ -76,8 +82,8 @@ def answer_prompts(sessions: Sequence[EvalSession], turn: int, answers: Mapping[
         if turn >= len(s.turns):
             continue
         history = [(s.turns[i].prompt, answers[answer_request_id(s.id, i)]) for i in range(turn)]
-        ids, dropped = fit_conversation(encode, s.system, history, s.turns[turn].prompt, budget)
-        out.append(Prompt(answer_request_id(s.id, turn), ids, dropped))
+        ids, dropped, msgs = fit_conversation(encode, s.system, history, s.turns[turn].prompt, budget)
+        out.append(Prompt(answer_request_id(s.id, turn), ids, dropped, msgs))
     return out
 
 
@@ -102,12 +108,17 @@ class JudgeLimits:
     evidence: int = 1500
 
 
-def _judge_messages(metric: str, session: EvalSession, turn: int, answer: str, options: Sequence[str],
-                    limits: JudgeLimits) -> list[Message]:
+def _judge_messages(metric: str, session: EvalSession, turn: int, answer: str, shown: Sequence[str],
+                    limits: JudgeLimits, protocol: str = "reference") -> list[Message]:
+    """One judge prompt. ``shown``: the candidates in this sample's (shuffled) order — names (reference) or
+    terse options (name + first sentence of the description)."""
     t = session.turns[turn]
     answer = J.clip(answer, limits.answer)
+    query = J.clip(t.prompt, limits.answer)
     if metric == "consistency":
-        return J.consistency_messages(session.lang, J.clip(t.prompt, limits.answer), answer, options)
+        if protocol == "reference":
+            return J.ref_consistency_messages(session.lang, query, answer, shown)
+        return J.consistency_messages(session.lang, query, answer, shown)
     if metric == "knowledge":
         evidence, used = [], 0
         for e in t.evidence:
@@ -115,31 +126,39 @@ def _judge_messages(metric: str, session: EvalSession, turn: int, answer: str, o
                 break
             evidence.append(e)
             used += len(e)
-        return J.knowledge_messages(session.lang, session.label, J.clip(session.summary, limits.summary), evidence,
-                                    J.clip(t.prompt, limits.answer), answer)
+        build = J.ref_knowledge_messages if protocol == "reference" else J.knowledge_messages
+        return build(session.lang, session.label, J.clip(session.summary, limits.summary), evidence, query, answer)
     if metric == "rejection":
-        return J.rejection_messages(session.lang, session.label, J.clip(t.prompt, limits.answer), answer)
+        build = J.ref_rejection_messages if protocol == "reference" else J.rejection_messages
+        return build(session.lang, session.label, query, answer)
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def fit_judge_prompt(build: Callable[[JudgeLimits], list[Message]], encode: Encode, limits: JudgeLimits,
-                     budget: int) -> tuple[list[int] | None, int]:
-    """Encode ``build(limits)``, halving the text budgets until it fits ``budget`` tokens; ``(None, cuts)`` when it
-    cannot fit (the caller counts those samples as unparsable, reason ``too_long``)."""
+def fit_judge_prompt(build: Callable[[JudgeLimits], list[Message]], encode: Encode | None, limits: JudgeLimits,
+                     budget: int) -> tuple[list[int] | None, int, list[Message] | None]:
+    """Encode ``build(limits)``, halving the text budgets until it fits ``budget`` tokens; ``(None, cuts, None)``
+    when it cannot fit (the caller counts those samples as unparsable, reason ``too_long``). Without ``encode``
+    (an endpoint judge: its tokenizer is not here) the messages are used as built, ids ``None``."""
     cuts = 0
     while True:
-        ids = encode(build(limits))
+        messages = build(limits)
+        if encode is None:
+            return None, cuts, messages
+        ids = encode(messages)
         if len(ids) <= budget:
-            return ids, cuts
+            return ids, cuts, messages
         if limits.answer <= 16 and limits.summary <= 16 and limits.evidence <= 16:
-            return None, cuts
+            return None, cuts, None
         limits = JudgeLimits(max(limits.answer // 2, 16), max(limits.summary // 2, 16), max(limits.evidence // 2, 16))
         cuts += 1
 
 
 @dataclasses.dataclass(frozen=True)
 class JudgeTask:
-    """One judge request of a WikiRoleEval turn (``input_ids is None``: the prompt cannot fit; not sent)."""
+    """One judge request (``messages is None``: the prompt cannot fit the judge's cache; never sent).
+
+    ``order``: the candidates as shown in this sample (``shown[i] = session.candidates[order[i]]``), drawn per
+    sample from the eval seed; ``input_ids`` only for a local judge."""
 
     id: str
     session: str
@@ -148,47 +167,111 @@ class JudgeTask:
     sample: int
     input_ids: list[int] | None
     num_options: int
+    messages: list[Message] | None = None
+    order: tuple[int, ...] = ()
+    lang: str = "en"
+
+    @property
+    def sendable(self) -> bool:
+        """Whether the prompt fits (and so was or will be sent)."""
+        return self.messages is not None
+
+
+def sample_order(session: EvalSession, turn: int, sample: int, seed: int) -> tuple[int, ...]:
+    """The candidate order shown to judge sample ``sample`` of a turn (seeded; recorded in judgements.jsonl)."""
+    return tuple(J.shuffled_order(len(session.candidates), seed, f"{session.id}/t{turn:02d}/s{sample}"))
 
 
 def judge_tasks(sessions: Sequence[EvalSession], answers: Mapping[str, str], descriptions: Mapping[str, str],
-                encode: Encode, samples: int, limits: JudgeLimits, budget: int,
-                metrics: Iterable[str] = J.METRICS) -> list[JudgeTask]:
-    """Every judge request: sessions x turns x metrics x samples (the prompt is encoded once per turn/metric)."""
+                encode: Encode | None, samples: int, limits: JudgeLimits, budget: int,
+                metrics: Iterable[str] = J.METRICS, protocol: str = "reference", seed: int = 0) -> list[JudgeTask]:
+    """Every judge request: sessions x turns x metrics x samples. Consistency prompts differ per sample (the
+    candidate order is shuffled per sample); the others are encoded once per turn and metric."""
     tasks = []
     metrics = tuple(metrics)
     for s in sessions:
-        options = session_options(s, descriptions)
+        options = session_options(s, descriptions) if protocol == "terse" else list(s.candidates)
         for t in range(len(s.turns)):
             answer = answers[answer_request_id(s.id, t)]
             for metric in metrics:
-                ids, _ = fit_judge_prompt(lambda lim: _judge_messages(metric, s, t, answer, options, lim), encode,
-                                          limits, budget)
+                cached = None
                 for k in range(samples):
+                    order = sample_order(s, t, k, seed)
+                    if metric == "consistency" or cached is None:
+                        shown = [options[i] for i in order]
+                        cached = fit_judge_prompt(
+                            lambda lim, shown=shown: _judge_messages(metric, s, t, answer, shown, lim, protocol),
+                            encode, limits, budget)
+                    ids, _, messages = cached
                     tasks.append(JudgeTask(judge_request_id(s.id, t, metric, k), s.id, t, metric, k, ids,
-                                           len(options)))
+                                           len(options), messages, order, s.lang))
     return tasks
 
 
 def failure_reason(output: Mapping[str, Any] | None) -> str:
-    """Why a judge sample did not parse: ``too_long`` (never sent), ``length`` (cut by max_new_tokens) or
-    ``no_match``."""
+    """Why a judge sample did not parse: ``too_long`` (never sent), ``error`` (an endpoint that failed after its
+    retries), ``length`` (cut by max_new_tokens) or ``no_match``."""
     if output is None:
         return "too_long"
+    if output.get("error"):
+        return "error"
     return "length" if output.get("finish_reason") == "length" else "no_match"
 
 
+def parse_task(task: JudgeTask, text: str | None, protocol: str, candidates: Sequence[str]) -> Any:
+    """A judge output parsed for its task; consistency verdicts map back from the shown order to the index in
+    ``candidates`` (``-1``: a name not among them)."""
+    if text is None:
+        return None
+    if protocol == "terse":
+        value = J.parse_output(task.metric, text, task.num_options)
+        if task.metric == "consistency" and value is not None and task.order:
+            value = task.order[value]
+        return value
+    shown = [candidates[i] for i in task.order] if task.order else list(candidates)
+    value = J.parse_reference(task.metric, text, task.lang, shown)
+    if task.metric == "consistency" and value is not None and value >= 0 and task.order:
+        value = task.order[value]
+    return value
+
+
 def collect_judgements(sessions: Sequence[EvalSession], tasks: Sequence[JudgeTask],
-                       outputs: Mapping[str, Mapping[str, Any]]) -> list[TurnJudgement]:
-    """Parse every judge output into per-turn ``TurnJudgement``s (``outputs`` maps request id to the runner's
-    output record; a task missing there is a prompt that was never sent)."""
-    parsed: dict[tuple[str, int, str], list[int | None]] = {}
+                       outputs: Mapping[str, Mapping[str, Any]], protocol: str = "reference",
+                       rows: list[dict[str, Any]] | None = None) -> list[TurnJudgement]:
+    """Parse every judge output into per-turn ``TurnJudgement``s (``outputs`` maps request id to the output
+    record; a task missing there is a prompt that was never sent). ``rows`` (when given) receives one
+    judgements.jsonl line per sample: item, metric, sample, shown candidate order, raw text, verdict or why not."""
+    by_id = {s.id: s for s in sessions}
+    parsed: dict[tuple[str, int, str], list[Any]] = {}
     failures: dict[tuple[str, int], dict[str, list[str]]] = {}
     for task in sorted(tasks, key=lambda x: (x.session, x.turn, x.metric, x.sample)):
-        out = outputs.get(task.id) if task.input_ids is not None else None
-        value = J.parse_output(task.metric, out.get("text") if out else None, task.num_options)
+        session = by_id[task.session]
+        out = outputs.get(task.id) if task.sendable else None
+        text = out.get("text") if out else None
+        value = parse_task(task, text, protocol, session.candidates)
         parsed.setdefault((task.session, task.turn, task.metric), []).append(value)
+        reason = None
         if value is None:
-            failures.setdefault((task.session, task.turn), {}).setdefault(task.metric, []).append(failure_reason(out))
+            reason = failure_reason(out)
+            failures.setdefault((task.session, task.turn), {}).setdefault(task.metric, []).append(reason)
+        if rows is not None:
+            row: dict[str, Any] = {"item": f"{task.session}/t{task.turn:02d}", "session": task.session,
+                                   "turn": task.turn, "lang": task.lang, "metric": task.metric,
+                                   "sample": task.sample, "id": task.id}
+            if task.metric == "consistency":
+                row["candidates_shown"] = [session.candidates[i] for i in task.order] if task.order else list(
+                    session.candidates)
+                row["true_role"] = session.label
+                if value is not None:
+                    row["chosen"] = session.candidates[value] if value >= 0 else None
+            if task.metric == "rejection":
+                row["label"] = session.turns[task.turn].reject
+            row["raw"] = text
+            row["forced"] = bool(out and out.get("forced"))
+            row["verdict"] = value
+            if reason is not None:
+                row["failure"] = reason
+            rows.append(row)
     result = []
     for s in sessions:
         for t, turn in enumerate(s.turns):
