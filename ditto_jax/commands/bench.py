@@ -1,4 +1,4 @@
-"""``ditto-jax bench {model,kernels,sample,train,data} ... --json``.
+"""``ditto-jax bench {model,kernels,sample,train,data,simulate} ... --json``.
 
 Each benchmark lives in ``ditto_jax/bench/<name>.py`` with ``add_arguments(parser)`` and ``run(args) -> dict``;
 this command prints the result as one JSON object (``--json``) or as ``key: value`` lines.
@@ -16,11 +16,12 @@ BENCHES = {
     "sample": "generated tokens/s and %% of roofline (optionally against transformers generate)",
     "train": "SFT train-step tokens/s and MFU (optionally against a torch AdamW step)",
     "data": "input pipeline tokens/s against the SFT step's consumption",
+    "simulate": "the real workload (characters x questions, shared profiles), whole-process vs transformers",
 }
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``bench`` and its five benchmarks."""
+    """Register ``bench`` and its benchmarks."""
     parser = subparsers.add_parser("bench", help="benchmarks")
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, help_text in BENCHES.items():

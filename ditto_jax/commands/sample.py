@@ -60,6 +60,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--shard-size", type=int, default=512, help="results per output shard")
     e.add_argument("--logprobs", action="store_true", help="also write per-token log-probabilities")
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--prefix-cache-rows", type=int, default=None,
+                   help="prefix-cache rows of --max-len tokens for prompt prefixes shared by several prompts "
+                        "(default: --batch-size; 0 = off)")
+    e.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="persistent compilation cache folder (default $DITTO_JAX_COMPILATION_CACHE, else "
+                        "$XDG_CACHE_HOME/ditto-jax/jax-cache; 'off' = none)")
     from ditto_jax.distributed import add_process_arguments
 
     add_process_arguments(p)
@@ -75,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    import time
+
+    start = time.perf_counter()
+    from ditto_jax.sampling.compile_cache import compile_stats, enable_compilation_cache
+
+    enable_compilation_cache(args.compile_cache)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     import jax
 
@@ -97,12 +109,17 @@ def run(args: argparse.Namespace) -> int:
     if longest > max_len:
         print(f"error: a prompt has {longest} tokens but --max-len is {max_len}", file=sys.stderr)
         return 2
+    loaded = time.perf_counter()
     engine = SamplingEngine(model, tokenizer, args.batch_size, max_len, mesh=mesh, chunk=args.chunk,
-                            max_top_k=max(64, args.top_k))
+                            max_top_k=max(64, args.top_k), prefix_cache_rows=args.prefix_cache_rows)
     count, index = jax.process_count(), jax.process_index()
     share = len(range(index, len(prompts), count))
     summary = run_sampling(engine, (Request(rid, ids, params) for rid, ids in prompts), args.out, partition=True,
                            shard_size=args.shard_size, with_logprobs=args.logprobs, progress=not args.no_progress,
                            total=share, desc=f"sample p{index}" if count > 1 else "sample")
-    print(json.dumps({"out": args.out, "model": source.describe(), "max_len": max_len, **summary.to_json()}))
+    report = {"out": args.out, "model": source.describe(), "max_len": max_len, **summary.to_json(),
+              "load_s": round(loaded - start, 3), "engine": engine.timing.to_json(),
+              "prefix_cache": engine.prefix.stats.to_json() if engine.prefix is not None else None,
+              "compile": compile_stats(), "total_s": round(time.perf_counter() - start, 3)}
+    print(json.dumps(report))
     return 0

@@ -10,7 +10,7 @@ import pydantic
 
 from ditto_jax.config import StrictModel
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class SamplingParams(StrictModel):
@@ -56,7 +56,8 @@ class Request:
 class Result:
     """A finished request. ``logprobs[i]`` is the log-probability of ``output_ids[i]`` under the model's raw
     (unprocessed) next-token distribution. ``finish_reason``: ``"stop"`` (end-of-sequence, stop token, stop
-    string or completed constraint) or ``"length"`` (``max_new_tokens`` or the cache capacity)."""
+    string or completed constraint), ``"length"`` (``max_new_tokens`` or the cache capacity) or ``"cancelled"``
+    (``SamplingEngine.cancel``; the tokens produced until then)."""
 
     id: str
     output_ids: list[int]

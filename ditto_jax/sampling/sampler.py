@@ -96,6 +96,8 @@ class SamplerConfig:
     max_top_k: int = 64
     max_rounds: int = 32
     decode_path: str = "fused"  # "fused": DecodeWeights layout (sampling/decoder.py); "model": the model's forward
+    prefix_rows: int = 0  # rows of the prefix-cache pool (0: no prefix cache)
+    prefix_row_tokens: int = 0  # tokens per pool row
 
 
 def _constraint_mask(tables: tuple[jax.Array, jax.Array], cstate: jax.Array, ccon: jax.Array,
@@ -135,19 +137,42 @@ def _finish_codes(tokens, stop_ids, num_generated, max_new, lengths, max_len, em
     return jnp.where(emit, code, FINISH_NONE)
 
 
-def prefill_fn(graphdef, params, state: SlotState, tables, slots: jax.Array, tokens: jax.Array,
-               lengths: jax.Array, rows: RowParams, *, cfg: SamplerConfig):
-    """Prefill ``G`` prompts ``tokens [G, P]`` (true ``lengths [G]``) into ``slots [G]`` (``>= B`` = padding row)."""
+def prefix_fill_fn(graphdef, params, pool: KVCache, rows: jax.Array, tokens: jax.Array):
+    """Compute the keys/values of ``G`` prefixes ``tokens [G, P]`` into pool rows ``rows [G]`` (``>= R``: padding)."""
     model = nnx.merge(graphdef, params)
     g, p = tokens.shape
+    small = init_cache(model.cfg, g, p)
+    _, small = model(tokens, cache=small, return_hidden=True)
+    r, c = rows[:, None], jnp.arange(p)[None, :]
+    return pool.replace(k=pool.k.at[:, r, c].set(small.k.astype(pool.k.dtype), mode="drop"),
+                        v=pool.v.at[:, r, c].set(small.v.astype(pool.v.dtype), mode="drop"))
+
+
+def prefill_fn(graphdef, params, state: SlotState, pool: KVCache | None, tables, slots: jax.Array,
+               prompts: jax.Array, lengths: jax.Array, src_rows: jax.Array, prefix_len: jax.Array,
+               suffix: jax.Array, rows: RowParams, *, cfg: SamplerConfig):
+    """Prefill ``G`` prompts into ``slots [G]`` (``>= B`` = padding row) and sample their first tokens.
+
+    ``prompts [G, W]`` are the whole prompts (true ``lengths [G]``; for the repetition penalty), ``suffix
+    [G, Ps]`` the part after each prompt's pooled prefix: ``prefix_len[g]`` tokens read from pool row
+    ``src_rows[g]`` (``pool`` is None when no row of the group has one, and ``W = Ps``). Only the suffix runs
+    through the model, attending to the prefix's cached keys/values."""
+    model = nnx.merge(graphdef, params)
+    g, ps = suffix.shape
     mcfg = model.cfg
-    small = init_cache(mcfg, g, p)
-    hidden, small = model(tokens, cache=small, return_hidden=True)
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    if pool is None:
+        small = init_cache(mcfg, g, ps)
+    else:
+        pp = prompts.shape[1] - ps  # the prefix part of the width (static)
+        pad = [(0, 0), (0, 0), (0, ps), (0, 0), (0, 0)]
+        small = KVCache(k=jnp.pad(pool.k[:, src_rows, :pp], pad), v=jnp.pad(pool.v[:, src_rows, :pp], pad),
+                        lengths=prefix_len)
+    hidden, small = model(suffix, cache=small, return_hidden=True)
+    last = jnp.take_along_axis(hidden, (lengths - prefix_len - 1)[:, None, None], axis=1)[:, 0]
     logits = model.logits(last)
     vocab = logits.shape[-1]
-    valid = jnp.arange(p)[None, :] < lengths[:, None]
-    presence = jnp.zeros((g, vocab), bool).at[jnp.arange(g)[:, None], tokens].max(valid)
+    valid = jnp.arange(prompts.shape[1])[None, :] < lengths[:, None]
+    presence = jnp.zeros((g, vocab), bool).at[jnp.arange(g)[:, None], prompts].max(valid)
     zeros = jnp.zeros((g,), jnp.int32)
     tok, lp = _choose(logits, rows, presence, rows.cstate, rows.ccon, zeros, tables, cfg)
     presence = presence.at[jnp.arange(g), tok].set(True)
@@ -156,7 +181,8 @@ def prefill_fn(graphdef, params, state: SlotState, tables, slots: jax.Array, tok
     cstate = _advance_constraint(tables, rows.cstate, rows.ccon, tok, jnp.ones((g,), bool))
 
     cache = state.cache
-    rows_, cols = slots[:, None], jnp.arange(p)[None, :]
+    width = small.k.shape[2]
+    rows_, cols = slots[:, None], jnp.arange(width)[None, :]
     if isinstance(cache, LayerCache):
         k = tuple(c.at[rows_, cols].set(small.k[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache.k))
         v = tuple(c.at[rows_, cols].set(small.v[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache.v))
@@ -263,6 +289,10 @@ class Sampler:
         self._shardings = None if mesh is None else self._state_shardings()
         # Committed from the start, so the first call compiles the same executable as every later one.
         self.state = jax.device_put(self.state, self._shardings or jax.local_devices()[0])
+        self.pool: KVCache | None = None
+        if cfg.prefix_rows > 0:
+            pool = init_cache(self.model_cfg, cfg.prefix_rows, cfg.prefix_row_tokens)
+            self.pool = jax.device_put(pool, self._pool_shardings(pool) if mesh is not None else jax.local_devices()[0])
         make = shared_step_functions if share_compiled else StepFunctions.build
         self._steps = make(self.graphdef, cfg, graph_cfg, mesh, self._shardings)
 
@@ -307,11 +337,34 @@ class Sampler:
             kv = spec(("layers", "batch", "seq", "cache_heads", None), cache.k.shape)
         return s.replace(cache=cache.replace(k=kv, v=kv, lengths=for_leaf(cache.lengths)))
 
-    def prefill(self, tables, slots: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, rows: RowParams):
-        """Prefill rows into slots (host arrays in); returns host ``(first_tokens, logprobs, finish_codes)``."""
+    def _pool_shardings(self, pool: KVCache) -> KVCache:
+        mesh = self.mesh
+        kv = NamedSharding(mesh, logical_to_spec(("layers", None, None, "cache_heads", None), pool.k.shape, mesh))
+        return pool.replace(k=kv, v=kv, lengths=NamedSharding(mesh, PartitionSpec()))
+
+    def prefix_fill(self, rows: np.ndarray, tokens: np.ndarray) -> None:
+        """Compute prefixes ``tokens [G, P]`` into pool rows ``rows [G]`` (``>= prefix_rows``: padding)."""
         with _maybe_mesh(self.mesh):
-            self.state, tok, lp, code = self._steps.prefill(self.params, self.state, tables, jnp.asarray(slots),
-                                                       jnp.asarray(tokens), jnp.asarray(lengths), rows)
+            self.pool = self._steps.prefix_fill(self.params, self.pool, jnp.asarray(rows), jnp.asarray(tokens))
+        jax.block_until_ready(self.pool.k)
+
+    def prefill(self, tables, slots: np.ndarray, prompts: np.ndarray, lengths: np.ndarray, rows: RowParams,
+                src_rows: np.ndarray | None = None, prefix_len: np.ndarray | None = None,
+                suffix: np.ndarray | None = None):
+        """Prefill rows into slots (host arrays in); returns host ``(first_tokens, logprobs, finish_codes)``.
+
+        Without ``suffix`` the whole prompts run through the model; with it, each row's first ``prefix_len``
+        tokens come from pool row ``src_rows`` and ``suffix`` (the rest, left-aligned) runs."""
+        g = prompts.shape[0]
+        if suffix is None:
+            pool, suffix = None, prompts
+            src_rows, prefix_len = np.zeros((g,), np.int32), np.zeros((g,), np.int32)
+        else:
+            pool = self.pool
+        with _maybe_mesh(self.mesh):
+            self.state, tok, lp, code = self._steps.prefill(
+                self.params, self.state, pool, tables, jnp.asarray(slots), jnp.asarray(prompts),
+                jnp.asarray(lengths), jnp.asarray(src_rows), jnp.asarray(prefix_len), jnp.asarray(suffix), rows)
         return np.asarray(tok), np.asarray(lp), np.asarray(code)
 
     def decode(self, tables, keep: np.ndarray):
@@ -333,6 +386,7 @@ class StepFunctions:
 
     prefill: Any
     decode: Any
+    prefix_fill: Any
 
     @classmethod
     def build(cls, graphdef: Any, cfg: SamplerConfig, mcfg: Any, mesh: jax.sharding.Mesh | None,
@@ -344,11 +398,12 @@ class StepFunctions:
                           out_shardings=out_state)
         decode = jax.jit(functools.partial(decode_fn, graphdef, cfg=cfg, mcfg=mcfg), donate_argnums=(1,),
                          out_shardings=out_state, compiler_options=decode_compiler_options())
-        return cls(prefill, decode)
+        prefix_fill = jax.jit(functools.partial(prefix_fill_fn, graphdef), donate_argnums=(1,))
+        return cls(prefill, decode, prefix_fill)
 
     def compile_count(self) -> int:
         """Compiled executables held by both functions."""
-        return self.prefill._cache_size() + self.decode._cache_size()
+        return self.prefill._cache_size() + self.decode._cache_size() + self.prefix_fill._cache_size()
 
 
 _SHARED_LIMIT = 16  # distinct model structures x sampler configs kept compiled in one process

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Iterable, Iterator
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ditto_jax.sampling.constraints import ConstraintTables
+from ditto_jax.sampling.prefix_cache import PrefixIndex
 from ditto_jax.sampling.params import Request, Result, SamplingParams, request_key_data
 from ditto_jax.sampling.sampler import FINISH_NAMES, FINISH_NONE, FINISH_STOP, RowParams, Sampler, SamplerConfig
 
@@ -32,6 +35,39 @@ class _Live:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     stop_checked: int = 0
+    on_token: Callable[[str, list[int]], None] | None = None
+    delivered: int = 0  # output ids already passed to on_token
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pow2(n: int) -> int:
+    g = 1
+    while g < n:
+        g *= 2
+    return g
+
+
+@dataclasses.dataclass
+class EngineTiming:
+    """Where an engine's time went (host wall seconds around device calls; the first call of each shape
+    includes its compilation or its load from the persistent compilation cache)."""
+
+    prefill_s: float = 0.0
+    prefix_fill_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_calls: int = 0
+    prefix_fill_calls: int = 0
+    decode_calls: int = 0
+    decode_steps: int = 0
+    prompt_tokens: int = 0  # prompt tokens of the prefilled requests
+    prompt_tokens_computed: int = 0  # run through the model (shared prefixes once)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain dict, seconds rounded."""
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def length_buckets(max_len: int, min_bucket: int = 16) -> list[int]:
@@ -50,6 +86,22 @@ class SamplingEngine:
     The engine takes its own reference to the model's weights when it is built (and, on the fused path, a
     re-laid-out copy): after changing the model's parameters (training), build a new engine.
 
+    Two ways to drive it:
+
+    - ``generate(requests)``: pull requests lazily from an iterable, yield ``Result``s in completion order
+      (the resumable runner, ``sample``, the pipeline stages, the benchmarks).
+    - incrementally, for a server: one thread owns the loop and calls ``step()`` while ``busy()`` (each call
+      admits queued requests into free slots and runs one decode chunk of ``chunk`` tokens, returning the
+      requests finished in it); any thread may ``submit(request, on_token=...)`` (queued; ``on_token(id,
+      new_ids)`` is called from the loop thread after each chunk with the request's new token ids, already cut
+      at a stop string completed within them) or ``cancel(request_id)`` (the next ``step`` frees the slot and
+      returns the request with ``finish_reason="cancelled"``). Ids must be unique among unfinished requests.
+      A text stream decodes the delivered ids; a stop string that spans chunks may still cut text already
+      streamed, so a server that streams text holds back the longest stop string's length.
+
+    ``timing`` (``EngineTiming``) splits the wall time into prefill / prefix fill / decode and counts prompt
+    tokens computed; ``prefix.stats`` holds the prefix-cache counters.
+
     Args:
       model: a ``ditto_jax.model.Transformer`` (sharded over ``mesh`` when given).
       tokenizer: provides ``stop_ids``/``eos_id`` (default stop tokens, with the model config's EOS ids) and
@@ -66,19 +118,31 @@ class SamplingEngine:
         them; the CPU default) or ``"model"`` (the model's own scanned forward; the default elsewhere).
       share_compiled: run the process-wide compiled prefill/decode of every engine over a model of the same
         structure and config (weights are arguments, never constants); ``False`` compiles private ones.
+      prefix_cache_rows: rows of ``max_len`` tokens of the prefix cache (``sampling/prefix_cache.py``): prompt
+        prefixes shared by two or more requests are computed once into a row and reused (default ``B``; 0 off).
+        Costs ``rows / B`` times the slot cache's memory.
+      prefix_block: granularity (tokens) of shared prefixes.
+      prefix_bucket: prefix widths are padded to a multiple of this (fewer compilations).
     """
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int, max_len: int, mesh: jax.sharding.Mesh | None = None,
                  *, chunk: int = 16, prefill_batch: int | None = None, min_bucket: int = 16, max_top_k: int = 64,
                  max_stop_ids: int = 8, default_params: SamplingParams | None = None, decode_path: str | None = None,
-                 share_compiled: bool = True):
+                 share_compiled: bool = True, prefix_cache_rows: int | None = None, prefix_block: int = 16,
+                 prefix_bucket: int = 64):
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
         self.tokenizer = tokenizer
         if decode_path is None:
             decode_path = "fused" if jax.default_backend() == "cpu" else "model"
+        rows = batch_size if prefix_cache_rows is None else prefix_cache_rows
+        if max_len <= prefix_block:
+            rows = 0
         self.cfg = SamplerConfig(batch_size=batch_size, max_len=max_len, chunk=chunk, max_stop_ids=max_stop_ids,
-                                 max_top_k=max_top_k, decode_path=decode_path)
+                                 max_top_k=max_top_k, decode_path=decode_path, prefix_rows=rows,
+                                 prefix_row_tokens=max_len if rows else 0)
+        self.prefix = PrefixIndex(rows, max_len, prefix_block) if rows else None
+        self.prefix_bucket = prefix_bucket
         self.sampler = Sampler(model, self.cfg, mesh, share_compiled=share_compiled)
         self.vocab_size = model.cfg.vocab_size
         self.buckets = length_buckets(max_len, min_bucket)
@@ -92,6 +156,12 @@ class SamplingEngine:
         self._tables = None
         self._tables_version = -1
         self.generated_tokens = 0  # running count of tokens produced (for progress bars)
+        self.timing = EngineTiming()
+        self._lock = threading.RLock()
+        self._live: list[_Live | None] = [None] * batch_size
+        self._pending: collections.deque[_Live] = collections.deque()
+        self._in_flight: set[str] = set()
+        self._cancelled: set[str] = set()
 
     # ---- request preparation -------------------------------------------------------------------------------
     def _stop_ids(self, req: Request, params: SamplingParams) -> list[int]:
@@ -128,84 +198,232 @@ class SamplingEngine:
 
     # ---- scheduling ------------------------------------------------------------------------------------------
     def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
-        """Complete every request; yields ``Result``s in completion order (any number of requests)."""
-        b = self.cfg.batch_size
-        live: list[_Live | None] = [None] * b
+        """Complete every request; yields ``Result``s in completion order (any number of requests, pulled
+        lazily as slots free up). Not to be mixed with ``submit``/``step`` driven by another thread."""
         source = iter(requests)
         exhausted = False
-        while True:
+        try:
+            while True:
+                while not exhausted and self._free_slots() > len(self._pending):
+                    try:
+                        self.submit(next(source))
+                    except StopIteration:
+                        exhausted = True
+                if not self.busy():
+                    if exhausted:
+                        return
+                    continue
+                yield from self.step()
+        finally:
+            self._abandon()
+
+    # ---- incremental API (a server's loop) ---------------------------------------------------------------
+    def submit(self, request: Request, on_token: Callable[[str, list[int]], None] | None = None) -> None:
+        """Queue a request (from any thread); the loop's next ``step`` admits it when a slot is free.
+        ``on_token(request_id, new_token_ids)`` is called from the loop's thread as tokens are produced."""
+        params = request.params or self.default_params
+        self._check(request, params)
+        with self._lock:
+            if request.id in self._in_flight:
+                raise ValueError(f"request {request.id}: an unfinished request has the same id")
+            self._in_flight.add(request.id)
+            self._pending.append(_Live(request, params, len(request.input_ids), on_token=on_token))
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a queued or running request (from any thread): the loop's next ``step`` frees its slot and
+        returns it with ``finish_reason="cancelled"`` and the tokens produced so far. False if unknown."""
+        with self._lock:
+            if request_id not in self._in_flight:
+                return False
+            self._cancelled.add(request_id)
+            return True
+
+    def busy(self) -> bool:
+        """Whether any request is queued or running."""
+        with self._lock:
+            return bool(self._pending) or any(x is not None for x in self._live)
+
+    def step(self) -> list[Result]:
+        """One round of the loop: apply cancellations, admit queued requests into free slots (prefill), then,
+        unless queued requests still wait for slots freed by the prefill, one decode chunk of every running
+        slot. Returns the requests that finished in it (completion order). Call from one thread."""
+        done: list[Result] = []
+        live = self._live
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            if cancelled:
+                for rec in [r for r in self._pending if r.request.id in cancelled]:
+                    self._pending.remove(rec)
+                    done.append(self._finish(rec, "cancelled"))
+            for slot, rec in enumerate(live):
+                if rec is not None and rec.request.id in cancelled:
+                    live[slot] = None
+                    done.append(self._finish(rec, "cancelled"))
             admitted: list[tuple[int, _Live]] = []
-            free = [i for i in range(b) if live[i] is None]
-            while free and not exhausted:
-                try:
-                    req = next(source)
-                except StopIteration:
-                    exhausted = True
-                    break
-                params = req.params or self.default_params
-                self._check(req, params)
+            free = [i for i in range(len(live)) if live[i] is None]
+            while free and self._pending:
                 slot = free.pop(0)
-                live[slot] = _Live(req, params, len(req.input_ids))
+                live[slot] = self._pending.popleft()
                 admitted.append((slot, live[slot]))
-            if admitted:
-                for slot, rec, code in self._prefill(admitted):
-                    if code != FINISH_NONE:
-                        live[slot] = None
-                        yield self._result(rec, FINISH_NAMES[code])
-                if any(x is None for x in live) and not exhausted:
-                    continue
-            if all(x is None for x in live):
-                if exhausted:
-                    return
+        if admitted:
+            for slot, rec, code in self._prefill(admitted):
+                self._deliver(rec)
+                if code != FINISH_NONE:
+                    live[slot] = None
+                    done.append(self._finish(rec, FINISH_NAMES[code]))
+            if self._pending and any(x is None for x in live):
+                return done
+        if all(x is None for x in live):
+            return done
+        keep = np.array([x is not None for x in live])
+        t0 = time.perf_counter()
+        tokens, logprobs, finish, steps = self.sampler.decode(self._device_tables(), keep)
+        self.timing.decode_s += time.perf_counter() - t0
+        self.timing.decode_calls += 1
+        self.timing.decode_steps += steps
+        for slot, rec in enumerate(live):
+            if rec is None:
                 continue
-            keep = np.array([x is not None for x in live])
-            tokens, logprobs, finish, _ = self.sampler.decode(self._device_tables(), keep)
-            for slot in range(b):
-                rec = live[slot]
-                if rec is None:
-                    continue
-                row = tokens[slot]
-                n_new = int(np.sum(row >= 0))
-                rec.output_ids.extend(int(t) for t in row[:n_new])
-                rec.logprobs.extend(float(x) for x in logprobs[slot, :n_new])
-                self.generated_tokens += n_new
-                done = self._apply_stop_strings(rec)
-                if done:
-                    live[slot] = None
-                    yield self._result(rec, "stop")
-                elif finish[slot] != FINISH_NONE:
-                    live[slot] = None
-                    yield self._result(rec, FINISH_NAMES[int(finish[slot])])
+            row = tokens[slot]
+            n_new = int(np.sum(row >= 0))
+            rec.output_ids.extend(int(t) for t in row[:n_new])
+            rec.logprobs.extend(float(x) for x in logprobs[slot, :n_new])
+            self.generated_tokens += n_new
+            stopped = self._apply_stop_strings(rec)
+            self._deliver(rec)
+            if stopped:
+                live[slot] = None
+                done.append(self._finish(rec, "stop"))
+            elif finish[slot] != FINISH_NONE:
+                live[slot] = None
+                done.append(self._finish(rec, FINISH_NAMES[int(finish[slot])]))
+        return done
+
+    def _free_slots(self) -> int:
+        return sum(x is None for x in self._live)
+
+    def _deliver(self, rec: _Live) -> None:
+        if rec.on_token is not None and len(rec.output_ids) > rec.delivered:
+            new = rec.output_ids[rec.delivered:]
+            rec.delivered = len(rec.output_ids)
+            rec.on_token(rec.request.id, new)
+
+    def _finish(self, rec: _Live, reason: str) -> Result:
+        with self._lock:
+            self._in_flight.discard(rec.request.id)
+        return self._result(rec, reason)
+
+    def _abandon(self) -> None:
+        """Forget every queued and running request (``generate`` closed early); their slots are freed."""
+        with self._lock:
+            self._pending.clear()
+            self._live[:] = [None] * len(self._live)
+            self._in_flight.clear()
+            self._cancelled.clear()
 
     def _prefill(self, admitted: list[tuple[int, _Live]]) -> list[tuple[int, _Live, int]]:
-        groups: dict[int, list[tuple[int, _Live]]] = collections.defaultdict(list)
-        for slot, rec in admitted:
-            bucket = next(x for x in self.buckets if x >= rec.prompt_len)
-            groups[bucket].append((slot, rec))
+        """Prefill the admitted requests: shared prefixes first (into the prefix cache), then every prompt's
+        remainder, grouped by (prefix width, remainder bucket) in power-of-two groups."""
+        plan = self._plan_prefixes(admitted)
+        groups: dict[tuple[int, int], list[tuple[int, _Live, int, int]]] = collections.defaultdict(list)
+        for slot, rec, row, m in plan:
+            rest = rec.prompt_len - m
+            ps = next(x for x in self.buckets if x >= rest)
+            pp = 0 if m == 0 else min(_round_up(m, self.prefix_bucket), self.cfg.prefix_row_tokens)
+            groups[pp, ps].append((slot, rec, row, m))
         out = []
-        for bucket, items in sorted(groups.items()):
+        for (pp, ps), items in sorted(groups.items()):
             for start in range(0, len(items), self.prefill_batch):
-                part = items[start:start + self.prefill_batch]
-                out.extend(self._prefill_group(bucket, part))
+                out.extend(self._prefill_group(pp, ps, items[start:start + self.prefill_batch]))
         return out
 
-    def _prefill_group(self, bucket: int, items: list[tuple[int, _Live]]) -> list[tuple[int, _Live, int]]:
-        g = 1
-        while g < len(items):
-            g *= 2
+    def _plan_prefixes(self, admitted: list[tuple[int, _Live]]) -> list[tuple[int, _Live, int, int]]:
+        """``(slot, rec, pool row, prefix length)`` per admitted request, after computing into the pool every
+        prefix that two or more requests share (this batch or earlier ones) and the pool lacks."""
+        index = self.prefix
+        if index is None:
+            return [(slot, rec, 0, 0) for slot, rec in admitted]
+        ids = {slot: rec.request.input_ids for slot, rec in admitted}
+        names = {slot: index.names(ids[slot]) for slot, _ in admitted}
+        counts = collections.Counter(h for ns in names.values() for h in set(ns))
+        need: dict[int, Any] = {}
+        pinned: set[int] = set()
+        for slot, _ in admitted:
+            ns = names[slot]
+            row, m = index.lookup(ids[slot], ns)
+            if row >= 0:
+                pinned.add(row)
+            for j in range(len(ns), m // index.block, -1):
+                if counts[ns[j - 1]] + index.seen_count(ns[j - 1]) >= 2:
+                    need.setdefault(ns[j - 1], ids[slot][:j * index.block])
+                    break
+        for slot, _ in admitted:
+            index.note_seen(names[slot])
+        fills: list[tuple[int, Any]] = []
+        for tokens in need.values():
+            row = index.allocate(tokens, pinned)
+            if row >= 0:
+                pinned.add(row)
+                fills.append((row, tokens))
+        self._fill_prefixes(fills)
+        fresh = {row for row, _ in fills}
+        plan, users = [], collections.Counter()
+        stats = index.stats
+        for slot, rec in admitted:
+            row, m = index.lookup(ids[slot], names[slot])
+            stats.lookups += 1
+            stats.prompt_tokens += rec.prompt_len
+            if row >= 0:
+                index.touch(row)
+                users[row] += 1
+                stats.hits += row not in fresh
+                stats.tokens_saved += m
+            plan.append((slot, rec, max(row, 0), m))
+        stats.hits += sum(n - 1 for row, n in users.items() if row in fresh)
+        stats.tokens_saved -= sum(len(t) for _, t in fills)  # computed once (for its first user)
+        return plan
+
+    def _fill_prefixes(self, fills: list[tuple[int, Any]]) -> None:
+        """Compute prefixes into their pool rows, grouped by width bucket in power-of-two groups."""
+        groups: dict[int, list[tuple[int, Any]]] = collections.defaultdict(list)
+        for row, tokens in fills:
+            groups[min(_round_up(len(tokens), self.prefix_bucket), self.cfg.prefix_row_tokens)].append((row, tokens))
+        for width, items in sorted(groups.items()):
+            for start in range(0, len(items), self.prefill_batch):
+                part = items[start:start + self.prefill_batch]
+                g = _pow2(len(part))
+                rows = np.full((g,), self.cfg.prefix_rows, np.int32)  # >= rows: padding, dropped on device
+                tokens = np.zeros((g, width), np.int32)
+                for i, (row, toks) in enumerate(part):
+                    rows[i] = row
+                    tokens[i, :len(toks)] = np.asarray(toks, np.int32)
+                t0 = time.perf_counter()
+                self.sampler.prefix_fill(rows, tokens)
+                self.timing.prefix_fill_s += time.perf_counter() - t0
+                self.timing.prefix_fill_calls += 1
+                self.timing.prompt_tokens_computed += sum(len(t) for _, t in part)
+
+    def _prefill_group(self, pp: int, ps: int, items: list[tuple[int, _Live, int, int]]
+                       ) -> list[tuple[int, _Live, int]]:
+        g = _pow2(len(items))
         b, ms = self.cfg.batch_size, self.cfg.max_stop_ids
         slots = np.full((g,), b, np.int32)  # >= B: a padding row, dropped on device
-        tokens = np.zeros((g, bucket), np.int32)
+        prompts = np.zeros((g, pp + ps), np.int32)
+        suffix = np.zeros((g, ps), np.int32)
+        src_rows, prefix_len = np.zeros((g,), np.int32), np.zeros((g,), np.int32)
         lengths = np.ones((g,), np.int32)
         key = np.zeros((g, 2), np.uint32)
         temp, top_p, rep = np.zeros((g,), np.float32), np.ones((g,), np.float32), np.ones((g,), np.float32)
         top_k, max_new = np.zeros((g,), np.int32), np.ones((g,), np.int32)
         stop_ids = np.full((g, ms), -1, np.int32)
         cstate, ccon = np.full((g,), -1, np.int32), np.zeros((g,), np.int32)
-        for i, (slot, rec) in enumerate(items):
+        for i, (slot, rec, row, m) in enumerate(items):
             p, req = rec.params, rec.request
+            ids = np.asarray(req.input_ids, np.int32)
             slots[i] = slot
-            tokens[i, :rec.prompt_len] = np.asarray(req.input_ids, np.int32)
+            prompts[i, :rec.prompt_len] = ids
+            suffix[i, :rec.prompt_len - m] = ids[m:]
+            src_rows[i], prefix_len[i] = row, m
             lengths[i] = rec.prompt_len
             key[i] = request_key_data(p.seed, req.id)
             temp[i], top_p[i], rep[i], top_k[i], max_new[i] = (p.temperature, p.top_p, p.repetition_penalty,
@@ -217,9 +435,18 @@ class SamplingEngine:
         rows = RowParams(key=jnp.asarray(key), temperature=jnp.asarray(temp), top_k=jnp.asarray(top_k),
                          top_p=jnp.asarray(top_p), repetition_penalty=jnp.asarray(rep), max_new=jnp.asarray(max_new),
                          stop_ids=jnp.asarray(stop_ids), cstate=jnp.asarray(cstate), ccon=jnp.asarray(ccon))
-        tok, lp, code = self.sampler.prefill(self._device_tables(), slots, tokens, lengths, rows)
+        t0 = time.perf_counter()
+        if pp == 0:
+            tok, lp, code = self.sampler.prefill(self._device_tables(), slots, suffix, lengths, rows)
+        else:
+            tok, lp, code = self.sampler.prefill(self._device_tables(), slots, prompts, lengths, rows,
+                                                 src_rows=src_rows, prefix_len=prefix_len, suffix=suffix)
+        self.timing.prefill_s += time.perf_counter() - t0
+        self.timing.prefill_calls += 1
+        self.timing.prompt_tokens += sum(rec.prompt_len for _, rec, _, _ in items)
+        self.timing.prompt_tokens_computed += sum(rec.prompt_len - m for _, rec, _, m in items)
         out = []
-        for i, (slot, rec) in enumerate(items):
+        for i, (slot, rec, _, _) in enumerate(items):
             rec.output_ids.append(int(tok[i]))
             rec.logprobs.append(float(lp[i]))
             self.generated_tokens += 1

@@ -1,0 +1,97 @@
+"""The prefix cache: outputs with it equal those without (greedy and seeded sampling), shared prefixes are
+computed once (counters), eviction under a small pool, hits verified token by token; the index on its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ditto_jax.model import ModelConfig, create_model
+from ditto_jax.sampling import Request, SamplingEngine, SamplingParams
+from ditto_jax.sampling.prefix_cache import PrefixIndex
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6)
+NUCLEUS = SamplingParams(temperature=0.8, top_p=0.8, repetition_penalty=1.1, max_new_tokens=6, seed=3)
+FEW = dict(min_bucket=64, prefill_batch=1)  # few compilations: one suffix bucket, groups of one
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=128)
+    return create_model(cfg, seed=5)
+
+
+def _workload(characters=3, questions=3, seed=0):
+    """Prompts sharing a per-character "profile" (37 + 3c tokens) followed by a 3..9-token question."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for c in range(characters):
+        profile = rng.randint(3, 96, 37 + 3 * c).tolist()
+        for q in range(questions):
+            out.append((f"c{c}/q{q}", profile + rng.randint(3, 96, 3 + 3 * q).tolist()))
+    return out
+
+
+def _run(engine, prompts, params):
+    return {r.id: r.output_ids for r in engine.generate(Request(i, p, params) for i, p in prompts)}
+
+
+def test_outputs_equal_with_and_without_prefix_cache(model):
+    prompts = _workload()
+    off = SamplingEngine(model, None, batch_size=4, max_len=64, chunk=4, **FEW, prefix_cache_rows=0)
+    on = SamplingEngine(model, None, batch_size=4, max_len=64, chunk=4, **FEW, prefix_cache_rows=4)
+    assert off.prefix is None
+    want = _run(off, prompts, GREEDY)
+    assert _run(on, prompts, GREEDY) == want
+    stats = on.prefix.stats
+    # 3 characters x 3 questions: each profile's 32 shared tokens (whole 16-token blocks) computed once, when a
+    # second prompt of the character arrives (4 slots: the first prompt may have run alone), reused after that
+    assert stats.lookups == 9 and stats.inserted == 3 and 5 <= stats.hits <= 6
+    assert stats.tokens_saved == 32 * stats.hits
+    assert on.timing.prompt_tokens_computed == on.timing.prompt_tokens - stats.tokens_saved
+    # seeded sampling (repetition penalty over the whole prompt, prefix included) is unchanged too
+    assert _run(on, prompts, NUCLEUS) == _run(off, prompts, NUCLEUS)
+    # same prompts again: every prompt now hits the pool, greedy outputs unchanged
+    hits = stats.hits
+    again = _run(on, [(i + "-again", p) for i, p in prompts], GREEDY)
+    assert on.prefix.stats.hits > hits
+    assert [again[i + "-again"] for i, _ in prompts] == [want[i] for i, _ in prompts]
+
+
+def test_unshared_prompts_do_not_use_the_pool(model):
+    rng = np.random.RandomState(1)
+    prompts = [(f"r{i}", rng.randint(3, 96, 40).tolist()) for i in range(5)]
+    on = SamplingEngine(model, None, batch_size=4, max_len=64, chunk=4, **FEW, prefix_cache_rows=4)
+    off = SamplingEngine(model, None, batch_size=4, max_len=64, chunk=4, **FEW, prefix_cache_rows=0)
+    assert _run(on, prompts, GREEDY) == _run(off, prompts, GREEDY)
+    assert on.prefix.stats.inserted == 0 and on.prefix.stats.hits == 0
+    assert on.timing.prompt_tokens_computed == on.timing.prompt_tokens == 200
+
+
+def test_small_pool_evicts_and_stays_exact(model):
+    prompts = _workload(characters=6, questions=2, seed=2)  # 6 shared profiles through a pool of 4 rows
+    off = SamplingEngine(model, None, batch_size=4, max_len=64, chunk=4, **FEW, prefix_cache_rows=0)
+    on = SamplingEngine(model, None, batch_size=4, max_len=64, chunk=4, **FEW, prefix_cache_rows=4)
+    assert _run(on, prompts, GREEDY) == _run(off, prompts, GREEDY)
+    assert on.prefix.stats.inserted == 6 and on.prefix.stats.evicted == 2
+
+
+def test_index_verifies_tokens_and_evicts_least_recently_used():
+    index = PrefixIndex(rows=2, row_tokens=64, block=4)
+    a = list(range(10, 30))  # 20 tokens
+    names = index.names(a)
+    assert len(names) == 4  # (20 - 1) // 4 full blocks leave one token out
+    assert index.lookup(a, names) == (-1, 0)
+    row_a = index.allocate(a[:12], pinned=set())
+    assert index.lookup(a, names) == (row_a, 12)
+    b = a[:8] + [99] * 12  # shares two blocks with a
+    assert index.lookup(b, index.names(b)) == (row_a, 8)
+    row_c = index.allocate(list(range(50, 58)), pinned=set())
+    index.touch(row_a)
+    row_d = index.allocate(list(range(70, 78)), pinned=set())  # evicts c, the least recently used
+    assert row_d == row_c and index.stats.evicted == 1
+    assert index.allocate(list(range(80, 88)), pinned={row_a, row_d}) == -1
+    # a hash hit whose tokens differ is not served
+    index._names[index.names(b)[-1]] = (row_a, 12)
+    assert index.lookup(b, index.names(b)) == (row_a, 8)
