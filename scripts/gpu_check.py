@@ -12,7 +12,8 @@ Order: correctness first (in-process, a time limit per case: ``scripts/gpu_kerne
 tiling sweep (``kernels_tune``: cuDNN, the Mosaic GPU forward + backward, the Triton defaults, then the
 prepared variants of ``ditto_jax.bench.kernel_tuning`` at [2, 8192, 16, 128] bf16, forward and backward, the
 goals met / not met), then SFT of the 1.24B config at S=4096 (Pallas through ``auto``: Mosaic GPU forward
-when its self-check passes under the train step's trace, else Triton; and Pallas forced to Triton), the
+when its self-check passes under the train step's trace, else Triton; Pallas forced to Triton; and, time
+permitting, auto with the Mosaic GPU backward), the
 sampler at B=64 on a SmolLM2-135M-shaped model (random init: the GGUF file cannot travel), and last the
 sequence-length sweep with the tuned spec. With ``--budget`` each section's limit is cut to what is left;
 the two sweeps take ``--budget`` themselves, the tuning sweep whatever is left after reserving the later
@@ -194,7 +195,10 @@ def sections(small: bool, out_dir: Path, scratch: Path | None = None) -> list[Se
         Section("train_seq4096_triton", train([]), 600 if small else 120, typical_s=30,
                 env={"DITTO_ATTN_BACKEND": "interpret" if small else "triton"}),
         Section("sample_b64_smollm2_pallas", sample(b64, cfg_smol_pallas), 180, typical_s=30),
-        # Only when time is left (nothing reserved for them): the XLA sampler row and the length sweep.
+        # Only when time is left (nothing reserved for them): SFT with the Mosaic GPU backward too (auto with
+        # mgpu_bwd=1: the self-check then checks that backward as well), the XLA sampler row, the length sweep.
+        Section("train_seq4096_mosaic_bwd", train([]), 600 if small else 120, typical_s=0,
+                env={"DITTO_ATTN_BLOCKS": "mgpu_bwd=1"}),
         Section("sample_b64_smollm2_xla", sample(b64, cfg_smol_xla), 180, typical_s=0),
         Section("kernels_bench", cli + ["kernels", *length_sweep, "--isolate", "off", "--json", "--out-dir",
                                         str(sweep_dir)], 300, typical_s=0, takes_budget=True,
