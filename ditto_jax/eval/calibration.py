@@ -14,7 +14,9 @@ candidates, forced verdicts, parsing). Per metric we report:
   samples equal to the label; knowledge — pairwise accuracy (share of (good, bad) answer pairs of a language
   where the good one scores higher; ties and unparsable count half).
 * ``chance``: what a judge without information scores (1 / candidates; the majority label's share; 0.5).
-* ``majority_verdict`` / ``majority_share``: the most frequent verdict and its share of the samples.
+* ``majority_verdict`` / ``majority_share``: the most frequent verdict and its share of the samples; for
+  consistency also ``majority_position`` / ``position_share``: the most often chosen position in the shown
+  (shuffled) list — a position-biased judge is near-constant there while its named roles vary.
 * ``correlation`` (knowledge): Pearson correlation of sample scores with the good/bad label.
 
 A metric is flagged **unreliable** when its accuracy is within ``margin`` of chance or its most frequent verdict
@@ -121,9 +123,9 @@ def _verdict(value: Any) -> Any:
 
 
 def score_calibration(items: Sequence[CalibrationItem], turns: Sequence[TurnJudgement], margin: float = 0.1,
-                      max_majority_share: float = 0.9) -> dict[str, Any]:
+                      max_majority_share: float = 0.9, rows: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """Per-metric calibration of the judge (see the module docstring); ``turns``: the judge's parsed samples
-    of each item (one turn per item)."""
+    of each item (one turn per item); ``rows``: its judgements.jsonl rows (for the chosen positions)."""
     by_id = {t.session: t for t in turns}
     out: dict[str, Any] = {}
 
@@ -177,9 +179,17 @@ def score_calibration(items: Sequence[CalibrationItem], turns: Sequence[TurnJudg
                             "unparsable": k_verdicts.count("unparsable"), "verdicts": k_verdicts,
                             "correlation": None if corr is None else round(corr, 4)}
 
+    positions = [r["candidates_shown"].index(r["chosen"]) if r.get("chosen") in r.get("candidates_shown", ())
+                 else "unparsable" if r.get("verdict") is None else "(not listed)"
+                 for r in rows if r.get("metric") == "consistency"]
     for metric, m in out.items():
         verdicts = m.pop("verdicts")
         value, share = _majority(verdicts)
+        if metric == "consistency" and positions:
+            pos, pos_share = _majority(positions)
+            m["majority_position"], m["position_share"] = pos, round(pos_share, 4)
+            if pos_share > share and pos != "unparsable":
+                value, share = f"position {pos + 1 if isinstance(pos, int) else pos}", pos_share
         m["majority_verdict"] = value
         m["majority_share"] = round(share, 4)
         m["accuracy"] = round(m["accuracy"], 4)

@@ -495,7 +495,7 @@ def run_calibration(cfg: EvalConfig, judge: Any, workdir: Path, progress: bool,
     testset = TestSet(sessions, [], {}, {})
     outcome = judge_candidate("calibration", judge, cfg, testset, answers, {}, workdir / "calibration", progress)
     rows += [{"candidate": "calibration", **r} for r in outcome.rows]
-    metrics = C.score_calibration(items, outcome.turns, cal.margin, cal.max_majority_share)
+    metrics = C.score_calibration(items, outcome.turns, cal.margin, cal.max_majority_share, outcome.rows)
     return {"items": len(items), "source": cal.path or "shipped (ditto_jax/data/assets/eval_calibration.jsonl)",
             "metrics": metrics, "reliable": all(m["reliable"] for m in metrics.values()),
             "forced": forced_counts(outcome.rows)}

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import openai
 import pydantic
 
-from ditto_jax.config import StrictModel
+from ditto_jax.config import ConfigError, StrictModel
 from ditto_jax.sampling.params import Result, SamplingParams
 
 Message = dict[str, str]
@@ -93,7 +93,7 @@ def api_key(source: EndpointSource) -> str:
         return "EMPTY"
     value = os.environ.get(source.api_key_env)
     if not value:
-        raise ValueError(f"endpoint {source.endpoint}: environment variable {source.api_key_env} (api_key_env) "
+        raise ConfigError(f"endpoint {source.endpoint}: environment variable {source.api_key_env} (api_key_env) "
                          f"is not set")
     return value
 
