@@ -218,3 +218,37 @@ def test_local_judge_forces_only_the_final_verdict(testset, tmp_path, monkeypatc
             assert r["forced"] and lead in r["raw"] and len(r["raw"].rsplit(lead, 1)[0]) > 20  # free text first
     assert report["unparsable"]["consistency"]["forced"] == 2 and report["unparsable"]["knowledge"]["forced"] == 2
     assert all(u["samples"] == 0 for u in report["unparsable"].values())
+
+
+def test_mtbench_questions_and_grading_prompts_from_user_paths(testset, tmp_path, monkeypatch):
+    """FastChat's layout: question.jsonl (roleplay category kept) and judge_prompts.jsonl (single-v1 and
+    single-v1-multi-turn used verbatim); the rating is read from "[[x]]". Files written here in that layout."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"question_id": 91, "category": "roleplay", "turns": ["Pretend to be a pirate.", "Now sing."]},
+        {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Shorter."]}]), encoding="utf-8")
+    prompts = tmp_path / "judge_prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in [
+        {"name": "single-v1", "type": "single", "system_prompt": "SYS-ONE",
+         "prompt_template": "Q: {question}\nA: {answer}\nRate as [[rating]].", "output_format": "[[rating]]"},
+        {"name": "single-v1-multi-turn", "type": "single", "system_prompt": "SYS-MULTI",
+         "prompt_template": "Q1: {question_1}\nA1: {answer_1}\nQ2: {question_2}\nA2: {answer_2}\n[[rating]]",
+         "output_format": "[[rating]]"}]), encoding="utf-8")
+    with scripted_server(perfect) as server:
+        cfg = config(testset, server.base_url, calibration={"enabled": False})
+        cfg = cfg.model_copy(update={"testset": cfg.testset.model_copy(update={
+            "mtbench": str(questions), "mtbench_judge_prompts": str(prompts), "mtbench_limit": None})})
+        report = run_eval(cfg, tmp_path / "wd", progress=False)
+        graded = [r["body"]["messages"] for r in server.requests
+                  if r["body"]["model"] == "judge" and "[[rating]]" in r["body"]["messages"][-1]["content"]]
+    assert report["mtbench"]["questions"] == 1 and report["mtbench"]["set"] == "mtbench"
+    assert report["mtbench"]["roleplay"] == 6.0
+    assert {m[0]["content"] for m in graded} == {"SYS-ONE", "SYS-MULTI"} and len(graded) == 2 * 3
+    assert any(m[-1]["content"].startswith("Q1: Pretend to be a pirate.\nA1: ") for m in graded)
+    assert "| MT-Bench roleplay |" in (tmp_path / "wd" / "report.md").read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"name": "single-v1", "system_prompt": "x", "prompt_template": "{question}"}) + "\n")
+    cfg_bad = cfg.model_copy(update={"testset": cfg.testset.model_copy(update={"mtbench_judge_prompts": str(bad)})})
+    with pytest.raises(Exception, match="single-v1-multi-turn"):
+        run_eval(cfg_bad, tmp_path / "wd2", progress=False)

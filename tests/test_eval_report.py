@@ -15,7 +15,7 @@ def fake_report(name: str, cons: float, know: float | None, rej: float, mt: floa
     return {"name": name, "metrics": {"all": split, "en": split, "zh": {"consistency": None, "knowledge": None,
                                                                         "rejection": None}},
             "mtbench": None if mt is None else {"roleplay": mt, "turn1": mt, "turn2": mt, "questions": 10,
-                                                "answers": 20},
+                                                "answers": 20, "set": "mtbench"},
             "unparsable": {"consistency": {"samples": 2, "turns": 1, "total_samples": 30, "reasons": {"length": 2}},
                            "knowledge": {"samples": 0, "turns": 0, "total_samples": 30, "reasons": {}},
                            "rejection": {"samples": 0, "turns": 0, "total_samples": 30, "reasons": {}}},
@@ -31,6 +31,10 @@ def test_results_table_layout():
                         "Zh Know. | Zh Rej. | MT-Bench roleplay |")
     assert lines[2] == "| seed | 0.50 | 6.25 | 0.80 | 0.50 | 6.25 | 0.80 | – | – | – | 5.00 |"
     assert lines[3] == "| ditto | 0.90 | – | 0.75 | 0.90 | – | 0.75 | – | – | – | – |"
+    # the shipped project-written questions are not called MT-Bench
+    project = fake_report("seed", 0.5, 6.25, 0.8, 5.0)
+    project["mtbench"]["set"] = "project"
+    assert results_table([("seed", project)]).splitlines()[0].endswith("| Roleplay (project set) |")
 
 
 def test_markdown_lists_unparsable_counts_and_models():

@@ -113,8 +113,11 @@ class TestSetConfig(StrictModel):
     """What to evaluate on. ``wikiroleeval``: a WikiRoleEval JSONL (ours or the Ditto release; ``null`` = the shipped
     tiny set). ``characters``: the knowledge base that describes the multiple-choice candidates (``null`` = the
     embedded one). ``limit``: first N sessions (after the language filter); ``max_turns``: first N turns of
-    each. ``mtbench``: MT-Bench
-    ``question.jsonl`` (``null`` = the shipped roleplay questions), used when ``mtbench_enabled``."""
+    each. ``mtbench``: FastChat's MT-Bench ``question.jsonl`` (``fastchat/llm_judge/data/mt_bench/question.jsonl``
+    in lm-sys/FastChat; its roleplay items are ids 91-100; not shipped here), ``null`` = the shipped
+    project-written roleplay questions (reported as "Roleplay (project set)", not MT-Bench); used when
+    ``mtbench_enabled``. ``mtbench_judge_prompts``: FastChat's ``judge_prompts.jsonl`` (the ``single-v1`` and
+    ``single-v1-multi-turn`` grading prompts, used verbatim); ``null`` = our wording of the same format."""
 
     wikiroleeval: str | None = None
     characters: str | None = None

@@ -510,6 +510,7 @@ def build_report(cand_cfg: CandidateConfig, cfg: EvalConfig, testset: TestSet, o
     mt_result = None
     if outcome.mtbench:
         mt_result, unparsable["mtbench"] = aggregate_mtbench(outcome.mtbench)
+        mt_result["set"] = "mtbench" if cfg.testset.mtbench else "project"
     for metric, n in forced_counts(outcome.rows).items():
         if metric in unparsable:
             unparsable[metric]["forced"] = n

@@ -40,9 +40,17 @@ def _mtbench(report: dict[str, Any]) -> float | None:
     return (report.get("mtbench") or {}).get("roleplay")
 
 
+def roleplay_column(runs: Sequence[Run]) -> str:
+    """The last column's name: "MT-Bench roleplay" only when every run used FastChat's questions
+    (``mtbench.set == "mtbench"``); the shipped project-written questions are not MT-Bench."""
+    sets = {(rep.get("mtbench") or {}).get("set") for _, rep in runs if rep.get("mtbench")}
+    return "MT-Bench roleplay" if sets == {"mtbench"} else "Roleplay (project set)"
+
+
 def results_table(runs: Sequence[Run]) -> str:
-    """The paper's table: one row per run; Cons./Know./Rej. for All, En, Zh, then MT-Bench roleplay."""
-    head = ["Model"] + [f"{s} {m}" for _, s in SPLIT_NAMES for _, m in METRIC_NAMES] + ["MT-Bench roleplay"]
+    """The paper's table: one row per run; Cons./Know./Rej. for All, En, Zh, then the roleplay grade (MT-Bench
+    roleplay when FastChat's questions were used)."""
+    head = ["Model"] + [f"{s} {m}" for _, s in SPLIT_NAMES for _, m in METRIC_NAMES] + [roleplay_column(runs)]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name, rep in runs:
         cells = [name]
@@ -110,7 +118,9 @@ def render_markdown(runs: Sequence[Run], chart: str | None = REPORT_PNG) -> str:
     out += [
            "Cons. = consistent role identity (fraction of judge picks naming the true role, 0-1); "
            "Know. = accurate role-related knowledge (1-10); Rej. = unknown-question rejection accuracy (0-1); "
-           "MT-Bench roleplay = single-answer grade (1-10). Each is judged per turn and averaged over turns.", "",
+           "MT-Bench roleplay = single-answer grade (1-10) of FastChat's roleplay questions 91-100; "
+           "Roleplay (project set) = the same grading of the project-written questions shipped with ditto-jax "
+           "(not MT-Bench). Each is judged per turn and averaged over turns.", "",
            results_table(runs), ""]
     unreliable = sorted({m for _, rep in runs for m in rep.get("unreliable_metrics") or []})
     if unreliable:

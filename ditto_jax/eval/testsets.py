@@ -209,7 +209,9 @@ def default_wikiroleeval_path() -> Path:
 
 
 def default_mtbench_path() -> Path:
-    """The shipped MT-Bench-layout roleplay questions (ids 91-100)."""
+    """The shipped roleplay questions: project-written, in MT-Bench's ``question.jsonl`` layout (ids 91-100) but
+    not MT-Bench's questions — reports call them "Roleplay (project set)". For MT-Bench itself pass FastChat's
+    ``fastchat/llm_judge/data/mt_bench/question.jsonl`` as ``testset.mtbench``."""
     return _asset("mtbench_roleplay_tiny.jsonl")
 
 
