@@ -19,6 +19,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+INST = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}")
 CORPUS = [
     "Hello world! How are you today? I am fine, thank you.",
     "The quick brown fox jumps over the lazy dog. 12345 67890",
@@ -57,6 +60,24 @@ def bpe_tokenizer() -> tuple[list[str], list[int], list[str]]:
     merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(tok.to_str())["model"]["merges"]]
     types = [3 if t in SPECIALS else (4 if t.startswith("<|unused") else 1) for t in tokens]
     return tokens, types, merges
+
+
+@functools.cache
+def spm_tokenizer() -> tuple[list[str], list[int], list[float]]:
+    """``(tokens, token_types, scores)`` of a tiny SentencePiece-style vocabulary (``tokenizer.ggml.model`` llama):
+    ``<unk> <s> </s>``, the 256 byte-fallback pieces ``<0xNN>``, then ``▁``-marked pieces learned on the English
+    part of ``CORPUS`` scored by merge order (no merges stored: readers derive them from the scores)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    learned_size = VOCAB - 3 - 256 - 4
+    trainer = trainers.BpeTrainer(vocab_size=learned_size, limit_alphabet=40, show_progress=False)
+    tok.train_from_iterator([t for t in CORPUS if t.isascii()] * 20, trainer)
+    learned = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + learned
+    tokens += [f"<unused{i}>" for i in range(VOCAB - len(tokens))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(learned) + [4] * (VOCAB - 259 - len(learned))
+    scores = [0.0] * 259 + [-float(i) for i in range(len(learned))] + [0.0] * (VOCAB - 259 - len(learned))
+    return tokens, types, scores
 
 
 def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
@@ -98,7 +119,7 @@ def hf_model_for(family: str, seed: int = 0):
 
 def write_gguf(path: Path, family: str, types: dict[str, Q] | None = None, seed: int = 0,
                extra_tensors: dict[str, np.ndarray] | None = None, arch_override: str | None = None,
-               with_tokenizer: bool = True) -> Path:
+               with_tokenizer: bool = True, tokenizer: str = "gpt2") -> Path:
     """A GGUF file of a random-init ``family`` model; ``types`` maps GGUF name fragments to tensor types."""
     types = types or {}
     _, arch, name, _ = FAMILIES[family]
@@ -122,7 +143,17 @@ def write_gguf(path: Path, family: str, types: dict[str, Q] | None = None, seed:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    if with_tokenizer:
+    if with_tokenizer and tokenizer == "llama":
+        tokens, token_types, scores = spm_tokenizer()
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_types(token_types)
+        writer.add_token_scores(scores)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        writer.add_chat_template(INST)
+    elif with_tokenizer:
         tokens, token_types, merges = bpe_tokenizer()
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("qwen2" if family.startswith("qwen") else "default")

@@ -100,6 +100,21 @@ def test_tokenizer_and_chat_template_match_transformers(files, family):
         assert ours.encode_chat(messages, add_generation_prompt=True)[0] == want
 
 
+def test_sentencepiece_style_tokenizer_matches_transformers(tmp_path):
+    path = write_gguf(tmp_path / "spm.gguf", "llama", tokenizer="llama")
+    ours, theirs = gguf_tokenizer(path), transformers_tokenizer(path)
+    for text in [*TEXTS, "Hello", " Hello  world ", "a\nb", "quick brown foxes"]:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids, skip_special=False) == theirs.decode(ids), text
+    assert any(0x03 <= i < 259 for i in ours.encode(TEXTS[2]))  # Chinese went through byte fallback
+    assert (ours.bos_id, ours.eos_id) == (1, 2) and ours.vocab_size == len(theirs) == VOCAB
+    chat = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "A fox."},
+            {"role": "user", "content": "你好"}]
+    want = theirs.apply_chat_template(chat, tokenize=True)["input_ids"]
+    assert ours.encode_chat(chat)[0] == want
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_greedy_chat_generation_matches_transformers(files, references, family):
     model, _, tokenizer = load_model_source(ModelSource(path=str(files[family])))
