@@ -102,3 +102,12 @@ def test_mtbench_loader_filters_category_and_rejects_bad_turns(tmp_path):
     bad = write_jsonl(tmp_path / "bad2.jsonl", [{"question_id": "93", "category": "roleplay", "turns": ["x", "y"]}])
     with pytest.raises(RecordFileError, match=r"bad2.jsonl:1: question_id"):
         load_mtbench(bad)
+
+
+def test_missing_official_test_set_names_its_origin(tmp_path):
+    from ditto_jax.eval.testsets import OFFICIAL_WIKIROLEEVAL
+
+    with pytest.raises(FileNotFoundError, match=r"OFA-Sys/Ditto repository \(data/wiki_roleplay.*git-lfs"):
+        load_wikiroleeval(tmp_path / OFFICIAL_WIKIROLEEVAL)
+    with pytest.raises(FileNotFoundError, match="lm-sys/FastChat"):
+        load_mtbench(tmp_path / "question.jsonl")

@@ -429,8 +429,8 @@ def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, Any] | None
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    testset = load_testset(cfg)  # a missing test set fails before anything is written
     _check_config(workdir, cfg)
-    testset = load_testset(cfg)
     templates = load_judge_templates(cfg.testset.mtbench_judge_prompts) if cfg.judge.protocol == "reference" else None
     from ditto_jax.mesh import make_mesh
 

@@ -199,6 +199,10 @@ def session_to_json(session: EvalSession) -> dict[str, Any]:
     return {"id": session.id, "system": session.system, "prompts": [t.prompt for t in session.turns], "meta": meta}
 
 
+OFFICIAL_WIKIROLEEVAL = "wiki_roleplay_multilingual_test_input_w_evidence.jsonl"
+"""The paper's WikiRoleEval file (OFA-Sys/Ditto ``data/``)."""
+
+
 def _asset(name: str) -> Path:
     return Path(str(importlib.resources.files("ditto_jax"))) / "data" / "assets" / name
 
@@ -219,9 +223,17 @@ def load_wikiroleeval(path: str | Path | None = None, on_error: OnError = "fail"
     """Sessions from a file/folder/glob (``None`` = the shipped tiny set) and the read report.
 
     Duplicate ids are dropped after the first (counted in the report)."""
-    files = [default_wikiroleeval_path()] if path is None else expand_paths(path)
+    try:
+        files = [default_wikiroleeval_path()] if path is None else expand_paths(path)
+    except FileNotFoundError:
+        files = []
     if not files:
-        raise FileNotFoundError(f"no WikiRoleEval files at {path}")
+        hint = ""
+        if Path(str(path)).name == OFFICIAL_WIKIROLEEVAL:
+            hint = (f" — this is the paper's test set: download {OFFICIAL_WIKIROLEEVAL} from the OFA-Sys/Ditto "
+                    f"repository (data/{OFFICIAL_WIKIROLEEVAL}, stored with git-lfs: `git lfs pull`) to that path, "
+                    f"or build one with `ditto-jax eval build-testset`")
+        raise FileNotFoundError(f"no WikiRoleEval files at {path} (testset.wikiroleeval){hint}")
     return read_records(files, parse_wikiroleeval, on_error, key=lambda s: s.id)
 
 
@@ -244,9 +256,13 @@ def load_mtbench(path: str | Path | None = None, category: str = "roleplay",
                  on_error: OnError = "fail") -> tuple[list[MTBenchQuestion], ReadReport]:
     """Questions of ``category`` (``None`` path = the shipped roleplay set); other categories are counted in the
     report under ``skipped["other_category"]`` (they are valid, just not part of this evaluation)."""
-    files = [default_mtbench_path()] if path is None else expand_paths(path)
+    try:
+        files = [default_mtbench_path()] if path is None else expand_paths(path)
+    except FileNotFoundError:
+        files = []
     if not files:
-        raise FileNotFoundError(f"no MT-Bench question files at {path}")
+        raise FileNotFoundError(f"no MT-Bench question files at {path} (testset.mtbench; FastChat's "
+                                f"fastchat/llm_judge/data/mt_bench/question.jsonl in lm-sys/FastChat)")
     questions, report = read_records(files, parse_mtbench, on_error, key=lambda q: q.question_id)
     kept = [q for q in questions if q.category == category]
     if len(kept) != len(questions):
