@@ -90,6 +90,8 @@ def test_folder_without_tokenizer_files_has_no_tokenizer(hf_dir):
     assert tokenizer is None and cfg.vocab_size == 128
     with pytest.raises(CheckpointError, match=r"no tokenizer.*tokenizer\.json or tokenizer\.model"):
         source_tokenizer(src, required=True)
+    with pytest.raises(CheckpointError, match="no tokenizer"):  # simulation and evaluation render text
+        load_model_source(src, require_tokenizer=True)
     # the sample CLI on such a folder (token-id prompts sample, text prompts fail): tests/test_sampling_runner.py
 
 

@@ -52,9 +52,12 @@ class ModelSource(StrictModel):
         return f"checkpoint {self.path}" if self.path else f"random init {self.config} (seed {self.seed})"
 
 
-def load_model_source(src: ModelSource, mesh: Any = None) -> tuple[Any, Any, Tokenizer | None]:
+def load_model_source(src: ModelSource, mesh: Any = None,
+                      require_tokenizer: bool = False) -> tuple[Any, Any, Tokenizer | None]:
     """Load ``(model, model_config, tokenizer)`` for a ``ModelSource`` (sharded over ``mesh`` when given);
-    the tokenizer is None for a checkpoint without one (see ``source_tokenizer``)."""
+    the tokenizer is None for a checkpoint without one, or with ``require_tokenizer`` (callers that render
+    text: simulation, evaluation) an error naming the missing files, raised before any weight is read."""
+    tokenizer = source_tokenizer(src, required=require_tokenizer)
     if src.path is not None:
         model, cfg = load_model(src.path, mesh=mesh, dtype=src.dtype)
         if src.overrides:
@@ -66,7 +69,6 @@ def load_model_source(src: ModelSource, mesh: Any = None) -> tuple[Any, Any, Tok
             data["param_dtype"] = data["dtype"] = src.dtype
         cfg = validate(ModelConfig, apply_overrides(data, src.overrides), str(src.config))
         model = create_model(cfg, mesh=mesh, seed=src.seed)
-    tokenizer = source_tokenizer(src)
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                               f"{cfg.vocab_size} ({src.describe()})")

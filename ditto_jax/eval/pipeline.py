@@ -69,7 +69,7 @@ class LoadedModel:
             from ditto_jax.sampling import SamplingEngine
 
             print(f"loading {self.source.describe()}", file=sys.stderr)
-            self.model, _, self.tokenizer = load_model_source(self.source, self.mesh)
+            self.model, _, self.tokenizer = load_model_source(self.source, self.mesh, require_tokenizer=True)
             self.engine = SamplingEngine(self.model, self.tokenizer, mesh=self.mesh, **self.engine_kwargs)
         return self
 

@@ -31,7 +31,8 @@ class Backend:
         self.progress = progress
         devices = jax.local_devices()[: cfg.engine.devices]
         self.mesh = make_mesh(cfg.engine.mesh, devices=devices)
-        self.model, self.model_cfg, self.tokenizer = load_model_source(cfg.supervision_model, self.mesh)
+        self.model, self.model_cfg, self.tokenizer = load_model_source(cfg.supervision_model, self.mesh,
+                                                                            require_tokenizer=True)
         self.engine = SamplingEngine(self.model, self.tokenizer, cfg.engine.batch_size, cfg.engine.max_len,
                                      mesh=self.mesh)
         self.stop_ids = sorted(self.tokenizer.stop_ids)
