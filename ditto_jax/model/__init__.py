@@ -1,4 +1,8 @@
-"""The decoder model: config, layers, attention dispatch, KV cache, creation (directly sharded)."""
+"""The decoder model: config, layers, attention dispatch, KV caches, creation (directly sharded).
+
+The one forward pass: ``Transformer.__call__`` (training, scoring, prefill; with a ``KVCache`` it appends
+tokens to the cache) and ``decode_step`` (one token per row over ``DecodeWeights`` and a ``LayerCache``, the
+same layer functions); sampling uses only this public API."""
 
 from __future__ import annotations
 
@@ -11,9 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ditto_jax.mesh import param_shardings
-from ditto_jax.model.cache import KVCache, init_cache
+from ditto_jax.model.cache import KVCache, LayerCache, init_cache, init_layer_cache
 from ditto_jax.model.config import ModelConfig, RopeScaling, load_model_config
-from ditto_jax.model.transformer import Transformer
+from ditto_jax.model.transformer import DecodeWeights, Transformer, decode_step, decode_weights
 
 
 def create_model(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
@@ -49,4 +53,5 @@ def _sharded_initializer(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: dict 
         return _INITIALIZERS[key]
 
 
-__all__ = ["KVCache", "ModelConfig", "RopeScaling", "Transformer", "create_model", "init_cache", "load_model_config"]
+__all__ = ["DecodeWeights", "KVCache", "LayerCache", "ModelConfig", "RopeScaling", "Transformer", "create_model",
+           "decode_step", "decode_weights", "init_cache", "init_layer_cache", "load_model_config"]

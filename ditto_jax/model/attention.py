@@ -24,7 +24,7 @@ import jax
 from ditto_jax.kernels.reference import attention_reference
 from ditto_jax.kernels.sharding import shard_over_batch_and_heads
 from ditto_jax.mesh import DEFAULT_RULES
-from ditto_jax.model.xla_attention import blocked_causal_attention
+from ditto_jax.model.xla_attention import blocked_causal_attention, single_query_attention
 
 
 def resolve_impl(impl: str) -> str:
@@ -70,7 +70,8 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
     """New tokens q ``[B,T,Hq,D]`` (at cache positions ``q_offset[b] + t``) against caches ``[B,S,Hkv,D]``.
 
     The cache already holds the new tokens' keys and values. One new token per row uses the split-K decode
-    kernel under ``pallas``/``cudnn``; prefill chunks and sliding windows use the masked XLA path.
+    kernel under ``pallas``/``cudnn`` and ``single_query_attention`` under ``xla``; prefill chunks (and sliding
+    windows on the kernel paths) use the masked reference.
     """
     impl = resolve_impl(impl)
     if q.shape[1] == 1 and impl in ("pallas", "cudnn") and sliding_window is None:
@@ -81,4 +82,6 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
             batch=q.shape[0], q_heads=q.shape[2], kv_heads=k_cache.shape[2], **_mesh_axes(),
         )
         return o[:, None]
+    if q.shape[1] == 1 and impl == "xla":
+        return single_query_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window)[:, None]
     return attention_reference(q, k_cache, v_cache, causal=True, q_offset=q_offset, sliding_window=sliding_window)

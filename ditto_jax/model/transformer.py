@@ -7,14 +7,16 @@ Parameter names mirror Hugging Face (``embed_tokens``, ``layers.self_attn.q_proj
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ditto_jax.model.attention import cached_attention, full_attention
-from ditto_jax.model.cache import KVCache
+from ditto_jax.model.cache import KVCache, LayerCache
 from ditto_jax.model.config import ModelConfig
 from ditto_jax.model.layers import StackedLinear, StackedNorm, apply_rope, param, rms_norm, rope_cos_sin, swiglu
 
@@ -167,8 +169,13 @@ def _qkv(x: jax.Array, w: dict[str, Any], cfg: ModelConfig, cos: jax.Array, sin:
     b, t, _ = x.shape
     d = cfg.dim_per_head
     h = rms_norm(x, w["ln1"], cfg.rms_norm_eps)
-    if _fuse_projections():
-        nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
+    nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
+    if "qkv" in w:  # DecodeWeights: fused once, outside the step
+        qkv = h @ w["qkv"]
+        if "qkv_bias" in w:
+            qkv = qkv + w["qkv_bias"]
+        q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+    elif _fuse_projections():
         qkv = h @ jnp.concatenate([w["q"], w["k"], w["v"]], axis=-1).astype(dt)
         if "qb" in w:
             qkv = qkv + jnp.concatenate([w["qb"], w["kb"], w["vb"]], axis=-1).astype(dt)
@@ -190,6 +197,10 @@ def _finish(x: jax.Array, attn: jax.Array, w: dict[str, Any], cfg: ModelConfig) 
     b, t = x.shape[:2]
     x = x + attn.reshape(b, t, -1) @ w["o"].astype(dt)
     h = rms_norm(x, w["ln2"], cfg.rms_norm_eps)
+    if "gate_up" in w:  # DecodeWeights
+        gate_up = h @ w["gate_up"]
+        f = gate_up.shape[-1] // 2
+        return x + (jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]) @ w["down"]
     if _fuse_projections():
         f = w["gate"].shape[-1]
         gate_up = h @ jnp.concatenate([w["gate"], w["up"]], axis=-1).astype(dt)
@@ -223,3 +234,76 @@ def _decoder_layer_cached(x, w, idx, cfg: ModelConfig, cos, sin, k_all, v_all, l
     attn = cached_attention(q, k_all[idx], v_all[idx], q_offset=lengths, impl=cfg.attention,
                             sliding_window=cfg.sliding_window)
     return _finish(x, attn.astype(x.dtype), w, cfg), k_all, v_all
+
+
+# ---- the decode step over re-laid-out weights -------------------------------------------------------------------
+@flax.struct.dataclass
+class DecodeWeights:
+    """The model's weights laid out for decoding: ``layers`` a list of per-layer dicts (q/k/v fused into ``qkv``,
+    gate/up into ``gate_up``, in the compute dtype), ``embed [V, H]``, ``head [H, V]``, ``norm [H]``.
+
+    The scanned forward slices stacked weights (on CPU every ``lax.scan`` step copies its slice), the tied head
+    multiplies by the transposed embedding, and each step concatenates q/k/v: for one token per row that is
+    ~25% of a decode step. ``decode_step`` runs the same layer code (``_qkv``, ``_finish``) over these arrays in
+    a Python-unrolled loop (static slices only). Costs one extra copy of the weights.
+    """
+
+    layers: list[dict[str, jax.Array]]
+    embed: jax.Array
+    head: jax.Array
+    norm: jax.Array
+
+
+def decode_weights(model: Transformer) -> DecodeWeights:
+    """Rearrange ``model``'s parameters (once, outside the decode loop); keeps each array's sharding family."""
+    params = _layer_weights(model.layers) | {
+        "embed": model.embed_tokens[...], "norm": model.norm[...],
+        "head": None if model.lm_head is None else model.lm_head[...]}
+    return _relayout(params, num_layers=model.cfg.num_layers, dtype=model.cfg.compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("num_layers", "dtype"))
+def _relayout(params: dict[str, Any], *, num_layers: int, dtype: Any) -> DecodeWeights:
+    """``DecodeWeights`` from the stacked parameters (module level: same-shaped models share its compilation)."""
+    layers = []
+    for i in range(num_layers):
+        w = {
+            "ln1": params["ln1"][i], "ln2": params["ln2"][i],
+            "qkv": jnp.concatenate([params["q"][i], params["k"][i], params["v"][i]], axis=-1).astype(dtype),
+            "o": params["o"][i].astype(dtype),
+            "gate_up": jnp.concatenate([params["gate"][i], params["up"][i]], axis=-1).astype(dtype),
+            "down": params["down"][i].astype(dtype),
+        }
+        if "qb" in params:
+            w["qkv_bias"] = jnp.concatenate([params["qb"][i], params["kb"][i], params["vb"][i]], -1).astype(dtype)
+        if "qn" in params:
+            w["qn"], w["kn"] = params["qn"][i], params["kn"][i]
+        layers.append(w)
+    head = params["embed"].T if params["head"] is None else params["head"]
+    return DecodeWeights(layers=layers, embed=params["embed"], head=head.astype(dtype), norm=params["norm"])
+
+
+def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: LayerCache
+                ) -> tuple[jax.Array, LayerCache]:
+    """Feed ``tokens [B]`` at positions ``cache.lengths``; returns ``(logits [B, V] float32, cache)`` with the new
+    keys/values written into each layer's cache (in place inside jit) and ``lengths + 1``.
+
+    The same computation as ``Transformer.__call__(tokens[:, None], cache=...)`` (same layer functions and
+    attention dispatch), over ``DecodeWeights`` and a ``LayerCache``."""
+    b = tokens.shape[0]
+    lengths = cache.lengths
+    x = jnp.take(w.embed, tokens, axis=0).astype(cfg.compute_dtype)[:, None]
+    cos, sin = rope_cos_sin(lengths[:, None], cfg)
+    rows = jnp.arange(b, dtype=jnp.int32)
+    k_out, v_out = [], []
+    for i, lw in enumerate(w.layers):
+        q, k, v = _qkv(x, lw, cfg, cos, sin)
+        kc = cache.k[i].at[rows, lengths].set(k[:, 0].astype(cache.k[i].dtype), mode="drop")
+        vc = cache.v[i].at[rows, lengths].set(v[:, 0].astype(cache.v[i].dtype), mode="drop")
+        k_out.append(kc)
+        v_out.append(vc)
+        attn = cached_attention(q, kc, vc, q_offset=lengths, impl=cfg.attention, sliding_window=cfg.sliding_window)
+        x = _finish(x, attn.astype(x.dtype), lw, cfg)
+    x = rms_norm(x[:, 0], w.norm, cfg.rms_norm_eps)
+    logits = jnp.matmul(x, w.head, preferred_element_type=jnp.float32)
+    return logits, cache.replace(k=tuple(k_out), v=tuple(v_out), lengths=lengths + 1)

@@ -1,4 +1,6 @@
-"""Causal (packed) self-attention in plain XLA that skips the masked upper triangle block by block.
+"""Plain-XLA attention laid out for CPU speed: causal (packed) self-attention that skips the masked upper
+triangle block by block (``blocked_causal_attention``), and one new token per row against a KV cache
+(``single_query_attention``).
 
 Same semantics as ``ditto_jax.kernels.reference.attention_reference(causal=True, segment_ids=...)`` for full
 sequences (Sq == Sk) where every query sees at least itself -- always true for causal self-attention, padding
@@ -47,3 +49,33 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_i
         outs.append(jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vh[:, :, :hi], preferred_element_type=acc))
     o = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]  # [B, Hkv, G, S, D]
     return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, s, hq, d).astype(q.dtype)
+
+
+def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                           sliding_window: int | None = None) -> jax.Array:
+    """One new token per row: q ``[B, Hq, D]`` (at position ``positions[b]``) against k/v ``[B, S, Hkv, D]``
+    valid up to and including ``positions[b]``; softmax in float32.
+
+    Both products are plain batched matmuls over the cache *as stored* (``[B, S, Hkv*D]``, no transpose or
+    copy of the cache): q enters as a block-diagonal ``[Hkv*D, Hkv*G]`` matrix and the output keeps the
+    diagonal blocks. That spends ``Hkv`` times the attention FLOPs, which for decoding on CPU is far less
+    than the matmuls of the layer (accelerators use the kernels).
+    """
+    b, hq, d = q.shape
+    s_len, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    hi = jax.lax.Precision.HIGHEST
+    eye = jnp.eye(hkv, dtype=jnp.float32)
+    qg = q.reshape(b, hkv, g, d).astype(jnp.float32) * (1.0 / d**0.5)
+    q_blocks = (qg[:, :, None, :, :] * eye[None, :, :, None, None]).transpose(0, 1, 4, 2, 3)  # [B, h, D, h', G]
+    scores = jnp.matmul(k.reshape(b, s_len, hkv * d).astype(jnp.float32), q_blocks.reshape(b, hkv * d, hkv * g),
+                        precision=hi)  # [B, S, Hkv*G]
+    pos = jnp.arange(s_len, dtype=jnp.int32)[None, :]
+    valid = pos <= positions[:, None]
+    if sliding_window is not None:
+        valid &= pos > positions[:, None] - sliding_window
+    scores = jnp.where(valid[:, :, None], scores, -jnp.inf)
+    p = jax.nn.softmax(scores, axis=1)
+    o = jnp.matmul(jnp.swapaxes(p, 1, 2), v.reshape(b, s_len, hkv * d).astype(jnp.float32), precision=hi)
+    o = jnp.sum(o.reshape(b, hkv, g, hkv, d) * eye[None, :, None, :, None], axis=3)  # diagonal blocks
+    return o.reshape(b, hq, d).astype(q.dtype)

@@ -31,8 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ditto_jax.mesh import logical_to_spec
-from ditto_jax.model.cache import KVCache, init_cache
-from ditto_jax.sampling.decoder import decode_step, decode_weights
+from ditto_jax.model import KVCache, LayerCache, decode_step, decode_weights, init_cache, init_layer_cache
 from ditto_jax.sampling.logits import select_tokens
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
@@ -61,16 +60,6 @@ class SlotState:
 
 
 @flax.struct.dataclass
-class LayerCache:
-    """The KV cache as one ``[B, S, Hkv, D]`` array per layer (tuples ``k``/``v``) and ``lengths [B]``: the fused
-    decode path reads each layer's cache in place (a slice of a stacked ``[L, ...]`` array would be copied)."""
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    lengths: jax.Array
-
-
-@flax.struct.dataclass
 class RowParams:
     """Per-request settings for ``G`` rows being prefilled (same fields as ``SlotState``)."""
 
@@ -95,7 +84,7 @@ class SamplerConfig:
     max_stop_ids: int = 8
     max_top_k: int = 64
     max_rounds: int = 32
-    decode_path: str = "fused"  # "fused": DecodeWeights layout (sampling/decoder.py); "model": the model's forward
+    decode_path: str = "fused"  # "fused": model.decode_step over DecodeWeights; "model": the model's forward
     prefix_rows: int = 0  # rows of the prefix-cache pool (0: no prefix cache)
     prefix_row_tokens: int = 0  # tokens per pool row
 
@@ -227,7 +216,8 @@ def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, *, c
             return logits[:, 0], cache.k, cache.v
     else:
         def forward(tokens, cache):
-            return decode_step(weights, mcfg, tokens, cache.k, cache.v, cache.lengths)
+            logits, cache = decode_step(weights, mcfg, tokens, cache)
+            return logits, cache.k, cache.v
 
     b, k_steps = state.last_token.shape[0], cfg.chunk
     rows = jnp.arange(b)
@@ -311,14 +301,8 @@ class Sampler:
             ccon=full(0, jnp.int32))
 
     def _init_cache(self) -> KVCache | LayerCache:
-        cache = init_cache(self.model_cfg, self.cfg.batch_size, self.cfg.max_len)
-        if self.cfg.decode_path == "model":
-            return cache
-        layers = self.model_cfg.num_layers
-        per_layer = cache.k.shape[1:]
-        dt = cache.k.dtype
-        return LayerCache(k=tuple(jnp.zeros(per_layer, dt) for _ in range(layers)),
-                          v=tuple(jnp.zeros(per_layer, dt) for _ in range(layers)), lengths=cache.lengths)
+        make = init_cache if self.cfg.decode_path == "model" else init_layer_cache
+        return make(self.model_cfg, self.cfg.batch_size, self.cfg.max_len)
 
     def _state_shardings(self) -> SlotState:
         mesh = self.mesh

@@ -114,7 +114,7 @@ class SamplingEngine:
       min_bucket: the smallest prompt-length bucket.
       max_top_k: the largest ``top_k`` a request may ask for (a static bound of ``lax.top_k``).
       default_params: used for requests without ``params``.
-      decode_path: ``"fused"`` (``sampling/decoder.py``: weights re-laid out for decoding, one extra copy of
+      decode_path: ``"fused"`` (``ditto_jax.model.decode_step``: weights re-laid out for decoding, one extra copy of
         them; the CPU default) or ``"model"`` (the model's own scanned forward; the default elsewhere).
       share_compiled: run the process-wide compiled prefill/decode of every engine over a model of the same
         structure and config (weights are arguments, never constants); ``False`` compiles private ones.
