@@ -92,6 +92,11 @@ def test_folder_without_tokenizer_files_has_no_tokenizer(hf_dir):
         source_tokenizer(src, required=True)
     with pytest.raises(CheckpointError, match="no tokenizer"):  # simulation and evaluation render text
         load_model_source(src, require_tokenizer=True)
+    checkpoints.check_model_source(src)
+    with pytest.raises(CheckpointError, match="no tokenizer"):
+        checkpoints.check_model_source(src, require_tokenizer=True)
+    with pytest.raises(CheckpointError, match="no such file"):
+        checkpoints.check_model_source(ModelSource(path=str(hf_dir / "nope")))
     # the sample CLI on such a folder (token-id prompts sample, text prompts fail): tests/test_sampling_runner.py
 
 

@@ -56,6 +56,7 @@ from ditto_jax.checkpoints._resolve import (
 )
 from ditto_jax.checkpoints._source import (
     ModelSource,
+    check_model_source,
     load_model_source,
     source_tokenizer,
 )
@@ -91,6 +92,7 @@ __all__ = [
     "TokenizerFiles",
     "cache_dir",
     "cached_path",
+    "check_model_source",
     "convert_to_checkpoint",
     "convert_to_hf",
     "fetch_model",

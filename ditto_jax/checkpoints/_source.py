@@ -75,6 +75,18 @@ def load_model_source(src: ModelSource, mesh: Any = None,
     return model, cfg, tokenizer
 
 
+def check_model_source(src: ModelSource, require_tokenizer: bool = False) -> None:
+    """Fail now, with the error ``load_model_source`` would raise later, if ``src`` cannot be loaded: the path
+    resolves to a model (a named model is fetched, a hub id downloaded), a preset exists, and with
+    ``require_tokenizer`` a tokenizer is there. Reads no weights; for commands that check every model they
+    will use before the first long stage."""
+    if src.path is not None:
+        resolve(src.path)
+    else:
+        validate(ModelConfig, apply_overrides(read_yaml(src.config), src.overrides), str(src.config))
+    source_tokenizer(src, required=require_tokenizer)
+
+
 def source_tokenizer(src: ModelSource, required: bool = False) -> Tokenizer | None:
     """The tokenizer of a ``ModelSource``: ``tokenizer`` if given; else the checkpoint's own (tokenizer files,
     or a GGUF file's ``tokenizer.ggml.*`` metadata); else, for a random-init preset, the embedded default.
