@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "Ditto self-simulation: queries -> responses -> sessions -> corpus",
     "train": "supervised fine-tuning on a role-play corpus",
     "eval": "WikiRoleEval-style judged evaluation and MT-Bench roleplay",
+    "grid": "cross-supervision grid: seed x supervision models, plus no role-play data",
     "characters": "validate and describe character knowledge bases",
     "corpus": "build and describe role-play corpora",
     "bench": "benchmarks (model, kernels, sample, train, data)",
