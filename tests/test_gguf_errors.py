@@ -39,9 +39,12 @@ def test_unsupported_tensor_type_names_tensor_type_and_file(tmp_path, capsys):
 
 
 def test_tensor_the_model_does_not_use_is_named(tmp_path, capsys):
+    src = write_gguf(tmp_path / "bias.gguf", "llama", extra_tensors={"blk.1.attn_q.bias": np.ones(64, np.float32)})
+    err = _convert_fails(capsys, src, tmp_path / "out")
+    assert str(src) in err and "'blk.1.attn_q.bias' (F32)" in err and "does not use" in err
     src = write_gguf(tmp_path / "rope.gguf", "llama", extra_tensors={"rope_freqs.weight": np.ones(8, np.float32)})
     err = _convert_fails(capsys, src, tmp_path / "out")
-    assert str(src) in err and "'rope_freqs.weight'" in err
+    assert str(src) in err and "'rope_freqs.weight'" in err and "rope scaling" in err
 
 
 def test_truncated_file_is_one_line(tmp_path, capsys):

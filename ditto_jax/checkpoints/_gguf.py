@@ -154,6 +154,9 @@ class GGUFModel:
             if gguf_base is not None:
                 out[f"{gguf_base}.{suffix}"] = hf_name
         extra = [n for n in self.tensors if n not in out]
+        if "rope_freqs.weight" in extra:
+            raise CheckpointError(f"{self.path}: tensor 'rope_freqs.weight' (llama.cpp's per-frequency rope scaling, "
+                                  f"e.g. Llama 3.1) is not supported; convert the Hugging Face folder instead")
         if extra:
             shown = ", ".join(f"{n!r} ({self.tensors[n].tensor_type.name})" for n in extra[:5])
             raise CheckpointError(f"{self.path}: {len(extra)} tensor(s) this {self.cfg.architecture} model does not "
