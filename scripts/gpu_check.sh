@@ -15,6 +15,7 @@ fi
 # ditto_jax.kernels is kernels/ (pyproject package-dir). Without an install, scripts run from the repository
 # root import the repo's ditto_jax/, which has no kernels/ inside: link it (the link is git-ignored).
 [ -e ditto_jax/kernels ] || ln -s ../kernels ditto_jax/kernels
+[ -e ditto_jax/configs ] || ln -s ../configs ditto_jax/configs
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi -L || true
