@@ -153,3 +153,31 @@ def test_hub_id_offline_fails_with_one_clear_line(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("error: nobody/no-such-model: not a local path") and "--model PATH" in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def _imports(package: Path) -> dict[str, set[str]]:
+    """``ditto_jax.*`` modules imported anywhere (top level or inside functions) by each file of ``package``."""
+    import ast
+
+    out: dict[str, set[str]] = {}
+    for file in sorted(package.rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        out[str(file)] = {n for n in names if n.startswith("ditto_jax")}
+    return out
+
+
+@pytest.mark.parametrize(("package", "forbidden"), [
+    ("model", ("ditto_jax.hf", "ditto_jax.checkpoints", "ditto_jax.train")),
+    ("hf", ("ditto_jax.checkpoints", "ditto_jax.train", "ditto_jax.commands")),
+    ("checkpoints", ("ditto_jax.train", "ditto_jax.commands", "ditto_jax.sampling", "ditto_jax.simulation",
+                     "ditto_jax.eval", "ditto_jax.demo")),
+])
+def test_layers_point_one_way(package, forbidden):
+    root = Path(checkpoints.__file__).parent.parent / package
+    bad = {f: sorted(n for n in names if n.startswith(forbidden)) for f, names in _imports(root).items()}
+    assert not {f: n for f, n in bad.items() if n}
