@@ -26,8 +26,9 @@ from ditto_jax.tokenizer import (
 
 
 class ModelSource(StrictModel):
-    """A model: ``path`` (Hugging Face folder, GGUF file, model checkpoint, training workdir) or ``config``
-    (random init, e.g. ``model/tiny``).
+    """A model: ``path`` (Hugging Face folder, GGUF file, model checkpoint, training workdir or step, a named
+    model such as ``smollm2-135m-instruct`` fetched once into the cache, or a hub id ``owner/name``) or
+    ``config`` (random init, e.g. ``model/tiny``).
 
     ``tokenizer`` defaults to the checkpoint's own tokenizer (files, or a GGUF file's metadata); a checkpoint
     without one has none (``None``: token-id prompts only). A random-init preset uses the embedded tokenizer.
