@@ -88,7 +88,8 @@ def test_killed_run_resumes_exactly_once(tmp_path):
     cmd = [sys.executable, "-m", "ditto_jax.cli", "sample", "--config", "model/tiny", "--prompts", str(prompts),
            "--out", str(out), "--max-new-tokens", "24", "--batch-size", "4", "--chunk", "4", "--top-p", "0.8",
            "--shard-size", "2", "--no-progress"]
-    env = dict(os.environ, XLA_FLAGS="")
+    # a fresh persistent compilation cache: the resumed run loads what the killed one compiled
+    env = dict(os.environ, XLA_FLAGS="", DITTO_JAX_COMPILATION_CACHE=str(tmp_path / "jax-cache"))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not list(out.glob("part-*.jsonl")) and proc.poll() is None and time.time() < deadline:
@@ -103,7 +104,34 @@ def test_killed_run_resumes_exactly_once(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["already_done"] == len(partial) and summary["generated"] == 24 - len(partial)
+    assert summary["compile"]["cache_hits"] >= 1 and summary["compile"]["cache_dir"] == str(tmp_path / "jax-cache")
+    assert set(summary["engine"]) >= {"prefill_s", "decode_s", "prefix_fill_s"} and summary["total_s"] > 0
     final = read_outputs(out)  # raises on a duplicate id
     assert sorted(final) == [f"q{i:02d}" for i in range(24)] and run_complete(out)
     assert all((out / name).read_bytes() == data for name, data in killed.items())  # finished shards untouched
     assert not list(Path(out).glob(".*.tmp"))
+
+
+def test_model_without_tokenizer_samples_token_ids_only(tmp_path, monkeypatch, capsys):
+    """A model folder without tokenizer files: ``input_ids`` prompts sample (text null); a text prompt is an
+    error naming the missing files (never the bundled tokenizer, whose ids would not match the model)."""
+    from ditto_jax import cli, hf
+    from ditto_jax.model import ModelConfig, create_model
+
+    monkeypatch.setenv("DITTO_JAX_COMPILATION_CACHE", "off")
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=64)
+    folder = tmp_path / "model"
+    hf.save_pretrained(create_model(cfg, seed=0), cfg, folder)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "input_ids": [5, 6, 7]}\n{"id": "b", "input_ids": [9]}\n')
+    base = ["sample", "--model", str(folder), "--prompts", str(prompts), "--max-new-tokens", "3",
+            "--batch-size", "2", "--no-progress", "--ignore-eos"]
+    assert cli.main(base + ["--out", str(tmp_path / "out")]) == 0
+    out = read_outputs(tmp_path / "out")
+    assert sorted(out) == ["a", "b"] and all(r["text"] is None and len(r["output_ids"]) == 3 for r in out.values())
+    capsys.readouterr()
+    prompts.write_text('{"id": "a", "prompt": "hello"}\n')
+    assert cli.main(base + ["--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "p.jsonl:1" in err and "needs a tokenizer" in err and "tokenizer.json" in err

@@ -10,7 +10,8 @@ preset is first written as one) and the same token-id prompts, and are timed fro
 ``ditto-jax sample`` (its own summary gives the compile / prefill / decode split and the prefix-cache hit
 rate) and, with ``--compare-hf``, a transformers ``generate`` loop over the same prompts in batches of
 ``--batch`` (left padded, stopping at the same end tokens). Runs alternate ours/theirs ``--repeats`` times;
-the first of ours may fill the persistent compilation cache (reported as ``cold``).
+the first of ours may fill the persistent compilation cache. Each run reports wall and CPU seconds (user +
+system of the process); on a machine shared with other jobs the CPU-time ratio is the steadier figure.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -100,13 +102,17 @@ def _hf_folder(args: argparse.Namespace, work: Path) -> tuple[str, Any]:
     return str(folder), tokenizer
 
 
-def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[dict[str, float], str]:
+    """Run a command; ``({"wall_s", "cpu_s"}, stdout)`` (CPU: user + system of the child, all its threads)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd[:4])} ... exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return wall, proc.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}, proc.stdout
 
 
 def _last_json(stdout: str) -> dict[str, Any]:
@@ -114,6 +120,13 @@ def _last_json(stdout: str) -> dict[str, Any]:
         if line.startswith("{"):
             return json.loads(line)
     raise SystemExit(f"error: no JSON summary in the output:\n{stdout[-2000:]}")
+
+
+def _save_partial(args: argparse.Namespace, ours: list, hf: list) -> None:
+    """The runs so far, next to the final result (a long benchmark on a busy machine can be read mid-way)."""
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(str(args.out) + ".partial").write_text(json.dumps({"ours_runs": ours, "hf_runs": hf}, indent=1))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -141,18 +154,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             import shutil
 
             shutil.rmtree(out)
-        wall, stdout = _timed(cmd, env)
-        ours_runs.append({"wall_s": round(wall, 2), **_last_json(stdout)})
+        times, stdout = _timed(cmd, env)
+        ours_runs.append({**times, **_last_json(stdout)})
+        _save_partial(args, ours_runs, hf_runs)
         if args.compare_hf:
             cmd = [sys.executable, "-m", "ditto_jax.bench.simulate", "--hf-worker", folder, str(prompt_file),
                    str(work / f"hf-{r}.jsonl"), str(args.batch), json.dumps({
                        "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                        "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.new_tokens,
                        "stop_ids": stop_ids})]
-            wall, stdout = _timed(cmd, env)
-            hf_runs.append({"wall_s": round(wall, 2), **_last_json(stdout)})
+            times, stdout = _timed(cmd, env)
+            hf_runs.append({**times, **_last_json(stdout)})
+            _save_partial(args, ours_runs, hf_runs)
     lengths = [len(p["input_ids"]) for p in prompts]
     ours_wall = statistics.median(r["wall_s"] for r in ours_runs)
+    ours_cpu = statistics.median(r["cpu_s"] for r in ours_runs)
     result: dict[str, Any] = {
         "bench": "simulate", "model": args.model or args.config, "hf_folder": folder,
         "prompts": len(prompts), "characters": args.characters, "questions": args.questions,
@@ -160,14 +176,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "new_tokens": args.new_tokens, "batch": args.batch,
         "sampling": {"temperature": args.temperature, "top_p": args.top_p,
                      "repetition_penalty": args.repetition_penalty},
-        "ours_wall_s": round(ours_wall, 2), "ours_runs": ours_runs,
+        "ours_wall_s": round(ours_wall, 2), "ours_cpu_s": round(ours_cpu, 2), "ours_runs": ours_runs,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if hf_runs:
         hf_wall = statistics.median(r["wall_s"] for r in hf_runs)
-        result.update({"hf_wall_s": round(hf_wall, 2), "hf_runs": hf_runs,
+        hf_cpu = statistics.median(r["cpu_s"] for r in hf_runs)
+        result.update({"hf_wall_s": round(hf_wall, 2), "hf_cpu_s": round(hf_cpu, 2), "hf_runs": hf_runs,
                        "speedup_vs_hf": round(hf_wall / ours_wall, 2),
+                       "speedup_vs_hf_cpu_time": round(hf_cpu / ours_cpu, 2),
                        "speedup_vs_hf_per_run": [round(h["wall_s"] / o["wall_s"], 2)
                                                  for o, h in zip(ours_runs, hf_runs)]})
     return result

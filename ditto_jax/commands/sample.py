@@ -99,8 +99,16 @@ def run(args: argparse.Namespace) -> int:
     mesh = make_mesh(MeshConfig(data=-1, tensor=args.tensor), devices=jax.local_devices())
     source = ModelSource(path=args.model, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype)
     model, cfg, tokenizer = load_model_source(source, mesh)
+    no_tokenizer = None
+    if tokenizer is None:  # a checkpoint without tokenizer files: token-id prompts only, outputs without text
+        from ditto_jax.checkpoints import CheckpointError, source_tokenizer
+
+        try:
+            source_tokenizer(source, required=True)
+        except CheckpointError as exc:
+            no_tokenizer = str(exc)
     try:
-        prompts = read_prompt_file(args.prompts, tokenizer)
+        prompts = read_prompt_file(args.prompts, tokenizer, no_tokenizer)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

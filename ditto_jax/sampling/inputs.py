@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 
-def encode_prompt_record(rec: dict[str, Any], tokenizer: Any, where: str) -> list[int]:
+def encode_prompt_record(rec: dict[str, Any], tokenizer: Any, where: str, no_tokenizer: str | None = None) -> list[int]:
     """Token ids of one prompt record: raw ``prompt`` text (BOS first when the tokenizer has one, as
-    transformers' tokenizers add it), chat ``messages`` (with the assistant generation prompt), or ``input_ids``."""
+    transformers' tokenizers add it), chat ``messages`` (with the assistant generation prompt), or ``input_ids``.
+    Without a tokenizer only ``input_ids`` records work; ``no_tokenizer`` says why there is none."""
     keys = [k for k in ("prompt", "messages", "input_ids") if k in rec]
     if len(keys) != 1:
         raise ValueError(f"{where}: needs exactly one of \"prompt\", \"messages\", \"input_ids\" (got {sorted(rec)})")
@@ -20,7 +21,7 @@ def encode_prompt_record(rec: dict[str, Any], tokenizer: Any, where: str) -> lis
             raise ValueError(f"{where}: field \"input_ids\" must be a list of integers")
         return list(value)
     if tokenizer is None:
-        raise ValueError(f"{where}: field \"{key}\" needs a tokenizer (the model folder has none)")
+        raise ValueError(f"{where}: field \"{key}\" needs a tokenizer ({no_tokenizer or 'the model folder has none'})")
     if key == "prompt":
         if not isinstance(value, str):
             raise ValueError(f"{where}: field \"prompt\" must be a string")
@@ -34,8 +35,9 @@ def encode_prompt_record(rec: dict[str, Any], tokenizer: Any, where: str) -> lis
         raise ValueError(f"{where}: field \"messages\": {exc}") from exc
 
 
-def read_prompt_file(path: str | Path, tokenizer: Any) -> list[tuple[str, list[int]]]:
-    """``[(id, input_ids)]`` of a prompts JSONL file (blank lines skipped); errors name the file, line and field."""
+def read_prompt_file(path: str | Path, tokenizer: Any, no_tokenizer: str | None = None) -> list[tuple[str, list[int]]]:
+    """``[(id, input_ids)]`` of a prompts JSONL file (blank lines skipped); errors name the file, line and field
+    (``no_tokenizer``: why there is no tokenizer, for the error of a text prompt)."""
     out: list[tuple[str, list[int]]] = []
     seen: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
@@ -55,7 +57,7 @@ def read_prompt_file(path: str | Path, tokenizer: Any) -> list[tuple[str, list[i
             if rid in seen:
                 raise ValueError(f"{where}: id {rid!r} already used on line {seen[rid]}")
             seen[rid] = n
-            ids = encode_prompt_record(rec, tokenizer, where)
+            ids = encode_prompt_record(rec, tokenizer, where, no_tokenizer)
             if not ids:
                 raise ValueError(f"{where}: the prompt is empty")
             out.append((rid, ids))

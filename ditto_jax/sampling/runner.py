@@ -84,10 +84,14 @@ def read_outputs(out_dir: str | Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_complete(out_dir: str | Path, process_index: int = 0) -> bool:
-    """Whether process ``process_index`` finished its share in ``out_dir``."""
+def run_complete(out_dir: str | Path, process_index: int = 0, process_count: int | None = None) -> bool:
+    """Whether process ``process_index`` finished its share in ``out_dir`` (in a run of ``process_count``
+    processes, when given: a share of another split is not this one)."""
     path = _manifest_path(Path(out_dir), process_index)
-    return path.exists() and bool(json.loads(path.read_text(encoding="utf-8")).get("complete"))
+    if not path.exists():
+        return False
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    return bool(manifest.get("complete")) and (process_count is None or manifest.get("process_count") == process_count)
 
 
 def _this_share(requests: Iterable[Request], process_index: int, process_count: int, partition: bool,
@@ -139,8 +143,9 @@ def run_sampling(engine: Any, requests: Iterable[Request], out_dir: str | Path, 
                          "partition=False (each process already passes its own share)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f".part-p{process_index:05d}-*.tmp"):  # temp files of a killed run of this process
-        stale.unlink(missing_ok=True)
+    stale = [*out_dir.glob(f".part-p{process_index:05d}-*.tmp"), *out_dir.glob(f".manifest-p{process_index:05d}.json*.tmp")]
+    for path in stale:  # temp files of a killed run of this process (a shard or the manifest being written)
+        path.unlink(missing_ok=True)
     done = set(read_outputs(out_dir))
     mine = sorted(out_dir.glob(f"part-p{process_index:05d}-*.jsonl"))
     shards = [{"file": p.name, "records": len(_read_shard(p))} for p in mine]

@@ -58,6 +58,9 @@ class EngineTiming:
     prefill_s: float = 0.0
     prefix_fill_s: float = 0.0
     decode_s: float = 0.0
+    prefill_cpu_s: float = 0.0  # process CPU time (all threads) of the same calls: steadier on a shared machine
+    prefix_fill_cpu_s: float = 0.0
+    decode_cpu_s: float = 0.0
     prefill_calls: int = 0
     prefix_fill_calls: int = 0
     decode_calls: int = 0
@@ -276,9 +279,10 @@ class SamplingEngine:
         if all(x is None for x in live):
             return done
         keep = np.array([x is not None for x in live])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tokens, logprobs, finish, steps = self.sampler.decode(self._device_tables(), keep)
         self.timing.decode_s += time.perf_counter() - t0
+        self.timing.decode_cpu_s += time.process_time() - c0
         self.timing.decode_calls += 1
         self.timing.decode_steps += steps
         for slot, rec in enumerate(live):
@@ -397,9 +401,10 @@ class SamplingEngine:
                 for i, (row, toks) in enumerate(part):
                     rows[i] = row
                     tokens[i, :len(toks)] = np.asarray(toks, np.int32)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 self.sampler.prefix_fill(rows, tokens)
                 self.timing.prefix_fill_s += time.perf_counter() - t0
+                self.timing.prefix_fill_cpu_s += time.process_time() - c0
                 self.timing.prefix_fill_calls += 1
                 self.timing.prompt_tokens_computed += sum(len(t) for _, t in part)
 
@@ -435,13 +440,14 @@ class SamplingEngine:
         rows = RowParams(key=jnp.asarray(key), temperature=jnp.asarray(temp), top_k=jnp.asarray(top_k),
                          top_p=jnp.asarray(top_p), repetition_penalty=jnp.asarray(rep), max_new=jnp.asarray(max_new),
                          stop_ids=jnp.asarray(stop_ids), cstate=jnp.asarray(cstate), ccon=jnp.asarray(ccon))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if pp == 0:
             tok, lp, code = self.sampler.prefill(self._device_tables(), slots, suffix, lengths, rows)
         else:
             tok, lp, code = self.sampler.prefill(self._device_tables(), slots, prompts, lengths, rows,
                                                  src_rows=src_rows, prefix_len=prefix_len, suffix=suffix)
         self.timing.prefill_s += time.perf_counter() - t0
+        self.timing.prefill_cpu_s += time.process_time() - c0
         self.timing.prefill_calls += 1
         self.timing.prompt_tokens += sum(rec.prompt_len for _, rec, _, _ in items)
         self.timing.prompt_tokens_computed += sum(rec.prompt_len - m for _, rec, _, m in items)

@@ -29,11 +29,12 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ditto_jax.config import ConfigError, dump_config
 from ditto_jax.fileio import atomic_directory, atomic_write_json, atomic_write_jsonl, atomic_write_text
-from ditto_jax.simulation.config import SamplingConfig, SimulateConfig
+from ditto_jax.simulation.backend import Backend, read_outputs, stage_complete
+from ditto_jax.simulation.config import SimulateConfig
 from ditto_jax.simulation.filters import FilterCounts, check_response
 from ditto_jax.simulation.partners import Pairing, assign_partners, directed_pairs
 from ditto_jax.simulation.prompts import ProfileBudget, PromptTooLong, fit_prompt
@@ -81,16 +82,6 @@ def select_characters(cfg: SimulateConfig) -> list[Any]:
     if len(chars) < 2:
         raise ConfigError(f"characters: {len(chars)} selected, simulation needs at least 2")
     return chars
-
-
-def sampling_params(s: SamplingConfig, seed: int, stop_ids: Iterable[int], max_new_tokens: int | None = None) -> Any:
-    """Engine ``SamplingParams`` from a stage's sampling config (the runner folds ``seed`` with each id)."""
-    from ditto_jax.sampling import SamplingParams
-
-    return SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                          repetition_penalty=s.repetition_penalty,
-                          max_new_tokens=max_new_tokens or s.max_new_tokens, stop_token_ids=sorted(stop_ids),
-                          stop_strings=list(s.stop_strings), seed=seed)
 
 
 class Simulation:
@@ -150,8 +141,6 @@ class Simulation:
     # ---- generation backend (supervision model, loaded only when a stage has work left) ------------------
     def _load_backend(self) -> Any:
         if self._backend is None:
-            from ditto_jax.simulation.backend import Backend
-
             self.log(f"loading supervision model: {self.cfg.supervision_model.describe()}")
             self._backend = Backend(self.cfg, log=self.log, progress=self.progress)
         return self._backend
@@ -161,8 +150,6 @@ class Simulation:
 
         ``build(backend)`` returns this process's requests (tokenized); it is only called when outputs are missing.
         """
-        from ditto_jax.simulation.backend import read_outputs, stage_complete
-
         start = time.perf_counter()
         if not stage_complete(out_dir, self.process_index, self.process_count):
             backend = self._load_backend()
