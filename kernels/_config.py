@@ -93,6 +93,15 @@ DEFAULT_BLOCKS = {
                              block_kv_dkv=512),
 }
 
+# Decode tiles per accelerator (``device_kind`` of the first device); any other device (CPU, TPU, other GPUs)
+# gets ``DecodeBlockSizes()``. H200: the tuning sweep's fastest spec of the 2026-12-04 lease,
+# ``pallas:triton@block_kv=64;num_stages=4;num_splits=8``: 61.5% of copy bandwidth at B=32, cache 8192,
+# Hq/Hkv 32/8, D=128 bf16, against 54.3% for ``DecodeBlockSizes()`` in the same run
+# (benchmarks/gpu-h200-2026-12-04.md).
+DEFAULT_DECODE_BLOCKS = {
+    "NVIDIA H200": DecodeBlockSizes(block_kv=64, num_splits=8, num_warps=4, num_stages=4),
+}
+
 
 def _parse_kv(text: str, source: str) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
@@ -137,9 +146,20 @@ def default_blocks(backend: str, override: BlockSizes | None = None) -> BlockSiz
     return _with_env(DEFAULT_BLOCKS[family.get(backend, backend)], BLOCKS_ENV)
 
 
-def default_decode_blocks(override: DecodeBlockSizes | None = None) -> DecodeBlockSizes:
-    """Decode tiles: defaults, then ``DITTO_DECODE_BLOCKS``, then ``override``."""
-    return override if override is not None else _with_env(DecodeBlockSizes(), DECODE_BLOCKS_ENV)
+def default_decode_blocks(override: DecodeBlockSizes | None = None,
+                          device_kind: str | None = None) -> DecodeBlockSizes:
+    """Decode tiles: the device's default (``DEFAULT_DECODE_BLOCKS``, by ``device_kind``, default the first
+    device's), then ``DITTO_DECODE_BLOCKS``, then ``override``."""
+    if override is not None:
+        return override
+    kind = device_kind if device_kind is not None else first_device_kind()
+    return _with_env(DEFAULT_DECODE_BLOCKS.get(kind, DecodeBlockSizes()), DECODE_BLOCKS_ENV)
+
+
+@lru_cache(maxsize=None)
+def first_device_kind() -> str:
+    """``device_kind`` of the first device of the default backend (e.g. ``NVIDIA H200``, ``cpu``)."""
+    return jax.devices()[0].device_kind
 
 
 @lru_cache(maxsize=None)
@@ -215,8 +235,9 @@ def check_tiles(backend: str, blocks: "BlockSizes | DecodeBlockSizes", source: s
 def parse_decode_spec(spec: str | None) -> tuple[str | None, DecodeBlockSizes | None]:
     """``backend[@field=value;...]`` -> ``(backend or None, DecodeBlockSizes or None)`` for the decode kernel.
 
-    Fields are those of ``DecodeBlockSizes`` over its defaults (``DITTO_DECODE_BLOCKS`` applies first), e.g.
-    ``triton@block_kv=64;num_splits=8;num_stages=3``.
+    Fields are those of ``DecodeBlockSizes`` over its generic defaults (not a device's ``DEFAULT_DECODE_BLOCKS``,
+    so a spec names the same tiles on every device; ``DITTO_DECODE_BLOCKS`` applies first), e.g.
+    ``triton@block_kv=64;num_splits=8;num_stages=3``. Without ``@`` the kernel uses the device's defaults.
     """
     if not spec:
         return None, None
@@ -228,7 +249,7 @@ def parse_decode_spec(spec: str | None) -> tuple[str | None, DecodeBlockSizes | 
         return backend, None
     changes = _field_changes(tiles.replace(";", ","), spec, DecodeBlockSizes)
     concrete = resolve_backend(backend, mosaic_gpu_ok=False)
-    blocks = default_decode_blocks().replace(**changes)
+    blocks = default_decode_blocks(device_kind="").replace(**changes)
     check_tiles("triton" if concrete in ("triton", "mosaic_gpu") else concrete, blocks, spec)
     return backend, blocks
 

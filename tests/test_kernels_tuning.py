@@ -41,6 +41,30 @@ def test_decode_spec_parses_tiles_over_the_defaults():
     assert kt.parse_decode_impl("pallas:triton@num_splits=none")[1].num_splits is None
 
 
+def test_h200_decode_default_is_the_tiling_the_2026_12_04_lease_measured_fastest(monkeypatch):
+    from ditto_jax.kernels._config import DEFAULT_DECODE_BLOCKS
+
+    monkeypatch.delenv("DITTO_DECODE_BLOCKS", raising=False)
+    lease = json.loads((ROOT / "benchmarks" / "gpu-h200-2026-12-04" / "kernels_tune.json").read_text())
+    assert lease["device"]["device_kind"] == "NVIDIA H200"
+    best = lease["summary"]["decode_recommended"]
+    rows = {r["impl"]: r["pct_copy_bw"] for r in lease["decode"] if "pct_copy_bw" in r}
+    assert best == max(rows, key=rows.get) and rows[best] > rows["pallas:triton"]  # 61.5% vs 54.3%
+    h200 = DEFAULT_DECODE_BLOCKS["NVIDIA H200"]
+    assert kt.parse_decode_impl(best) == ("triton", h200)
+    assert h200 == DecodeBlockSizes(block_kv=64, num_splits=8, num_warps=4, num_stages=4)
+    assert default_decode_blocks(device_kind="NVIDIA H200") == h200
+    # Every other device keeps the generic tiles; the environment and an explicit argument still win.
+    assert default_decode_blocks(device_kind="cpu") == DecodeBlockSizes()
+    assert default_decode_blocks(device_kind="TPU v5 lite") == DecodeBlockSizes()
+    assert default_decode_blocks() == DecodeBlockSizes()  # this machine: CPU
+    monkeypatch.setenv("DITTO_DECODE_BLOCKS", "num_splits=2")
+    assert default_decode_blocks(device_kind="NVIDIA H200") == h200.replace(num_splits=2)
+    assert default_decode_blocks(DecodeBlockSizes(block_kv=16), device_kind="NVIDIA H200").block_kv == 16
+    # A spec names the same tiles on every device (over the generic defaults, not the device's).
+    assert parse_decode_spec("triton@num_warps=8")[1] == DecodeBlockSizes(num_warps=8, num_splits=2)  # env first
+
+
 @pytest.mark.parametrize("spec,message", [
     ("triton@num_split=8", r"unknown DecodeBlockSizes fields \['num_split'\]"),
     ("triton@block_kv=48", "block_kv=48 must be a power of two >= 16"),

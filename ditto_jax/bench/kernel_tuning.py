@@ -63,8 +63,9 @@ TUNE_FLASH: tuple[tuple[str, str], ...] = (
 TUNE_DECODE: tuple[tuple[str, str], ...] = (
     ("xla", "the reference"),
     ("pallas:triton",
-     "the defaults (128 cache rows a step, splits chosen for ~1024 programs = 4 here, 4 warps, 2 stages): "
-     "68% of copy bandwidth on the H200; ~132 KB of shared memory leaves one program per SM"),
+     "the device's defaults: DecodeBlockSizes() (128 cache rows a step, splits chosen for ~1024 programs = 4 "
+     "here, 4 warps, 2 stages; 54-68% of copy bandwidth on the H200, ~132 KB of shared memory: one program per "
+     "SM), on the H200 the 2026-12-04 winner below (kernels/_config.py DEFAULT_DECODE_BLOCKS)"),
     ("pallas:triton@block_kv=64;num_stages=3", "~100 KB: two programs per SM, more bytes in flight per SM"),
     ("pallas:triton@block_kv=64;num_stages=4;num_splits=8",
      "four 64-row stages (the default's bytes in flight, twice the loads queued), 2048 programs (smaller tail)"),
