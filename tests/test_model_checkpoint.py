@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from hf_fixtures import hf_state, make_hf_model, save_hf
 
 from ditto_jax import hf
+from ditto_jax.checkpoints import is_model_checkpoint, load_model, save_model_checkpoint, tokenizer_dir
 from ditto_jax.cli import main
 from ditto_jax.mesh import MeshConfig, make_mesh
-from ditto_jax.checkpoints import is_model_checkpoint, load_model, save_model_checkpoint, tokenizer_dir
-from hf_fixtures import hf_state, make_hf_model, save_hf
 
 
 def _params(model) -> dict[str, np.ndarray]:

@@ -19,6 +19,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from ditto_jax.checkpoints._errors import CheckpointError
 
 CACHE_ENV = "DITTO_JAX_CACHE"
@@ -128,11 +130,6 @@ def named_model(name: str) -> NamedModel:
 
 def hub_snapshot(repo_id: str) -> Path:
     """A Hugging Face hub model folder (config, safetensors, tokenizer files) downloaded with ``huggingface_hub``."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"{repo_id!r} looks like a Hugging Face hub id but huggingface_hub is not installed "
-                              f"(pip install huggingface_hub), or pass a local folder: --model PATH") from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as exc:  # noqa: BLE001 - any hub failure (offline, 404, auth) is one clear line

@@ -16,7 +16,7 @@ from typing import Any
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, quants
 from jax.sharding import Mesh
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
@@ -43,8 +43,6 @@ CONTROL, USER_DEFINED = 3, 4
 
 def supported_tensor_types() -> list[str]:
     """Every GGML tensor type the installed ``gguf`` package can dequantise."""
-    from gguf import quants
-
     return [t.name for t in FLOAT_TYPES] + sorted(t.name for t in quants._type_traits)
 
 
@@ -199,7 +197,7 @@ class GGUFTensorReader:
         self._cached = None
         tensor = self.model.tensors[self.hf_to_gguf[name]]
         try:
-            data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            data = quants.dequantize(tensor.data, tensor.tensor_type)
         except (NotImplementedError, ValueError) as exc:
             raise CheckpointError(f"{self.path}: cannot dequantise tensor {tensor.name!r} of type "
                                   f"{tensor.tensor_type.name}: {exc}") from None

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
 from ditto_jax.fileio import atomic_directory, atomic_write_json
@@ -41,8 +42,6 @@ def parse_size(size: int | str) -> int:
 def _to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
