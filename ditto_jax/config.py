@@ -7,6 +7,7 @@ validates *before* anything is compiled or written.
 
 from __future__ import annotations
 
+import copy
 import importlib.resources
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
@@ -64,7 +65,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``dotted.key=value`` overrides to a nested dict (value parsed as YAML); returns a new dict."""
-    import copy
 
     out = copy.deepcopy(data)
     for item in overrides:

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from ditto_jax.mesh import batch_sharding
+
 
 def add_process_arguments(parser: Any) -> None:
     """The ``--coordinator/--num-processes/--process-id`` flags shared by ``train``, ``simulate`` and ``sample``."""
@@ -74,7 +76,6 @@ def is_primary() -> bool:
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assemble this process's rows (``[B / processes, S]``) into global arrays sharded over the data axes."""
-    from ditto_jax.mesh import batch_sharding
 
     out = {}
     for key, value in local.items():

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 _UNIGRAM, _BPE = 1, 2
 
 
 def _model_proto(model_proto: bytes):
-    from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model_proto)

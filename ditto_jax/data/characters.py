@@ -9,6 +9,7 @@ category/lang spelled out; ``from_ditto`` normalises those. ``load_characters(No
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.resources
 import re
@@ -28,6 +29,7 @@ from ditto_jax.data.records import (
     read_items,
     read_records,
 )
+from ditto_jax.data.tfds_builder import CharacterKb, build, open_split
 
 NonEmpty = Annotated[str, pydantic.StringConstraints(strict=True, min_length=1)]
 Category = Literal["real", "fictional"]
@@ -195,7 +197,6 @@ def read_characters(
     """
     parse = lambda o, p, n: parse_character(o, p, n, layout)  # noqa: E731
     if isinstance(path, (str, Path)) and Path(path).is_dir() and (ds := find_dataset_dir(path)):
-        from ditto_jax.data.tfds_builder import open_split
 
         source, origin = open_split(ds, split), f"{ds}[{split}]"
         items = ((origin, i, decode_json(source[i]["json"], origin, i)) for i in range(len(source)))
@@ -208,7 +209,6 @@ def read_characters(
 
 def build_characters_tfds(characters: Iterable[Character], data_dir: str | Path, split: str = "train") -> Path:
     """Write characters as a TFDS ``array_record`` dataset (one split); returns its version folder."""
-    from ditto_jax.data.tfds_builder import CharacterKb, build
 
     return build(CharacterKb, {split: [c.model_dump(mode="json") for c in characters]}, data_dir)
 
@@ -252,7 +252,6 @@ def by_id(characters: Iterable[Character]) -> dict[str, Character]:
 
 def character_stats(characters: Iterable[Character]) -> dict[str, Any]:
     """Counts by language, category, split (and language x split), plus era/domain coverage."""
-    import collections
 
     chars = list(characters)
     count = lambda f: dict(sorted(collections.Counter(f(c) for c in chars).items()))  # noqa: E731

@@ -16,11 +16,15 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Sequence
 
 import pydantic
+from array_record.python.array_record_module import ArrayRecordWriter
 
+from ditto_jax.data import tfds_builder
 from ditto_jax.data.records import (
     OnError,
     ReadReport,
@@ -32,6 +36,7 @@ from ditto_jax.data.records import (
     read_records,
 )
 from ditto_jax.fileio import atomic_directory, atomic_write_json, atomic_write_jsonl
+from ditto_jax.tokenizer import default_tokenizer
 
 NonEmpty = Annotated[str, pydantic.StringConstraints(strict=True, min_length=1)]
 QueryKind = Literal["role_specific", "contrastive"]
@@ -123,7 +128,6 @@ def build_corpus(inputs: str | Path | Iterable[str | Path], out_dir: str | Path,
                  seed: int = 0, on_error: OnError = "skip", overwrite: bool = True) -> dict[str, Any]:
     """Validate the JSONL inputs and write a TFDS ``array_record`` dataset with train/validation splits to
     ``out_dir`` (atomically), plus ``out_dir/summary.json``; returns the summary."""
-    from ditto_jax.data import tfds_builder
 
     sessions, report = read_sessions(inputs, on_error)
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
@@ -149,7 +153,6 @@ def load_corpus(path: str | Path | Iterable[str | Path], split: str | None = "tr
                 on_error: OnError = "fail") -> list[Session]:
     """Sessions of a built TFDS corpus split (``split=None``: all splits), or of JSONL file(s) (all)."""
     if isinstance(path, (str, Path)) and Path(path).is_dir() and (ds := find_dataset_dir(path)):
-        from ditto_jax.data import tfds_builder
 
         splits = tfds_builder.split_names(ds) if split is None else [split]
         out = []
@@ -164,7 +167,6 @@ def corpus_stats(sessions: Iterable[Session], tokenizer: Any | None = None) -> d
     """Sessions, turns (user/assistant exchanges), tokens (and trained tokens) overall and by language;
     user turns by query kind and by rejection label."""
     if tokenizer is None:
-        from ditto_jax.tokenizer import default_tokenizer
 
         tokenizer = default_tokenizer()
     total = collections.Counter()
@@ -199,10 +201,7 @@ def corpus_stats(sessions: Iterable[Session], tokenizer: Any | None = None) -> d
 def write_array_record(sessions: Sequence[Session | dict], path: str | Path) -> Path:
     """Write sessions as one JSON record each into an ``array_record`` file (atomically); the pipeline reads
     it with ``format: array_record``."""
-    import os
-    import tempfile
 
-    from array_record.python.array_record_module import ArrayRecordWriter
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

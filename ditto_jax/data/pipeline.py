@@ -23,12 +23,16 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
+import grain
+import jax
 import numpy as np
 import pydantic
+from absl import flags
 
 from ditto_jax.config import StrictModel
 from ditto_jax.data.corpus import Session, parse_session
-from ditto_jax.data.records import ReadReport, decode_json, expand_paths, iter_json_lines, read_items
+from ditto_jax.data.records import ReadReport, decode_json, expand_paths, find_dataset_dir, iter_json_lines, read_items
+from ditto_jax.data.tfds_builder import open_split
 from ditto_jax.tokenizer import Tokenizer
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -80,7 +84,6 @@ class PipelineSummary:
 # sources
 # ------------------------------------------------------------------------------------------------------------
 def _detect_format(paths: Sequence[str]) -> str:
-    from ditto_jax.data.records import find_dataset_dir
 
     first = Path(paths[0])
     if first.is_dir() and find_dataset_dir(first):
@@ -99,7 +102,6 @@ def _raw_items(cfg: DataConfig) -> Iterator[tuple[str, int, Any]]:
         for path in expand_paths(cfg.paths):
             yield from iter_json_lines(path)
     elif fmt == "tfds":
-        from ditto_jax.data.tfds_builder import find_dataset_dir, open_split
 
         for p in cfg.paths:
             ds = find_dataset_dir(p)
@@ -110,7 +112,6 @@ def _raw_items(cfg: DataConfig) -> Iterator[tuple[str, int, Any]]:
             for i in range(len(source)):
                 yield origin, i, decode_json(source[i]["json"], origin, i)
     elif fmt == "array_record":
-        import grain
 
         files = [str(p) for p in expand_paths(cfg.paths, suffix=".array_record")]
         source = grain.sources.ArrayRecordDataSource(files)
@@ -223,7 +224,6 @@ class _PadOne:
 
 def _ensure_absl_flags_parsed() -> None:
     """Grain worker processes read absl flags; outside an absl app they must be marked parsed."""
-    from absl import flags
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
@@ -231,7 +231,6 @@ def _ensure_absl_flags_parsed() -> None:
 
 def build_dataset(examples: Sequence[dict[str, np.ndarray]], cfg: DataConfig, batch_size: int, pad_id: int):
     """The Grain ``IterDataset`` of batches over prepared examples."""
-    import grain
 
     if not examples:
         raise ValueError("no training examples left after validation/tokenization (see the pipeline summary)")
@@ -325,7 +324,6 @@ def make_pipeline(cfg: DataConfig, tokenizer: Tokenizer, process_index: int | No
                   process_count: int | None = None) -> DataPipeline:
     """Build the pipeline for this process (defaults: ``jax.process_index()`` / ``jax.process_count()``)."""
     if process_index is None or process_count is None:
-        import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
     if cfg.global_batch_size % process_count:

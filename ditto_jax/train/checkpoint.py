@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from ditto_jax.checkpoints import CHECKPOINT_DIR, TRAIN_ITEMS, TRAIN_META
 
@@ -133,14 +135,12 @@ class Checkpoints:
                 self._move_aside(bad)
 
     def _move_aside(self, steps: list[int]) -> None:
-        from jax.experimental import multihost_utils
 
         if jax.process_index() == 0:
             for step in steps:
                 src = self.directory / str(step)
                 dst = self.directory / f"corrupt-{step}"
                 if dst.exists():
-                    import shutil
 
                     shutil.rmtree(dst)
                 src.rename(dst)

@@ -8,10 +8,10 @@ from typing import Literal
 
 import pydantic
 
+from ditto_jax.checkpoints import ModelSource
 from ditto_jax.config import ConfigError, StrictModel, load_config
 from ditto_jax.data.pipeline import DataConfig
 from ditto_jax.mesh import MeshConfig
-from ditto_jax.checkpoints import ModelSource
 from ditto_jax.train.optim import OptimConfig
 
 ASSET_PREFIX = "asset:"

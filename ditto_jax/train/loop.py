@@ -17,11 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
-from ditto_jax.checkpoints import EXPORT_DIR, TOKENIZER_DIR, write_tokenizer_dir
+from ditto_jax import hf
+from ditto_jax.checkpoints import (
+    EXPORT_DIR,
+    TOKENIZER_DIR,
+    load_model,
+    load_model_source,
+    source_tokenizer,
+    write_tokenizer_dir,
+)
 from ditto_jax.config import dump_config
+from ditto_jax.data.pipeline import make_pipeline, prepare_examples, reason_counts
 from ditto_jax.distributed import global_batch, is_primary
 from ditto_jax.fileio import atomic_write_json, atomic_write_text
 from ditto_jax.mesh import make_mesh
@@ -32,7 +41,6 @@ from ditto_jax.train.config import SFTConfig, resolve_asset_paths
 from ditto_jax.train.metrics import MetricsWriter, device_peak_flops
 from ditto_jax.train.optim import lr_schedule, make_optimizer
 from ditto_jax.train.preemption import PreemptionGuard
-
 
 
 class TrainingError(RuntimeError):
@@ -50,13 +58,11 @@ class TrainResult:
 
 
 def _tokenizer(cfg: SFTConfig) -> Any:
-    from ditto_jax.checkpoints import source_tokenizer
 
     return source_tokenizer(cfg.model, required=True)
 
 
 def _pipeline(cfg: SFTConfig, tokenizer: Any, eval_split: bool = False) -> Any:
-    from ditto_jax.data.pipeline import make_pipeline
 
     data = cfg.data.model_copy(update={"paths": resolve_asset_paths(cfg.data.paths)})
     if eval_split:
@@ -73,7 +79,6 @@ def _pipeline(cfg: SFTConfig, tokenizer: Any, eval_split: bool = False) -> Any:
 
 
 def _skip_reasons(data: Any, tokenizer: Any) -> str:
-    from ditto_jax.data.pipeline import prepare_examples, reason_counts
 
     try:
         _, summary = prepare_examples(data, tokenizer, jax.process_index(), jax.process_count())
@@ -100,7 +105,6 @@ def _model_config(cfg: SFTConfig, meta: dict[str, Any] | None) -> ModelConfig | 
 def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
     """Train (or resume training) in ``workdir``; see the module docstring for what is written there and how
     a run ends."""
-    from ditto_jax.checkpoints import load_model_source
 
     workdir = Path(workdir)
     finished = _already_finished(cfg, workdir)
@@ -259,7 +263,6 @@ def _already_finished(cfg: SFTConfig, workdir: Path) -> TrainResult | None:
         return None
     _say(f"already complete at step {step} (train.steps={cfg.train.steps}, {step_dir}); nothing to do")
     if cfg.export_hf and not (workdir / EXPORT_DIR / "config.json").exists():
-        from ditto_jax.checkpoints import load_model
 
         model, model_cfg = load_model(step_dir, mesh=make_mesh(cfg.mesh), rules=cfg.mesh.logical_rules())
         _say(f"export_hf: {workdir / EXPORT_DIR} is missing; exporting step {step}")
@@ -307,7 +310,6 @@ def _evaluate(eval_step: Any, params: Any, pipe: Any, cfg: SFTConfig, mesh: Any)
 
 
 def _export(model: Transformer, model_cfg: ModelConfig, tokenizer: Any, workdir: Path) -> None:
-    from ditto_jax import hf
 
     out = workdir / EXPORT_DIR
     hf.save_pretrained(model, model_cfg, out, tokenizer=tokenizer)
@@ -315,7 +317,6 @@ def _export(model: Transformer, model_cfg: ModelConfig, tokenizer: Any, workdir:
 
 
 def _progress(cfg: SFTConfig, start: int, total: int) -> Any:
-    from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc="train", unit="step",
                 disable=not (cfg.log.progress and is_primary()), dynamic_ncols=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from tensorboardX import SummaryWriter
 
 from ditto_jax.fileio import atomic_write_text
 
@@ -65,7 +66,6 @@ class MetricsWriter:
         self._truncate_after(resume_step)
         self._file = self.path.open("a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import jax
 import optax
+import pydantic
 
 from ditto_jax.config import StrictModel
-import pydantic
 
 # Leaf names that get weight decay: matmul kernels and embeddings. Norm scales and biases never do.
 DECAYED_LEAVES = frozenset({"kernel", "embed_tokens", "lm_head"})

@@ -21,6 +21,7 @@ import threading
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 
 # What a shell reports for a process ended by SIGTERM (128 + 15); ``ditto-jax train`` exits with it after
 # checkpointing, so a scheduler or wrapper script sees the same status whether the notice came before or
@@ -60,7 +61,6 @@ class PreemptionGuard:
         if self.mode == "signal":
             return self.signals > 0
         if self.mode == "jax":
-            from jax.experimental import multihost_utils
 
             return bool(multihost_utils.reached_preemption_sync_point(step))
         return False

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ditto_jax.mesh import batch_sharding, param_shardings
-from ditto_jax.model import ModelConfig, Transformer
+from ditto_jax.model import Transformer
 from ditto_jax.train.loss import chunked_cross_entropy
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
