@@ -39,10 +39,12 @@ SMALL = [
 
 
 def run_demo_cli(workdir: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
-    """``ditto-jax demo --workdir WORKDIR --json`` in a subprocess on one CPU device; returns (process, seconds)."""
+    """``ditto-jax demo --model tiny --workdir WORKDIR --json`` in a subprocess on one CPU device; returns
+    (process, seconds)."""
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "ditto_jax.cli", "demo", "--workdir", str(workdir), "--json",
+    proc = subprocess.run([sys.executable, "-m", "ditto_jax.cli", "demo", "--model", "tiny", "--workdir", str(workdir),
+                           "--json",
                            "--no-progress", *SMALL, *overrides], capture_output=True, text=True, env=env, timeout=900)
     return proc, time.perf_counter() - start
 
@@ -133,7 +135,35 @@ def check_evaluation_report(demo_runs: dict) -> None:
     table = demo_runs["first"]["summary"]["eval"]["table"]
     assert f"| {SEED_NAME} |" in table and f"| {FINETUNED_NAME} |" in table
     on_disk = json.loads((workdir / "demo_summary.json").read_text())
-    assert on_disk["eval"]["table"] == table and on_disk["random_init"] is True
+    assert on_disk["eval"]["table"] == table and on_disk["model_is_random_init"] is True
+    check_transcripts(demo_runs)
+
+
+def check_transcripts(demo_runs: dict) -> None:
+    """transcripts.md has every evaluated question with both models' answers (as on disk) and the judge's verdicts;
+    the summary quotes two of them and states the comparison."""
+    from ditto_jax.eval.pipeline import load_testset
+    from ditto_jax.sampling.runner import read_outputs
+
+    workdir = demo_runs["workdir"]
+    summary = demo_runs["first"]["summary"]
+    cfg = load_demo_config("demo-tiny", SMALL, workdir)
+    text = (workdir / "eval" / "transcripts.md").read_text()
+    questions = [(s, t, turn) for s in load_testset(cfg.eval).sessions for t, turn in enumerate(s.turns)]
+    assert questions and text.count("\n## ") == len(questions)
+    for s, t, turn in questions:
+        item = f"{s.id}/t{t:02d}"
+        block = text.split(f"## {item} — {s.label}")[1].split("\n## ")[0]
+        assert turn.prompt in block and f"**Should refuse:** {'yes' if turn.reject else 'no'}" in block
+        for name in (SEED_NAME, FINETUNED_NAME):
+            answer = read_outputs(workdir / "eval" / "runs" / name / "answers" / f"t{t:02d}")[item]["text"].strip()
+            assert f"**{name}:**" in block and (answer.splitlines() or [""])[0] in block
+        assert block.count("*judge:* consistency: ") == 2
+    quotes = summary["eval"]["quotes"]
+    assert len(quotes) == 2 and all(q["item"] in text for q in quotes)
+    comparison = summary["eval"]["comparison"]
+    assert set(comparison["metrics"]) == {"consistency", "knowledge", "rejection"}
+    assert comparison["text"].startswith("the fine-tune ")
 
 
 def check_second_run_resumed(demo_runs: dict) -> None:
@@ -151,7 +181,7 @@ def check_second_run_resumed(demo_runs: dict) -> None:
 
 
 def test_config_overrides_reach_the_stages(tmp_path: Path) -> None:
-    cfg = load_demo_config("demo", ["model.seed=3", "sft.train.steps=7", "simulate.characters.limit_per_lang=1"],
+    cfg = load_demo_config("demo-tiny", ["model.seed=3", "sft.train.steps=7", "simulate.characters.limit_per_lang=1"],
                            tmp_path)
     assert cfg.sft.train.steps == 7 and cfg.simulate.characters.limit_per_lang == 1
     assert cfg.simulate.queries.num_questions == 3  # from the simulate/tiny base preset
@@ -159,6 +189,42 @@ def test_config_overrides_reach_the_stages(tmp_path: Path) -> None:
             cfg.eval.candidates[0].model.seed} == {3}
     assert cfg.sft.data.paths == [str(tmp_path.absolute() / "simulate" / "corpus")]
     assert cfg.eval.candidates[1].model.path == str(tmp_path.absolute() / "export" / "hf")
+
+
+def test_default_demo_is_the_real_model_and_model_replaces_it(tmp_path: Path) -> None:
+    """The default demo runs SmolLM2-135M-Instruct on English characters with real-weight presets (nothing loaded
+    here); ``--model SRC`` replaces the model everywhere, the judge included; the CLI's ``--model tiny`` preset is
+    the random-init one."""
+    from ditto_jax.commands.demo import TINY_CONFIG
+
+    cfg = load_demo_config("demo", [], tmp_path)
+    assert cfg.model.path == "smollm2-135m-instruct" and cfg.model.config is None
+    assert cfg.simulate.characters.langs == ["en"] and cfg.eval.testset.langs == ["en"]
+    assert cfg.sft.optim.peak_lr <= 1e-4 and cfg.sft.data.global_batch_size <= 4
+    assert cfg.eval.judge.protocol == "terse" and cfg.eval.judge.samples == 1
+    assert cfg.eval.judge.model == cfg.model == cfg.eval.candidates[0].model == cfg.sft.model
+    other = load_demo_config("demo", ["sft.train.steps=3"], tmp_path, model={"path": "/x/other.gguf"})
+    assert {other.model.path, other.eval.judge.model.path, other.sft.model.path,
+            other.simulate.supervision_model.path, other.eval.candidates[0].model.path} == {"/x/other.gguf"}
+    assert other.sft.train.steps == 3
+    assert load_demo_config(TINY_CONFIG, [], tmp_path).model.config == "model/tiny"
+
+
+def test_summary_says_plainly_when_the_finetune_is_not_better() -> None:
+    from ditto_jax.demo.summary import compare
+
+    def report(c, k, r, unreliable=()):
+        return {"metrics": {"all": {"consistency": c, "knowledge": k, "rejection": r}},
+                "unreliable_metrics": list(unreliable)}
+
+    worse = compare({SEED_NAME: report(0.5, 6.0, 0.6), FINETUNED_NAME: report(0.4, 6.5, 0.6, ["knowledge"])})
+    assert not worse["finetune_better"] and worse["metrics"]["consistency"]["delta"] == -0.1
+    assert worse["text"].startswith("the fine-tune does NOT score better than the seed (better on knowledge; "
+                                    "worse on consistency)") and "unreliable" in worse["text"]
+    better = compare({SEED_NAME: report(0.5, 6.0, 0.6), FINETUNED_NAME: report(0.7, 6.0, 0.8)})
+    assert better["finetune_better"] and "better than the seed on consistency, rejection" in better["text"]
+    same = compare({SEED_NAME: report(0.5, 6.0, 0.6), FINETUNED_NAME: report(0.5, 6.0, 0.6)})
+    assert not same["finetune_better"] and "does NOT score better" in same["text"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -183,8 +249,8 @@ def test_cli_exits_2_on_a_bad_override(tmp_path: Path, capsys: pytest.CaptureFix
 def test_logit_check_tells_the_exported_model_from_another(tmp_path: Path) -> None:
     """The export check passes for the exported model and fails (a large difference) for a different one."""
     from ditto_jax import hf
-    from ditto_jax.demo.parity import check_token_ids, transformers_logit_diff
     from ditto_jax.checkpoints import ModelSource, load_model_source
+    from ditto_jax.demo.parity import check_token_ids, transformers_logit_diff
 
     model, cfg, tokenizer = load_model_source(ModelSource(config="model/tiny", seed=0))
     other, _, _ = load_model_source(ModelSource(config="model/tiny", seed=1))

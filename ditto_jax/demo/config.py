@@ -1,6 +1,7 @@
-"""The ``ditto-jax demo`` config (``configs/demo.yaml``): the three stage configs plus the demo's one model.
+"""The ``ditto-jax demo`` config (``configs/demo.yaml``, real SmolLM2-135M-Instruct; ``configs/demo-tiny.yaml``,
+random init): the three stage configs plus the demo's one model.
 
-Each stage section names a stage preset as its ``base`` (``simulate/tiny``, ``sft/tiny``, ``eval/tiny``) and
+Each stage section names a stage preset as its ``base`` (``simulate/smollm2-135m``, ``sft/tiny``, ...) and
 overrides some of its keys; the merged section is validated by the stage's own schema, so the demo config is
 as strict as the stages. Dotted overrides apply before the merge (``sft.train.steps=10`` overrides the preset).
 
@@ -20,9 +21,9 @@ from typing import Any, Iterable, Literal
 
 import pydantic
 
+from ditto_jax.checkpoints import ModelSource
 from ditto_jax.config import ConfigError, StrictModel, apply_overrides, read_yaml, resolve_config_path, validate
 from ditto_jax.eval.config import EvalConfig
-from ditto_jax.checkpoints import ModelSource
 from ditto_jax.simulation.config import SimulateConfig
 from ditto_jax.train.config import ASSET_PREFIX, SFTConfig
 
@@ -150,11 +151,20 @@ def wire_stages(raw: dict[str, Any], workdir: str | Path) -> dict[str, Any]:
     return out
 
 
-def load_demo_config(path: str | Path, overrides: Iterable[str] = (), workdir: str | Path = ".") -> DemoConfig:
+def load_demo_config(path: str | Path, overrides: Iterable[str] = (), workdir: str | Path = ".",
+                     model: dict[str, Any] | None = None) -> DemoConfig:
     """Load ``configs/demo.yaml`` (or another file), apply dotted overrides, merge the stage presets, wire the
-    stages to ``workdir``, validate everything (before any model is built)."""
+    stages to ``workdir``, validate everything (before any model is built).
+
+    ``model`` (``ditto-jax demo --model SRC``) replaces the demo's model and the judge's (self-alignment: one
+    model does everything); dotted overrides still apply on top (``eval.judge.model.path=...``)."""
     source = str(resolve_config_path(path))
-    raw = apply_overrides(read_yaml(path), overrides)
+    raw = read_yaml(path)
+    if model is not None:
+        raw["model"] = dict(model)
+        eval_section = raw.get("eval") if isinstance(raw.get("eval"), dict) else {}
+        raw["eval"] = {**eval_section, "judge": {**(eval_section.get("judge") or {}), "model": dict(model)}}
+    raw = apply_overrides(raw, overrides)
     if "model" not in raw:
-        raise ConfigError(f"{source}: model: required (the demo's model, e.g. {{config: model/tiny, seed: 0}})")
+        raise ConfigError(f"{source}: model: required (the demo's model, e.g. {{path: smollm2-135m-instruct}})")
     return validate(DemoConfig, wire_stages(resolve_sections(raw, source), workdir), source)

@@ -12,7 +12,8 @@ Layout of ``WORKDIR``::
     simulate/            the simulation workdir: corpus/*.jsonl, tfds/, simulation_report.json, stages/
     train/               the SFT workdir: checkpoints/, metrics.jsonl, tensorboard/, train_summary.json
     export/hf/           the Hugging Face export of the newest checkpoint; export/export.json: step and logit check
-    eval/                the evaluation workdir: runs/{seed,finetuned}/report.json, report.json, report.md/png
+    eval/                the evaluation workdir: runs/{seed,finetuned}/report.json, report.json, report.md/png,
+                         transcripts.md (every question: both models' answers and the judge's verdicts)
     demo_summary.json    counts, losses, the evaluation side by side, where everything is
 
 Every stage resumes: simulation and evaluation skip finished requests themselves (exactly-once outputs on disk),
@@ -36,7 +37,7 @@ Log = Callable[[str], None]
 STAGES = ("simulate", "corpus", "train", "export", "eval")
 RANDOM_INIT_NOTE = ("the demo model is randomly initialised: every generated text (queries, answers, judge "
                     "verdicts) is noise and the scores are meaningless; the run shows the pipeline, not the "
-                    "method. Use real weights (configs/*/qwen2.5-7b.yaml) for meaningful results.")
+                    "method. The default demo (without --model tiny) runs the real SmolLM2-135M-Instruct.")
 
 
 class DemoError(RuntimeError):
@@ -190,6 +191,7 @@ class Demo:
 
     def stage_eval(self, _: dict[str, Any]) -> dict[str, Any]:
         """The seed model and the fine-tuned export answer the same test set; one judge scores both."""
+        from ditto_jax.demo.transcripts import write_transcripts
         from ditto_jax.eval.pipeline import run_eval
         from ditto_jax.eval.report import REPORT_JSON
 
@@ -197,7 +199,9 @@ class Demo:
         run_eval(self.cfg.eval, self.dirs.eval, progress=self.progress)
         reports = {name: json.loads((self.dirs.eval / "runs" / name / REPORT_JSON).read_text(encoding="utf-8"))
                    for name in (SEED_NAME, FINETUNED_NAME)}
-        return {"reports": reports, "resumed": resumed}
+        path, entries = write_transcripts(self.cfg.eval, self.dirs.eval, (SEED_NAME, FINETUNED_NAME))
+        self.log(f"transcripts of {len(entries)} questions: {path}")
+        return {"reports": reports, "transcripts": entries, "resumed": resumed}
 
     # ---- summary -------------------------------------------------------------------------------------------------
     def _summary(self, results: dict[str, Any], seconds: float) -> dict[str, Any]:

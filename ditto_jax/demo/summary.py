@@ -5,24 +5,55 @@ from __future__ import annotations
 from typing import Any
 
 from ditto_jax.demo.config import FINETUNED_NAME, SEED_NAME, DemoConfig, StageDirs
+from ditto_jax.demo.transcripts import TRANSCRIPTS_MD, pick_quotes
 
 SPLITS = ("all", "en", "zh")
 METRICS = ("consistency", "knowledge", "rejection")
+SCALE_NOTE = ("a 135M-parameter model is far below the paper's 1.8B-72B seed models: it writes weak role-play data "
+              "and is a weak judge, so a small or negative difference is expected")
+
+
+def compare(reports: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune vs seed on each overall metric (all higher-is-better) and a plain verdict."""
+    seed, tuned = reports[SEED_NAME]["metrics"]["all"], reports[FINETUNED_NAME]["metrics"]["all"]
+    rows = {}
+    for m in METRICS:
+        a, b = seed.get(m), tuned.get(m)
+        rows[m] = {"seed": a, "finetuned": b, "delta": None if a is None or b is None else round(b - a, 4)}
+    deltas = [r["delta"] for r in rows.values() if r["delta"] is not None]
+    better = [m for m, r in rows.items() if r["delta"] is not None and r["delta"] > 0]
+    worse = [m for m, r in rows.items() if r["delta"] is not None and r["delta"] < 0]
+    improved = bool(deltas) and not worse and bool(better)
+    unreliable = sorted(set(reports[SEED_NAME].get("unreliable_metrics") or [])
+                        | set(reports[FINETUNED_NAME].get("unreliable_metrics") or []))
+    if improved:
+        text = f"the fine-tune scores better than the seed on {', '.join(better)} and no worse on the rest"
+    else:
+        text = ("the fine-tune does NOT score better than the seed"
+                + (f" (better on {', '.join(better)}" if better else " (better on no metric")
+                + (f"; worse on {', '.join(worse)})" if worse else ")"))
+    if unreliable:
+        text += f"; the judge's calibration marks {', '.join(unreliable)} unreliable"
+    return {"metrics": rows, "finetune_better": improved, "unreliable_metrics": unreliable, "text": text}
 
 
 def build_summary(cfg: DemoConfig, dirs: StageDirs, results: dict[str, Any], timings: dict[str, Any],
                   seconds: float) -> dict[str, Any]:
     """Counts, losses, the evaluation side by side and every output path, as one JSON-able dict."""
-    from ditto_jax.demo.pipeline import RANDOM_INIT_NOTE
+    from ditto_jax.demo.pipeline import RANDOM_INIT_NOTE  # noqa: PLC0415 - pipeline imports this module
     from ditto_jax.eval.report import results_table
 
     sim = results["simulate"]["report"]
     corpus, train, export = results["corpus"], results["train"], results["export"]
     reports = results["eval"]["reports"]
+    random_init = cfg.model.config is not None
+    comparison = compare(reports)
+    if not random_init and not comparison["finetune_better"]:
+        comparison["text"] += f"; {SCALE_NOTE}"
     return {
         "model": cfg.model.describe(),
-        "random_init": cfg.model.config is not None,
-        "note": RANDOM_INIT_NOTE if cfg.model.config is not None else None,
+        "model_is_random_init": random_init,
+        "note": RANDOM_INIT_NOTE if random_init else None,
         "seconds": round(seconds, 1),
         "stages": timings,
         "simulation": {
@@ -47,6 +78,8 @@ def build_summary(cfg: DemoConfig, dirs: StageDirs, results: dict[str, Any], tim
                             "unparsable": {m: u["samples"] for m, u in rep["unparsable"].items()}}
                      for name, rep in reports.items()},
             "table": results_table([(name, reports[name]) for name in (SEED_NAME, FINETUNED_NAME)]),
+            "comparison": comparison,
+            "quotes": pick_quotes(results["eval"]["transcripts"]),
         },
         "paths": {
             "workdir": str(dirs.root),
@@ -60,6 +93,7 @@ def build_summary(cfg: DemoConfig, dirs: StageDirs, results: dict[str, Any], tim
             "export_hf": str(dirs.export_hf),
             "eval_report": str(dirs.eval / "report.md"),
             "eval_chart": str(dirs.eval / "report.png"),
+            "transcripts": str(dirs.eval / TRANSCRIPTS_MD),
             "summary": str(dirs.summary),
         },
     }
@@ -100,7 +134,20 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"evaluation: {ev['sessions']} sessions / {ev['turns']} turns, judge {ev['judge']} "
                  f"({ev['judge_samples']} samples per turn and metric), same judge for both models")
     lines.append(ev["table"])
+    lines.append(f"verdict: {ev['comparison']['text']}.")
+    for q in ev["quotes"]:
+        lines.append(f"example ({q['item']}, {q['role']}, should refuse: {'yes' if q['should_refuse'] else 'no'}):")
+        lines.append(f"  user: {_clip(q['question'])}")
+        for name, answer in q["answers"].items():
+            verdicts = "; ".join(f"{m} {', '.join(v)}" for m, v in q["verdicts"][name].items() if v)
+            lines.append(f"  {name}: {_clip(answer if answer is not None else '(no answer)')}")
+            lines.append(f"    judge: {verdicts or '-'}")
     lines.append("written:")
     for key, path in paths.items():
         lines.append(f"  {key}: {path}")
     return "\n".join(lines)
+
+
+def _clip(text: str, limit: int = 240) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
