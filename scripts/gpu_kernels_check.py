@@ -7,6 +7,9 @@ with a dtype or head dim those kernels do not take): a lowering that does not co
 hides the others. The entries run in-process, one after the other, each with a time limit (``--case-timeout``);
 on a GPU they run in a child process that, when a case passes its limit, records it as ``timeout`` and exits,
 and a new child goes on with the next case (a hung kernel blocks the device, so only a fresh process can).
+The cases run round-robin over the backends (every lowering's first case, then every second, ...), and a
+backend that has used its share of ``--timeout`` (``--timeout`` / backends with cases left) stops while the
+others have cases left: one hung case cannot starve the other lowerings.
 The JSON report is rewritten after every entry (``--out``) and printed at the end. ``auto`` entries say which
 lowering ``auto`` picked inside the caller's jit (Mosaic GPU only when its self-check passed there).
 
@@ -91,13 +94,37 @@ def _segments(b: int, sq: int, sk: int):
     return kv if sq == sk else (kv[:, sk - sq:], kv)
 
 
+def flash_programs(causal: bool, backend: str):
+    """``(kernel_run, ref_run)``: ``(q, k, v, do, seg) -> (o, dq, dk, dv)`` of the kernel and of the reference.
+
+    The arrays are arguments of the jitted functions, never closed over: a closed-over array is a constant of
+    the program, and XLA constant-folds the reference's float32 matmuls at compile time (on the host, 13-18 s
+    per dot at the GPU shapes). That, not the kernel, is what passed the 75 s case limit of the non-causal
+    Triton case on the 2026-12-04 H200 lease (its slow_operation_alarm lines name ``jit(ref_run)``).
+    """
+    import jax
+
+    from ditto_jax.kernels import attention_reference, flash_attention
+    from ditto_jax.kernels._config import parse_backend_spec
+
+    name, blocks = parse_backend_spec(None if backend == "auto" else backend)
+
+    def kernel_run(q, k, v, do, seg):
+        o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=causal, segment_ids=seg, backend=name,
+                                                         block_sizes=blocks), q, k, v)
+        return (o, *vjp(do))
+
+    def ref_run(q, k, v, do, seg):
+        o, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, causal=causal, segment_ids=seg), q, k, v)
+        return (o, *vjp(do))
+
+    return kernel_run, ref_run
+
+
 def check_flash(spec: tuple, backend: str, platform: str) -> dict[str, Any]:
     """Forward and dq/dk/dv of one flash-attention shape against the reference."""
     import jax
     import jax.numpy as jnp
-
-    from ditto_jax.kernels import attention_reference, flash_attention
-    from ditto_jax.kernels._config import parse_backend_spec
 
     b, sq, sk, hq, hkv, d, dtype, causal, segmented = spec
     ks = jax.random.split(jax.random.key(0), 4)
@@ -108,29 +135,17 @@ def check_flash(spec: tuple, backend: str, platform: str) -> dict[str, Any]:
     do = jax.random.normal(ks[3], (b, sq, hq, d), jnp.float32).astype(dt)
     seg = _segments(b, sq, sk) if segmented else None
 
-    def run(fn):
-        o, vjp = jax.vjp(fn, q, k, v)
-        return (o, *vjp(do))
-
-    name, blocks = parse_backend_spec(None if backend == "auto" else backend)
-    kernel = jax.jit(lambda: run(lambda q, k, v: flash_attention(q, k, v, causal=causal, segment_ids=seg,
-                                                                  backend=name, block_sizes=blocks)))
+    kernel_run, ref_run = flash_programs(causal, backend)
     with jax.default_matmul_precision("highest"):
-        f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-
-        def ref_run():
-            o, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, causal=causal, segment_ids=seg), *f32[:3])
-            return (o, *vjp(f32[3]))
-
-        want = jax.jit(ref_run)()
+        want = jax.jit(ref_run)(*(x.astype(jnp.float32) for x in (q, k, v, do)), seg)
     t0 = time.perf_counter()
-    got = jax.block_until_ready(kernel())
+    got = jax.block_until_ready(jax.jit(kernel_run)(q, k, v, do, seg))
     errors = {name: _rel(a, w) for name, a, w in zip(("o", "dq", "dk", "dv"), got, want)}
     finite = all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in got)
     tol = _tolerance(dtype, platform)
     ok = finite and all(e <= tol for e in errors.values())
-    return {"status": "pass" if ok else "fail", "errors": errors, "finite": finite, "tolerance": tol,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {"status": "pass" if ok else "fail", "causal": causal, "errors": errors, "finite": finite,
+            "tolerance": tol, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def check_decode(spec: tuple, backend: str, platform: str) -> dict[str, Any]:
@@ -147,10 +162,9 @@ def check_decode(spec: tuple, backend: str, platform: str) -> dict[str, Any]:
     kc = jax.random.normal(ks[1], (b, s, hkv, d), jnp.float32).astype(dt)
     vc = jax.random.normal(ks[2], (b, s, hkv, d), jnp.float32).astype(dt)
     lens = jnp.asarray(lengths, jnp.int32)
-    got = jax.jit(lambda: decode_attention(q, kc, vc, lens, backend=None if backend == "auto" else backend))()
-    with jax.default_matmul_precision("highest"):
-        want = jax.jit(lambda: decode_reference(q.astype(jnp.float32), kc.astype(jnp.float32),
-                                                vc.astype(jnp.float32), lens))()
+    got = jax.jit(lambda *a: decode_attention(*a, backend=None if backend == "auto" else backend))(q, kc, vc, lens)
+    with jax.default_matmul_precision("highest"):  # arguments, not constants (see check_flash)
+        want = jax.jit(decode_reference)(*(x.astype(jnp.float32) for x in (q, kc, vc)), lens)
     err = _rel(got, want)
     tol = _tolerance(dtype, platform)
     zero_rows_ok = all(bool(jnp.all(got[i] == 0)) for i, n in enumerate(lengths) if n == 0)
@@ -159,23 +173,36 @@ def check_decode(spec: tuple, backend: str, platform: str) -> dict[str, Any]:
 
 
 def _cases(backends: list[str], flash_specs: dict, decode_specs: dict, platform: str) -> list[tuple]:
-    """``(kind, name, backend, spec)`` in run order: every backend's flash shapes, then its decode lowering once.
+    """``(kind, name, backend, spec)`` in run order, round-robin over the backends: each backend's first case,
+    then each one's second, ... so every lowering is reached early, whatever hangs. A backend's own list is
+    its flash shapes, then its decode lowering's cases (each decode lowering once).
 
     Mosaic GPU cases take bf16/fp16 with head dim % 64 == 0 only (other shapes are reported as ``n/a``);
     ``auto`` runs two shapes (its lowering is one of the explicit ones), recording which lowering it picked.
     """
-    out: list[tuple] = []
+    per_backend: list[list[tuple]] = []
     decoded: set[str] = set()
     for backend in backends:
         specs = flash_specs
         if backend == "auto" and platform == "gpu":
             specs = {n: s for n, s in flash_specs.items() if n in AUTO_FLASH} or flash_specs
-        out += [("flash", name, backend, spec) for name, spec in specs.items()]
+        own = [("flash", name, backend, spec) for name, spec in specs.items()]
         decode_backend = "triton" if backend.startswith("mosaic_gpu") else backend.partition("@")[0]
         if decode_backend not in decoded:
             decoded.add(decode_backend)
-            out += [("decode", name, decode_backend, spec) for name, spec in decode_specs.items()]
-    return out
+            own += [("decode", name, decode_backend, spec) for name, spec in decode_specs.items()]
+        per_backend.append(own)
+    return [lst[i] for i in range(max(map(len, per_backend), default=0)) for lst in per_backend if i < len(lst)]
+
+
+def _share_spent(backend: str, entries: list[dict[str, Any]], backends: set[str], total: float,
+                 case_timeout: float) -> bool:
+    """Whether ``backend`` has used its share (``total`` / number of backends) of the whole check's time while
+    other backends still have cases to run: the time of its entries (``wall_s``; a timed-out case counts its
+    ``case_timeout``). One hung case then costs its own lowering's later cases, not every other lowering's."""
+    spent = sum(e.get("wall_s", case_timeout if e.get("status") == "timeout" else 0.0)
+                for e in entries if e.get("backend") == backend)
+    return len(backends) > 1 and spent >= total / len(backends)
 
 
 def _mosaic_applicable(backend: str, spec: tuple) -> bool:
@@ -256,19 +283,30 @@ class _Report:
             os.replace(tmp, self.path)
 
 
-def _run_in_process(cases: list[tuple], report: _Report, platform: str, case_timeout: float) -> None:
+def _run_in_process(cases: list[tuple], report: _Report, platform: str, case_timeout: float,
+                    total: float | None = None) -> None:
     """Every case not in the report yet, here; a case past ``case_timeout`` is recorded as ``timeout`` and the
-    process exits with status 3 at once (a hung kernel blocks the device: only a fresh process goes on)."""
+    process exits with status 3 at once (a hung kernel blocks the device: only a fresh process goes on).
+    With ``total`` (the whole check's seconds), a backend past its share (``_share_spent``) while others have
+    cases left gets its remaining cases recorded as ``timeout`` ("not run") instead of run."""
     import threading
 
     done = report.done()
     for kind, name, backend, spec in cases:
         if (kind, name, backend) in done:
             continue
+        pending = {b for k, n, b, _ in cases if (k, n, b) not in report.done()}
+        if total is not None and _share_spent(backend, report.data["entries"], pending, total, case_timeout):
+            report.add({"kind": kind, "name": name, "backend": backend, "status": "timeout",
+                        "error": f"not run: {backend}'s share of --timeout ({total / len(pending):.0f} s of "
+                                 f"{total:.0f} s) spent, other lowerings' cases left"})
+            print(f"[check] {kind} {backend} {name}: not run (share spent)", file=sys.stderr, flush=True)
+            continue
         print(f"[check] {kind} {backend:>10} {name:<40} ...", file=sys.stderr, flush=True)
 
-        def hung(kind=kind, name=name, backend=backend) -> None:
+        def hung(kind=kind, name=name, backend=backend, spec=spec) -> None:
             report.add({"kind": kind, "name": name, "backend": backend, "status": "timeout",
+                        **({"causal": spec[7]} if kind == "flash" else {}),
                         "error": f"no result after {case_timeout:.0f} s (hung, or compiling took too long)"})
             print(f"[check] {kind} {backend} {name}: TIMEOUT after {case_timeout:.0f} s", file=sys.stderr, flush=True)
             os._exit(3)
@@ -317,6 +355,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--case-timeout", type=float, default=90.0, help="seconds per case (compile + run)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole check (restart mode)")
     parser.add_argument("--resume", action="store_true", help="keep --out's entries and run only the others")
+    parser.add_argument("--no-share-timeout", dest="share_timeout", action="store_false",
+                        help="restart mode: let one backend use all of --timeout (default: a backend past "
+                             "--timeout / number of backends while others have cases left stops there)")
     args = parser.parse_args(argv)
     _importable_without_install()
 
@@ -357,7 +398,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         report = _Report(out if args.resume else None, head)
         report.path = out
-        _run_in_process(cases, report, platform, args.case_timeout)
+        _run_in_process(cases, report, platform, args.case_timeout,
+                        args.timeout if args.share_timeout else None)
         report.write()
     text = json.dumps(report.data, indent=2)
     print(text)

@@ -62,10 +62,65 @@ def test_gpu_check_script_cases_order_and_mosaic_applicability():
     cases = module._cases(["triton", "mosaic_gpu", "mosaic_gpu@mgpu_bwd=1", "auto"], module.GPU_FLASH,
                           module.GPU_DECODE, "gpu")
     keys = [(kind, backend) for kind, _, backend, _ in cases]
-    assert keys[:len(module.GPU_FLASH)] == [("flash", "triton")] * len(module.GPU_FLASH)  # Triton first
+    # Round-robin: every lowering's first case before any second one (one hang cannot hide a lowering).
+    assert keys[:4] == [("flash", b) for b in ("triton", "mosaic_gpu", "mosaic_gpu@mgpu_bwd=1", "auto")]
+    assert [n for _, n, b, _ in cases if b == "triton"][:len(module.GPU_FLASH)] == list(module.GPU_FLASH)
     assert keys.count(("decode", "triton")) == len(module.GPU_DECODE)  # decode once per lowering
+    assert len(cases) == len(set((k, n, b) for k, n, b, _ in cases)) == 24
     assert [n for k, n, b, _ in cases if b == "auto" and k == "flash"] == list(module.AUTO_FLASH)
     assert not module._mosaic_applicable("mosaic_gpu", module.GPU_FLASH["float32_causal_d64"])
     assert module._mosaic_applicable("triton", module.GPU_FLASH["float32_causal_d64"])
     assert module._drop_options(["--small", "--out", "x", "--isolate=off", "--resume", "--case-timeout", "3"],
                                 {"--out", "--isolate"}, {"--resume"}) == ["--small", "--case-timeout", "3"]
+
+
+def _check_module(name="gpu_kernels_check3"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "gpu_kernels_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_script_one_hung_backend_cannot_starve_the_others():
+    """A backend past its share of --timeout (total / backends with cases left) stops while others have cases
+    left; a timed-out case counts its case limit. The 2026-12-04 lease: Triton 52 s + 75 s (hung) of 160 s."""
+    module = _check_module()
+    spent = [{"backend": "triton", "status": "pass", "wall_s": 52.4},
+             {"backend": "triton", "status": "timeout", "error": "no result after 75 s"}]
+    backends = {"triton", "mosaic_gpu", "mosaic_gpu@mgpu_bwd=1", "auto"}
+    assert module._share_spent("triton", spent, backends, 160.0, 75.0)  # 127.4 s >= 40 s
+    assert not module._share_spent("mosaic_gpu", spent, backends, 160.0, 75.0)
+    assert not module._share_spent("triton", spent[:1], {"triton"}, 160.0, 75.0)  # alone: all the time is its
+    assert not module._share_spent("triton", spent, backends, 600.0, 75.0)  # 127.4 s < 150 s
+
+    report = module._Report(None, {"backends": ["a", "b"], "entries": []})
+    cases = [("flash", "x", "a", None), ("flash", "x", "b", None), ("flash", "y", "a", None)]
+    report.data["entries"].append({"kind": "flash", "name": "x", "backend": "a", "status": "timeout"})
+    ran = []
+    module._run_case = lambda kind, name, backend, spec, platform: ran.append((name, backend)) or {
+        "kind": kind, "name": name, "backend": backend, "status": "pass", "wall_s": 1.0}
+    module._run_in_process(cases, report, "cpu", case_timeout=75.0, total=100.0)
+    assert ran == [("x", "b"), ("y", "a")]  # b had cases left while a was past its 50 s; then a alone again
+    report2 = module._Report(None, {"backends": ["a", "b"], "entries": []})
+    report2.data["entries"].append({"kind": "flash", "name": "x", "backend": "a", "status": "timeout"})
+    ran.clear()
+    module._run_in_process([cases[2], cases[1]], report2, "cpu", case_timeout=75.0, total=100.0)
+    assert ran == [("x", "b")]
+    assert report2.data["entries"][1]["status"] == "timeout" and "share of --timeout" in report2.data["entries"][1][
+        "error"]
+
+
+def test_gpu_check_script_passes_arrays_as_arguments_not_constants():
+    """Closed-over arrays become program constants that XLA constant-folds at compile time (what made the
+    lease's non-causal case pass its limit): the programs take them as arguments."""
+    import jax
+    import jax.numpy as jnp
+
+    module = _check_module("gpu_kernels_check4")
+    kernel_run, ref_run = module.flash_programs(False, "interpret")
+    x = jnp.ones((1, 64, 2, 32), jnp.float32)
+    for fn in (kernel_run, ref_run):
+        text = jax.jit(fn).lower(x, x, x, x, None).as_text()
+        big = [line for line in text.splitlines() if "constant" in line and "64x2x32" in line]
+        assert not big, big[:2]
+        assert "tensor<1x64x2x32xf32>" in text.splitlines()[1] or "1x64x2x32" in text
