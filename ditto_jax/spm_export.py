@@ -17,7 +17,6 @@ _UNIGRAM, _BPE = 1, 2
 
 
 def _model_proto(model_proto: bytes):
-
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model_proto)
     return proto

@@ -197,7 +197,6 @@ def read_characters(
     """
     parse = lambda o, p, n: parse_character(o, p, n, layout)  # noqa: E731
     if isinstance(path, (str, Path)) and Path(path).is_dir() and (ds := find_dataset_dir(path)):
-
         source, origin = open_split(ds, split), f"{ds}[{split}]"
         items = ((origin, i, decode_json(source[i]["json"], origin, i)) for i in range(len(source)))
         return read_items(items, parse, on_error, key=lambda c: c.id)

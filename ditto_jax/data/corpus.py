@@ -153,7 +153,6 @@ def load_corpus(path: str | Path | Iterable[str | Path], split: str | None = "tr
                 on_error: OnError = "fail") -> list[Session]:
     """Sessions of a built TFDS corpus split (``split=None``: all splits), or of JSONL file(s) (all)."""
     if isinstance(path, (str, Path)) and Path(path).is_dir() and (ds := find_dataset_dir(path)):
-
         splits = tfds_builder.split_names(ds) if split is None else [split]
         out = []
         for name in splits:
@@ -167,7 +166,6 @@ def corpus_stats(sessions: Iterable[Session], tokenizer: Any | None = None) -> d
     """Sessions, turns (user/assistant exchanges), tokens (and trained tokens) overall and by language;
     user turns by query kind and by rejection label."""
     if tokenizer is None:
-
         tokenizer = default_tokenizer()
     total = collections.Counter()
     by_lang: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

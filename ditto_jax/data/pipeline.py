@@ -84,7 +84,6 @@ class PipelineSummary:
 # sources
 # ------------------------------------------------------------------------------------------------------------
 def _detect_format(paths: Sequence[str]) -> str:
-
     first = Path(paths[0])
     if first.is_dir() and find_dataset_dir(first):
         return "tfds"
@@ -102,7 +101,6 @@ def _raw_items(cfg: DataConfig) -> Iterator[tuple[str, int, Any]]:
         for path in expand_paths(cfg.paths):
             yield from iter_json_lines(path)
     elif fmt == "tfds":
-
         for p in cfg.paths:
             ds = find_dataset_dir(p)
             if ds is None:
@@ -112,7 +110,6 @@ def _raw_items(cfg: DataConfig) -> Iterator[tuple[str, int, Any]]:
             for i in range(len(source)):
                 yield origin, i, decode_json(source[i]["json"], origin, i)
     elif fmt == "array_record":
-
         files = [str(p) for p in expand_paths(cfg.paths, suffix=".array_record")]
         source = grain.sources.ArrayRecordDataSource(files)
         for i in range(len(source)):
@@ -324,7 +321,6 @@ def make_pipeline(cfg: DataConfig, tokenizer: Tokenizer, process_index: int | No
                   process_count: int | None = None) -> DataPipeline:
     """Build the pipeline for this process (defaults: ``jax.process_index()`` / ``jax.process_count()``)."""
     if process_index is None or process_count is None:
-
         process_index, process_count = jax.process_index(), jax.process_count()
     if cfg.global_batch_size % process_count:
         raise ValueError(f"data.global_batch_size {cfg.global_batch_size} is not divisible by the "

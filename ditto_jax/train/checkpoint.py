@@ -135,13 +135,11 @@ class Checkpoints:
                 self._move_aside(bad)
 
     def _move_aside(self, steps: list[int]) -> None:
-
         if jax.process_index() == 0:
             for step in steps:
                 src = self.directory / str(step)
                 dst = self.directory / f"corrupt-{step}"
                 if dst.exists():
-
                     shutil.rmtree(dst)
                 src.rename(dst)
                 print(f"moved the unreadable checkpoint {src} to {dst}", flush=True)

@@ -58,12 +58,10 @@ class TrainResult:
 
 
 def _tokenizer(cfg: SFTConfig) -> Any:
-
     return source_tokenizer(cfg.model, required=True)
 
 
 def _pipeline(cfg: SFTConfig, tokenizer: Any, eval_split: bool = False) -> Any:
-
     data = cfg.data.model_copy(update={"paths": resolve_asset_paths(cfg.data.paths)})
     if eval_split:
         paths = resolve_asset_paths(cfg.eval.paths) if cfg.eval.paths is not None else data.paths
@@ -79,7 +77,6 @@ def _pipeline(cfg: SFTConfig, tokenizer: Any, eval_split: bool = False) -> Any:
 
 
 def _skip_reasons(data: Any, tokenizer: Any) -> str:
-
     try:
         _, summary = prepare_examples(data, tokenizer, jax.process_index(), jax.process_count())
     except Exception as exc:  # noqa: BLE001 - only used to enrich an error message
@@ -263,7 +260,6 @@ def _already_finished(cfg: SFTConfig, workdir: Path) -> TrainResult | None:
         return None
     _say(f"already complete at step {step} (train.steps={cfg.train.steps}, {step_dir}); nothing to do")
     if cfg.export_hf and not (workdir / EXPORT_DIR / "config.json").exists():
-
         model, model_cfg = load_model(step_dir, mesh=make_mesh(cfg.mesh), rules=cfg.mesh.logical_rules())
         _say(f"export_hf: {workdir / EXPORT_DIR} is missing; exporting step {step}")
         _export(model, model_cfg, _tokenizer(cfg), workdir)
@@ -310,14 +306,12 @@ def _evaluate(eval_step: Any, params: Any, pipe: Any, cfg: SFTConfig, mesh: Any)
 
 
 def _export(model: Transformer, model_cfg: ModelConfig, tokenizer: Any, workdir: Path) -> None:
-
     out = workdir / EXPORT_DIR
     hf.save_pretrained(model, model_cfg, out, tokenizer=tokenizer)
     _say(f"exported the Hugging Face model to {out}")
 
 
 def _progress(cfg: SFTConfig, start: int, total: int) -> Any:
-
     return tqdm(total=total, initial=start, desc="train", unit="step",
                 disable=not (cfg.log.progress and is_primary()), dynamic_ncols=True)
 

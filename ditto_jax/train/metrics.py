@@ -66,7 +66,6 @@ class MetricsWriter:
         self._truncate_after(resume_step)
         self._file = self.path.open("a", encoding="utf-8")
         if tensorboard:
-
             self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:

@@ -61,7 +61,6 @@ class PreemptionGuard:
         if self.mode == "signal":
             return self.signals > 0
         if self.mode == "jax":
-
             return bool(multihost_utils.reached_preemption_sync_point(step))
         return False
 
