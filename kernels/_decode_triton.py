@@ -61,7 +61,7 @@ def decode_partials(q, k_cache, v_cache, lengths, *, scale_log2: float, blocks: 
 
     params = None
     if not interpret:
-        from jax.experimental.pallas import triton as pltriton
+        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (deprecated backend: its import warns; only when lowering for Triton)
 
         params = pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     acc, m, l = pl.pallas_call(

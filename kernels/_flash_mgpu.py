@@ -23,25 +23,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from ditto_jax.kernels import _flash_mgpu_bwd, _flash_triton
 from ditto_jax.kernels._common import MASK, FlashProblem, kv_range
 from ditto_jax.kernels._config import BlockSizes
+from ditto_jax.kernels._mgpu_common import interpret_params, transposed
 
 _RCP_LN2 = 1.0 / math.log(2.0)
-
-
-def interpret_params():
-    """``InterpretGPUParams()`` across jax versions (exported publicly from 0.11)."""
-    cls = getattr(plgpu, "InterpretGPUParams", None)
-    if cls is None:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
-    return cls()
-
-
-def _t(ref):
-    """Transposed view of a 2-D shared-memory ref (``ref.transpose`` on new jax, ``transpose_ref`` on old)."""
-    if hasattr(ref, "transpose"):
-        return ref.transpose((1, 0))
-    return plgpu.transpose_ref(ref, (1, 0))
 
 
 def supports(p: FlashProblem, dtype) -> bool:
@@ -53,8 +40,6 @@ def supports(p: FlashProblem, dtype) -> bool:
 def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, interpret: bool):
     """Forward on padded ``[B,S,H,D]`` inputs: ``(o, lse [B,Hq,Sq_pad] float32, log2 domain)``."""
     if not supports(p, q.dtype):
-        from ditto_jax.kernels import _flash_triton
-
         return _flash_triton.flash_fwd(q, k, v, q_seg, kv_seg, p, _triton_blocks(blocks), interpret=interpret)
     b, sq, hq, d = q.shape
     sk = k.shape[1]
@@ -132,7 +117,7 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
                 slot = lax.rem(j, jnp.int32(stages))
 
                 def qk_fn(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, _t(k_smem.at[slot]))
+                    plgpu.wgmma(acc_ref, qo_smem, transposed(k_smem.at[slot]))
                     schedule()
                     return acc_ref[...]
 
@@ -307,11 +292,8 @@ def _triton_blocks(blocks: BlockSizes) -> BlockSizes:
 def flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p: FlashProblem, blocks: BlockSizes, interpret: bool):
     """Backward: the Mosaic GPU kernels when ``blocks.mgpu_bwd`` (experimental), else the Triton dq and
     dk/dv kernels (same residual format)."""
-    from ditto_jax.kernels import _flash_triton
 
     if blocks.mgpu_bwd and supports(p, q.dtype):
-        from ditto_jax.kernels import _flash_mgpu_bwd
-
         return _flash_mgpu_bwd.flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, blocks, interpret)
 
     return _flash_triton.flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, _triton_blocks(blocks), interpret=interpret)

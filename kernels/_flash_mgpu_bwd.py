@@ -21,7 +21,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ditto_jax.kernels._common import MASK, FlashProblem, kv_range, q_range
 from ditto_jax.kernels._config import BlockSizes
-from ditto_jax.kernels._flash_mgpu import _t, interpret_params
+from ditto_jax.kernels._mgpu_common import interpret_params, transposed
 
 _DOT_NT = (((1,), (1,)), ((), ()))
 _DOT_NN = (((1,), (0,)), ((), ()))
@@ -56,7 +56,7 @@ class _Ops:
             return lax.dot_general(a_smem[...], b_smem[...], _DOT_NT, preferred_element_type=jnp.float32)
 
         def body(acc_ref):
-            plgpu.wgmma(acc_ref, a_smem, _t(b_smem))
+            plgpu.wgmma(acc_ref, a_smem, transposed(b_smem))
             return acc_ref[...]
 
         return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))

@@ -123,8 +123,6 @@ def flash_fwd(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, inter
 def flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p: FlashProblem, blocks: BlockSizes, interpret: bool):
     """Backward on padded ``[B,S,H,D]`` inputs: ``(dq, dk, dv)``."""
     b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
-    g = p.groups
     delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))[..., None]
     lse4 = lse[..., None]
     qt, kt, vt, dot_ = _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(do)

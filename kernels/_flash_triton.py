@@ -21,7 +21,7 @@ from ditto_jax.kernels._config import BlockSizes
 def _compiler_params(num_warps: int | None, num_stages: int, interpret: bool):
     if interpret:
         return None
-    from jax.experimental.pallas import triton as pltriton
+    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 (deprecated backend: its import warns; only when lowering for Triton)
 
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 

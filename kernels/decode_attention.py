@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ditto_jax.kernels import _decode_tpu, _decode_triton
 from ditto_jax.kernels._common import LOG2E
 from ditto_jax.kernels._config import DecodeBlockSizes, default_decode_blocks, resolve_backend
 
@@ -83,10 +84,7 @@ def decode_attention(
     ns = max(1, min(ns, num_blocks))
     scale = float(sm_scale if sm_scale is not None else d**-0.5)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, s_len)
-    if tpu:
-        from ditto_jax.kernels import _decode_tpu as impl
-    else:
-        from ditto_jax.kernels import _decode_triton as impl
+    impl = _decode_tpu if tpu else _decode_triton
     acc, m, l = impl.decode_partials(q, k_cache, v_cache, lengths, scale_log2=scale * LOG2E, blocks=blocks,
                                      num_splits=ns, interpret=interpret)
     return combine_partials(acc, m, l).astype(q.dtype)

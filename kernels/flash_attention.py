@@ -18,9 +18,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from ditto_jax.kernels import _flash_mgpu, _flash_tpu, _flash_triton
 from ditto_jax.kernels._common import KV_PAD_SEGMENT, Q_PAD_SEGMENT, FlashProblem
 from ditto_jax.kernels._config import BACKEND_ENV, BlockSizes, default_blocks, resolve_backend
-from ditto_jax.kernels.reference import SegmentIds, split_segment_ids
+from ditto_jax.kernels.reference import SegmentIds, attention_reference, split_segment_ids
 
 
 def _round_up(x: int, m: int) -> int:
@@ -81,7 +82,6 @@ def mosaic_gpu_self_check(head_dim: int, dtype_name: str) -> str | None:
 
 def _mosaic_gpu_self_check(head_dim: int, dtype_name: str) -> str | None:
     """The comparison behind ``mosaic_gpu_self_check`` (raises on failure to compile or run)."""
-    from ditto_jax.kernels.reference import attention_reference
 
     dtype = jnp.dtype(dtype_name)
     ks = jax.random.split(jax.random.key(0), 4)
@@ -115,16 +115,10 @@ def _flash(q, k, v, q_seg, kv_seg, p: FlashProblem, blocks: BlockSizes, backend:
 
 def _forward(q, k, v, q_seg, kv_seg, p, blocks, backend):
     if backend in ("triton", "interpret"):
-        from ditto_jax.kernels import _flash_triton
-
         return _flash_triton.flash_fwd(q, k, v, q_seg, kv_seg, p, blocks, interpret=backend == "interpret")
     if backend in ("mosaic_tpu", "tpu_interpret"):
-        from ditto_jax.kernels import _flash_tpu
-
         return _flash_tpu.flash_fwd(q, k, v, q_seg, kv_seg, p, blocks, interpret=backend == "tpu_interpret")
     if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
-        from ditto_jax.kernels import _flash_mgpu
-
         return _flash_mgpu.flash_fwd(q, k, v, q_seg, kv_seg, p, blocks, interpret=backend == "mosaic_gpu_interpret")
     raise ValueError(f"unknown flash-attention backend {backend!r}")
 
@@ -137,18 +131,12 @@ def _flash_fwd_rule(q, k, v, q_seg, kv_seg, p, blocks, backend):
 def _flash_bwd_rule(p, blocks, backend, res, do):
     q, k, v, q_seg, kv_seg, o, lse = res
     if backend in ("mosaic_tpu", "tpu_interpret"):
-        from ditto_jax.kernels import _flash_tpu
-
         dq, dk, dv = _flash_tpu.flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, blocks,
                                           interpret=backend == "tpu_interpret")
     elif backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
-        from ditto_jax.kernels import _flash_mgpu
-
         dq, dk, dv = _flash_mgpu.flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, blocks,
                                            interpret=backend == "mosaic_gpu_interpret")
     else:
-        from ditto_jax.kernels import _flash_triton
-
         dq, dk, dv = _flash_triton.flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, blocks,
                                              interpret=backend == "interpret")
     return dq, dk, dv, None, None
