@@ -31,13 +31,11 @@ import yaml
 
 from ditto_jax.config import ConfigError, dump_config
 from ditto_jax.demo.config import FINETUNED_NAME, SEED_NAME, DemoConfig, StageDirs
+from ditto_jax.demo.summary import RANDOM_INIT_NOTE, build_summary
 from ditto_jax.fileio import atomic_write_json, atomic_write_text
 
 Log = Callable[[str], None]
 STAGES = ("simulate", "corpus", "train", "export", "eval")
-RANDOM_INIT_NOTE = ("the demo model is randomly initialised: every generated text (queries, answers, judge "
-                    "verdicts) is noise and the scores are meaningless; the run shows the pipeline, not the "
-                    "method. The default demo (without --model tiny) runs the real SmolLM2-135M-Instruct.")
 
 
 class DemoError(RuntimeError):
@@ -205,8 +203,6 @@ class Demo:
 
     # ---- summary -------------------------------------------------------------------------------------------------
     def _summary(self, results: dict[str, Any], seconds: float) -> dict[str, Any]:
-        from ditto_jax.demo.summary import build_summary
-
         return build_summary(self.cfg, self.dirs, results, self.timings, seconds)
 
 

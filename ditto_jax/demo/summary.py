@@ -7,6 +7,10 @@ from typing import Any
 from ditto_jax.demo.config import FINETUNED_NAME, SEED_NAME, DemoConfig, StageDirs
 from ditto_jax.demo.transcripts import TRANSCRIPTS_MD, pick_quotes
 
+RANDOM_INIT_NOTE = ("the demo model is randomly initialised: every generated text (queries, answers, judge "
+                    "verdicts) is noise and the scores are meaningless; the run shows the pipeline, not the "
+                    "method. The default demo (without --model tiny) runs the real SmolLM2-135M-Instruct.")
+
 SPLITS = ("all", "en", "zh")
 METRICS = ("consistency", "knowledge", "rejection")
 SCALE_NOTE = ("a 135M-parameter model is far below the paper's 1.8B-72B seed models: it writes weak role-play data "
@@ -40,7 +44,6 @@ def compare(reports: dict[str, Any]) -> dict[str, Any]:
 def build_summary(cfg: DemoConfig, dirs: StageDirs, results: dict[str, Any], timings: dict[str, Any],
                   seconds: float) -> dict[str, Any]:
     """Counts, losses, the evaluation side by side and every output path, as one JSON-able dict."""
-    from ditto_jax.demo.pipeline import RANDOM_INIT_NOTE  # noqa: PLC0415 - pipeline imports this module
     from ditto_jax.eval.report import results_table
 
     sim = results["simulate"]["report"]
