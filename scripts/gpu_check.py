@@ -31,6 +31,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -56,7 +57,7 @@ class Section:
     takes_budget: bool = False  # a sweep: gets --budget (what is left after reserving later sections)
     result_file: str | None = None  # JSON the section rewrites as it goes: read when it is cut short
     add_tuned_impl: bool = False  # append kernels_tune's fastest spec to its --impls
-    drop_hung: bool = False  # leave out of its --impls the lowerings whose correctness check timed out
+    drop_hung: bool = False  # --skip-flash the (lowering, mask) pairs whose correctness case hung
     env: dict[str, str] = dataclasses.field(default_factory=dict)  # added to the environment
     time_flag: str | None = None  # option that receives the section's limit less a margin (own time keeping)
 
@@ -71,10 +72,12 @@ def _run(name: str, cmd: list[str], timeout: float, out_dir: Path, result_file: 
     if result_file:  # never read back a previous run's file
         Path(result_file).unlink(missing_ok=True)
     stdout, stderr = "", ""
+    # Its own process group, killed whole at the limit: a section that restarts children (the check, the
+    # sweeps with --isolate restart) must not leave one holding the device while the next section runs.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
-        stdout, stderr = proc.stdout, proc.stderr
+        stdout, stderr = proc.communicate(timeout=timeout)
         result: dict[str, Any] = {"returncode": proc.returncode}
         for line in reversed(stdout.strip().splitlines()):
             line = line.strip()
@@ -86,8 +89,12 @@ def _run(name: str, cmd: list[str], timeout: float, out_dir: Path, result_file: 
                     continue
         if proc.returncode != 0:
             result["error"] = stderr.strip().splitlines()[-5:] if stderr.strip() else ["(no stderr)"]
-    except subprocess.TimeoutExpired as exc:
-        stdout, stderr = _text(exc.stdout), _text(exc.stderr)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        stdout, stderr = proc.communicate()
         result = {"returncode": None, "error": [f"timeout after {timeout:.0f}s"]}
     # Which lowering the kernels fell back to, and why (a Mosaic GPU self-check failure, say).
     warned = sorted({line.strip()[:400] for line in stderr.splitlines() if "flash_attention:" in line})
@@ -107,12 +114,6 @@ def _run(name: str, cmd: list[str], timeout: float, out_dir: Path, result_file: 
                   f"--- stderr (tail)\n{stderr[-12000:]}\n\n")
     print(f"[gpu_check] {name}: rc={result['returncode']} in {result['seconds']}s", flush=True)
     return result
-
-
-def _text(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
 def _device_name() -> str:
@@ -160,12 +161,16 @@ def sections(small: bool, out_dir: Path, scratch: Path | None = None) -> list[Se
     tune_dir, sweep_dir = out_dir / "kernels_tune", scratch / "kernels_sweep"
     if small:
         tune = ["--preset", "cpu-tiny", "--impls", "tune-small", "--decode-impls", "tune-small", "--modes", "fwd",
-                "--iters", "1", "--warmup", "0"]
-        length_sweep = ["--preset", "cpu", "--modes", "fwd", "--iters", "1", "--warmup", "0"]
+                "--iters", "1", "--warmup", "0", "--entry-timeout", "300"]
+        length_sweep = ["--preset", "cpu", "--modes", "fwd", "--iters", "1", "--warmup", "0", "--entry-timeout",
+                        "300"]
     else:
+        # One entry (an impl at one shape, forward + backward, two compiles) past 90 s is recorded as a timeout
+        # and a fresh process goes on after it (the 2026-12-04 lease lost the rest of the sweep to one entry).
         tune = ["--preset", "gpu-goal", "--impls", "tune", "--decode-impls", "tune", "--modes", "fwd,bwd",
-                "--iters", "10", "--confirm-best"]
-        length_sweep = ["--preset", "gpu-sweep", "--impls", "pallas,cudnn", "--no-decode", "--iters", "10"]
+                "--iters", "10", "--confirm-best", "--entry-timeout", "90"]
+        length_sweep = ["--preset", "gpu-sweep", "--impls", "pallas,cudnn", "--no-decode", "--iters", "10",
+                        "--entry-timeout", "90"]
     cfg_train = _variant(preset, scratch, attention="pallas")
     small_model = preset if small else SMOLLM2_135M
     cfg_smol_pallas = _variant(small_model, scratch, "smollm2-135m", attention="pallas")
@@ -184,7 +189,7 @@ def sections(small: bool, out_dir: Path, scratch: Path | None = None) -> list[Se
                         "jax.default_backend(),'devices':[str(d) for d in jax.devices()]}))"], 120, typical_s=5),
         Section("kernels_check", check + ["--out", str(out_dir / "kernels_check.json")], 600 if small else 170,
                 typical_s=100, result_file=str(out_dir / "kernels_check.json"), time_flag="--timeout"),
-        Section("kernels_tune", cli + ["kernels", *tune, "--isolate", "off", "--json", "--out-dir", str(tune_dir)],
+        Section("kernels_tune", cli + ["kernels", *tune, "--isolate", "restart", "--json", "--out-dir", str(tune_dir)],
                 600 if small else 300, typical_s=150, takes_budget=True, result_file=str(tune_dir / "kernels.json"),
                 drop_hung=True),
         # SFT with the Pallas kernels as the model picks them (auto: Mosaic GPU forward once its self-check has
@@ -200,9 +205,9 @@ def sections(small: bool, out_dir: Path, scratch: Path | None = None) -> list[Se
         Section("train_seq4096_mosaic_bwd", train([]), 600 if small else 120, typical_s=0,
                 env={"DITTO_ATTN_BLOCKS": "mgpu_bwd=1"}),
         Section("sample_b64_smollm2_xla", sample(b64, cfg_smol_xla), 180, typical_s=0),
-        Section("kernels_bench", cli + ["kernels", *length_sweep, "--isolate", "off", "--json", "--out-dir",
+        Section("kernels_bench", cli + ["kernels", *length_sweep, "--isolate", "restart", "--json", "--out-dir",
                                         str(sweep_dir)], 300, typical_s=0, takes_budget=True,
-                result_file=str(sweep_dir / "kernels.json"), add_tuned_impl=not small),
+                result_file=str(sweep_dir / "kernels.json"), add_tuned_impl=not small, drop_hung=True),
     ]
 
 
@@ -219,37 +224,31 @@ def _command(sec: Section, report: dict[str, Any], budget: float | None) -> list
         i = cmd.index("--impls") + 1
         if spec not in cmd[i].split(","):
             cmd[i] = f"{cmd[i]},{spec}"
-    if sec.drop_hung and (hung := _hung_lowerings(report)) and "--impls" in cmd:
-        from ditto_jax.bench.kernel_tuning import NAMED_FLASH, expand
-
-        i = cmd.index("--impls") + 1
-        keep = [impl for impl in expand(cmd[i], NAMED_FLASH) if not _runs_hung(impl, hung)]
-        cmd[i] = ",".join(keep) or "cudnn"
+    if sec.drop_hung and (hung := _hung_pairs(report)):
+        cmd += ["--skip-flash", ",".join(f"{b}:{'causal' if c else 'noncausal'}" for b, c in sorted(hung))]
     if sec.takes_budget and budget is not None:
         cmd += ["--budget", f"{budget:.0f}"]
     return cmd
 
 
-def _hung_lowerings(report: dict[str, Any]) -> set[str]:
-    """Backends (``triton``, ``mosaic_gpu``, ``mosaic_gpu@mgpu_bwd=1``) with a correctness case that timed out:
-    the in-process sweep has no per-entry limit, so one hung kernel there would stop every later entry."""
+def _hung_pairs(report: dict[str, Any]) -> set[tuple[str, bool]]:
+    """``(lowering, causal)`` of the flash correctness cases that really hung (ran past their case limit; not
+    those never reached or not run): the sweep skips that lowering at that mask only, and runs the rest.
+    (The 2026-12-04 lease dropped every Pallas variant because one non-causal Triton case timed out and the
+    cases never reached were counted as hung too.)"""
+    from ditto_jax.bench.kernel_tuning import LOWERINGS
+
     res = (report["sections"].get("kernels_check") or {}).get("result") or {}
-    return {e["backend"] for e in res.get("entries", []) if e.get("status") == "timeout" and e.get("kind") == "flash"}
+    return {(e["backend"], bool(e.get("causal", "noncausal" not in e.get("name", ""))))
+            for e in res.get("entries", []) if e.get("status") == "timeout" and e.get("kind") == "flash"
+            and str(e.get("error", "")).startswith("no result") and e.get("backend") in LOWERINGS}
 
 
 def _runs_hung(impl: str, hung: set[str]) -> bool:
-    """Whether a flash impl spec runs a lowering in ``hung`` (a Mosaic GPU spec with ``mgpu_bwd=1`` runs both
-    Mosaic GPU kernels; without it, the Mosaic GPU forward and the Triton backward)."""
-    if not impl.startswith("pallas:"):
-        return False
-    backend, _, tiles = impl[len("pallas:"):].partition("@")
-    own_bwd = "mgpu_bwd=1" in tiles.split(";")
-    if backend == "triton":
-        return bool(hung & {"triton"})
-    if backend == "mosaic_gpu":
-        return "mosaic_gpu" in hung or (own_bwd and "mosaic_gpu@mgpu_bwd=1" in hung) or (
-            not own_bwd and "triton" in hung)
-    return False
+    """Whether a flash impl spec runs a lowering in ``hung`` (``kernel_tuning.runs_lowering``)."""
+    from ditto_jax.bench.kernel_tuning import runs_lowering
+
+    return runs_lowering(impl, hung)
 
 
 def _with_time_flag(sec: Section, cmd: list[str], limit: float) -> list[str]:

@@ -268,7 +268,8 @@ def test_gpu_check_plan_reserves_later_sections_for_the_sweeps(tmp_path):
                       70.0)
     assert cmd[cmd.index("--impls") + 1] == f"pallas,cudnn,{MGPU64}" and cmd[-2:] == ["--budget", "70"]
     tune_cmd = " ".join(secs[tune].cmd)
-    assert "--impls tune --decode-impls tune" in tune_cmd and "--isolate off" in tune_cmd
+    assert "--impls tune --decode-impls tune" in tune_cmd and "--isolate restart" in tune_cmd
+    assert "--entry-timeout 90" in tune_cmd and "--isolate restart" in " ".join(secs[-1].cmd)
 
 
 def test_gpu_check_tune_section_runs_on_cpu(tmp_path):
@@ -330,14 +331,49 @@ def test_gpu_check_markdown_names_what_did_not_pass_and_autos_lowering():
     assert "train_mfu=0.4" in md and "self-check failed (x)" in md and "`triton` a" not in md
 
 
-def test_gpu_check_tuning_sweep_leaves_out_lowerings_whose_check_hung(tmp_path):
+def test_gpu_check_sweeps_skip_only_the_lowering_and_mask_whose_check_hung(tmp_path):
+    """The 2026-12-04 lease: the non-causal Triton case hung, 21 others were never reached; the sweeps then
+    skip Triton (and the Mosaic GPU forward whose backward is Triton) at non-causal only, and run the rest."""
     gc = _gpu_check()
     secs = gc.sections(False, tmp_path)
     tune = next(s for s in secs if s.name == "kernels_tune")
-    hung = {"kind": "flash", "name": "x", "backend": "mosaic_gpu@mgpu_bwd=1", "status": "timeout"}
-    report = {"sections": {"kernels_check": {"result": {"entries": [hung]}}}}
-    impls = gc._command(tune, report, None)[tune.cmd.index("--impls") + 1].split(",")
-    assert "cudnn" in impls and "pallas:triton" in impls and not any("mgpu_bwd=1" in i for i in impls)
-    assert gc._command(tune, {"sections": {}}, None) == tune.cmd  # nothing hung: the prepared list unchanged
+    lease = json.loads((ROOT / "benchmarks" / "gpu-h200-2026-12-04" / "kernels_check.json").read_text())
+    report = {"sections": {"kernels_check": {"result": lease}}}
+    assert gc._hung_pairs(report) == {("triton", False)}
+    cmd = gc._command(tune, report, None)
+    assert cmd[:len(tune.cmd)] == tune.cmd and cmd[len(tune.cmd):] == ["--skip-flash", "triton:noncausal"]
+    assert gc._command(tune, {"sections": {}}, None) == tune.cmd  # nothing hung: the prepared command unchanged
+    mgpu = {"kind": "flash", "name": "causal_gqa4_d128", "backend": "mosaic_gpu@mgpu_bwd=1", "status": "timeout",
+            "causal": True, "error": "no result after 75 s"}
+    auto = {**mgpu, "backend": "auto"}  # auto's lowering is one of the others: not a lowering to skip
+    assert gc._hung_pairs({"sections": {"kernels_check": {"result": {"entries": [mgpu, auto]}}}}) == {
+        ("mosaic_gpu@mgpu_bwd=1", True)}
+    skips = bench_kernels.parse_skip_flash("triton:noncausal,mosaic_gpu@mgpu_bwd=1:causal")
+    assert skips == [("triton", False), ("mosaic_gpu@mgpu_bwd=1", True)]
+    reason = bench_kernels._skip_reason
+    assert reason("pallas:triton@block_q=64", False, skips) and not reason("pallas:triton", True, skips)
+    assert reason("pallas:mosaic_gpu", False, skips)  # its backward is Triton
+    assert not reason("pallas:mosaic_gpu@mgpu_bwd=1", False, skips)
+    assert reason("pallas:mosaic_gpu@mgpu_bwd=1", True, skips) and not reason("cudnn", False, skips)
+    with pytest.raises(ValueError, match="'triton:both' is not LOWERING:causal"):
+        bench_kernels.parse_skip_flash("triton:both")
     assert gc._runs_hung("pallas:mosaic_gpu", {"triton"}) and not gc._runs_hung("pallas:mosaic_gpu@mgpu_bwd=1",
                                                                                   {"triton"})
+
+
+def test_sweep_records_a_hung_entry_as_timeout_and_a_fresh_process_goes_on(tmp_path):
+    """--isolate restart: every entry here passes its 0.01 s limit, so each one ends a child (recorded as a
+    timeout row) and the next child resumes after it; skipped entries are not run at all."""
+    args = _bench_args(tmp_path, "--isolate", "restart", "--entry-timeout", "0.01", "--no-decode")
+    args.impls = "pallas:interpret"
+    result = bench_kernels.run(args)
+    rows = result["flash"]
+    assert [(r["causal"], r.get("timeout"), r["error"]) for r in rows] == [
+        (c, True, "timeout after 0 s (hung, or compiling took too long)") for c in (True, False)]
+    assert result["restarts"] == 2 and result["errors"] == 2
+    args = _bench_args(tmp_path / "skip", "--isolate", "off", "--skip-flash", "triton:noncausal", "--no-decode",
+                       "--budget", "0")
+    args.impls = "pallas:triton"  # parses on CPU; never compiled: skipped (mask) or budget spent
+    rows = bench_kernels.run(args)["flash"]
+    skipped = {r["causal"]: r["skipped"] for r in rows}
+    assert skipped[True] == "run budget spent" and skipped[False].startswith("--skip-flash: runs triton non-causal")

@@ -96,6 +96,24 @@ def expand(text: str, named: dict[str, tuple[tuple[str, str], ...]]) -> list[str
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+LOWERINGS = ("triton", "mosaic_gpu", "mosaic_gpu@mgpu_bwd=1")  # the GPU check's flash backends
+
+
+def runs_lowering(impl: str, lowerings: set[str]) -> bool:
+    """Whether a flash impl spec runs one of ``lowerings`` (names of ``LOWERINGS``): a Mosaic GPU spec with
+    ``mgpu_bwd=1`` runs both Mosaic GPU kernels; without it, the Mosaic GPU forward and the Triton backward."""
+    if not impl.startswith("pallas:"):
+        return False
+    backend, _, tiles = impl[len("pallas:"):].partition("@")
+    own_bwd = "mgpu_bwd=1" in tiles.split(";")
+    if backend == "triton":
+        return "triton" in lowerings
+    if backend == "mosaic_gpu":
+        return "mosaic_gpu" in lowerings or (own_bwd and "mosaic_gpu@mgpu_bwd=1" in lowerings) or (
+            not own_bwd and "triton" in lowerings)
+    return False
+
+
 def pallas_spec(impl: str) -> str:
     """The kernel spec part of an impl: ``pallas:triton@x=1`` -> ``triton@x=1``; ``pallas@x=1`` -> ``@x=1``."""
     if impl.startswith("pallas:"):

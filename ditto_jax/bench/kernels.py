@@ -118,10 +118,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out-dir", default="benchmarks/kernels", help="where kernels.{json,md,png} go")
     parser.add_argument("--no-decode", action="store_true")
-    parser.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
-                        help="run each impl in a child process with --impl-timeout (auto: on for GPU), so a "
-                             "kernel that hangs or crashes the process costs only its own rows")
+    parser.add_argument("--isolate", choices=["auto", "on", "off", "restart"], default="auto",
+                        help="on: each impl in a child process with --impl-timeout (auto: on for GPU), so a "
+                             "kernel that hangs or crashes the process costs only its own rows; restart: the "
+                             "entries in one child, each with --entry-timeout: an entry past it is recorded as "
+                             "a timeout row, that child ends and a new one goes on after it (what a hang costs: "
+                             "one entry's limit and a process start)")
     parser.add_argument("--impl-timeout", type=float, default=240.0, help="seconds per isolated impl")
+    parser.add_argument("--entry-timeout", type=float, default=None,
+                        help="seconds per entry (one impl at one shape, compile + timing); past it the entry is "
+                             "recorded as a timeout row and the process exits with status 3 (used by --isolate "
+                             "restart; alone, with --resume, a caller can restart it)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of --out-dir's kernels.json and run only the other entries")
+    parser.add_argument("--skip-flash", default="",
+                        help="comma list of LOWERING:causal|noncausal (LOWERING: triton, mosaic_gpu, "
+                             "mosaic_gpu@mgpu_bwd=1): flash entries of the impls that run that lowering at that "
+                             "mask are reported as skipped, not run (e.g. a combination whose check hung)")
 
 
 def _default_impls(platform: str) -> list[str]:
@@ -356,6 +369,25 @@ class _Sweep:
         self.deadline = time.time() + args.budget if args.budget is not None else None
         self.started = time.time()
 
+    def load(self, path: Path) -> None:
+        """``--resume``: keep the rows of a previous (cut) run of the same preset."""
+        import json
+
+        if not path.exists():
+            return
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        if old.get("preset") == self.preset:
+            self.flash, self.decode = list(old.get("flash", [])), list(old.get("decode", []))
+
+    def has(self, kind: str, case: Any, impl: str) -> bool:
+        """Whether an entry (one impl at one shape) already has a row."""
+        want = {**dataclasses.asdict(case), "impl": impl}
+        return any(all(row.get(k) == v for k, v in want.items()) for row in (self.flash if kind == "flash"
+                                                                              else self.decode))
+
     def time_left(self) -> float:
         """Seconds before the budget is spent (infinite without one)."""
         return float("inf") if self.deadline is None else self.deadline - time.time()
@@ -429,6 +461,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.no_decode:
         decode_cases, goal_decode = [], []
     _check_impls(impls if flash_cases else [], decode_impls if decode_cases else [])
+    parse_skip_flash(args.skip_flash)
+    if args.isolate == "restart":
+        return _run_restarting(args)
     modes = [m for m in args.modes.split(",") if m]
     iters = args.iters or (20 if platform in ("gpu", "tpu") else 3)
     copy_gbs = _measure_copy_gbs(platform, max(iters, 5))
@@ -437,6 +472,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if peak is None:
         peak, peak_source = _measure_matmul_tflops(max(iters, 5)), "measured float32 1024^3 matmul"
     sweep = _Sweep(args, device, preset, peak, peak_source, copy_gbs, iters, goal_flash, goal_decode)
+    if args.resume:
+        sweep.load(Path(args.out_dir) / "kernels.json")
 
     isolate = args.isolate == "on" or (args.isolate == "auto" and platform == "gpu" and len(impls) > 1)
     if isolate:
@@ -481,6 +518,7 @@ def _run_isolated(args, sweep: _Sweep, preset, impls, decode_impls, flash_cases,
             cmd = [sys.executable, "-c", "import sys; from ditto_jax.cli import main; sys.exit(main())", "bench",
                    "kernels", "--preset", preset, "--modes", args.modes, "--iters", str(args.iters or 20),
                    "--warmup", str(args.warmup), "--out-dir", str(out_dir), "--isolate", "off"]
+            cmd += ["--skip-flash", args.skip_flash] if args.skip_flash else []
             cmd += ["--impls", flash_impls[0], "--no-decode"] if flash_impls else [
                 "--decode-impls", ",".join(dec_impls), "--no-flash"]
             error = None
@@ -504,33 +542,128 @@ def _run_isolated(args, sweep: _Sweep, preset, impls, decode_impls, flash_cases,
                     (sweep.add_flash if flash_impls else sweep.add_decode)(row)
 
 
+def parse_skip_flash(text: str) -> list[tuple[str, bool]]:
+    """``--skip-flash``: ``LOWERING:causal|noncausal,...`` -> ``[(lowering, causal), ...]`` (bad items named)."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        lowering, _, mask = item.rpartition(":")
+        if lowering not in kernel_tuning.LOWERINGS or mask not in ("causal", "noncausal"):
+            raise ValueError(f"--skip-flash: {item!r} is not LOWERING:causal|noncausal with LOWERING one of "
+                             f"{list(kernel_tuning.LOWERINGS)}")
+        out.append((lowering, mask == "causal"))
+    return out
+
+
+def _skip_reason(impl: str, causal: bool, skips: list[tuple[str, bool]]) -> str | None:
+    hit = [lowering for lowering, c in skips if c == causal and kernel_tuning.runs_lowering(impl, {lowering})]
+    if not hit:
+        return None
+    return f"--skip-flash: runs {hit[0]} {'causal' if causal else 'non-causal'} (its correctness check hung)"
+
+
 def _run_here(args, sweep: _Sweep, platform, impls, decode_impls, modes, iters, flash_cases, decode_cases) -> None:
-    """Decode first (cheap), then flash impl by impl over the shapes, so a budget cut keeps whole variants."""
+    """Decode first (cheap), then flash impl by impl over the shapes, so a budget cut keeps whole variants.
+    Entries already in the report (``--resume``) are not run again."""
+    skips = parse_skip_flash(args.skip_flash)
     for impl in decode_impls:
         for case in decode_cases:
+            if sweep.has("decode", case, impl):
+                continue
             if sweep.time_left() <= 0:
                 sweep.add_decode(_skipped(case, impl))
                 continue
-            sweep.add_decode(_entry_row(_decode_entry, case, impl, iters, args.warmup))
+            sweep.add_decode(_entry_row(_decode_entry, case, impl, iters, args.warmup, sweep=sweep,
+                                        add=sweep.add_decode))
     for impl in impls:
         if impl == "cudnn" and platform != "gpu":
             continue
         for case in flash_cases:
+            if sweep.has("flash", case, impl):
+                continue
+            if reason := _skip_reason(impl, case.causal, skips):
+                sweep.add_flash({**dataclasses.asdict(case), "impl": impl, "skipped": reason})
+                continue
             if sweep.time_left() <= 0:
                 sweep.add_flash(_skipped(case, impl))
                 continue
-            sweep.add_flash(_entry_row(_flash_entry, case, impl, modes, iters, args.warmup))
+            sweep.add_flash(_entry_row(_flash_entry, case, impl, modes, iters, args.warmup, sweep=sweep,
+                                       add=sweep.add_flash))
 
 
-def _entry_row(entry: Callable[..., dict[str, Any]], case: Any, impl: str, *args: Any) -> dict[str, Any]:
-    """``entry(case, impl, *args)``, or an error row when it fails, with what it cost the run in seconds."""
+def _entry_row(entry: Callable[..., dict[str, Any]], case: Any, impl: str, *args: Any,
+               sweep: "_Sweep | None" = None, add: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """``entry(case, impl, *args)``, or an error row when it fails, with what it cost the run in seconds.
+
+    With ``--entry-timeout`` (``sweep.args.entry_timeout``), a watchdog records an entry past that limit as a
+    ``timeout`` error row (through ``add``: the report is rewritten) and ends the process with status 3: a
+    hung kernel blocks the device, only a fresh process (``--isolate restart``) goes on after it.
+    """
+    import os
+    import threading
+
+    limit = getattr(sweep.args, "entry_timeout", None) if sweep is not None else None
+    timer = None
+    if limit and add is not None:
+        def hung() -> None:
+            add({**dataclasses.asdict(case), "impl": impl, "timeout": True,
+                 "error": f"timeout after {limit:.0f} s (hung, or compiling took too long)"})
+            print(f"[bench kernels] {impl} {dataclasses.asdict(case)}: TIMEOUT after {limit:.0f} s", flush=True)
+            os._exit(3)
+
+        timer = threading.Timer(limit, hung)
+        timer.daemon = True
+        timer.start()
     t0 = time.perf_counter()
     try:
         row = entry(case, impl, *args)
     except Exception as exc:  # noqa: BLE001 - one failing lowering must not end the sweep
         row = {**dataclasses.asdict(case), "impl": impl, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    finally:
+        if timer is not None:
+            timer.cancel()
     row["seconds"] = round(time.perf_counter() - t0, 2)  # compile + timing
     return row
+
+
+def _run_restarting(args: argparse.Namespace) -> dict[str, Any]:
+    """``--isolate restart``: run the sweep in a child (``--isolate off --resume --entry-timeout``) until it
+    ends other than by a hung entry (status 3), each child with the budget that is left; the last report."""
+    import json
+    import subprocess
+    import sys
+
+    out = Path(args.out_dir)
+    (out / "kernels.json").unlink(missing_ok=True)
+    started = time.time()
+    limit = args.entry_timeout or args.impl_timeout
+    cmd = [sys.executable, "-c", "import sys; from ditto_jax.cli import main; sys.exit(main())", "bench", "kernels",
+           "--modes", args.modes, "--warmup", str(args.warmup), "--out-dir", str(out), "--isolate", "off",
+           "--resume", "--entry-timeout", str(limit), "--impl-timeout", str(args.impl_timeout)]
+    for flag in ("preset", "impls", "decode_impls", "iters", "skip_flash"):
+        if getattr(args, flag, None):
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    cmd += [f"--{flag.replace('_', '-')}" for flag in ("confirm_best", "no_flash", "no_decode") if getattr(args, flag)]
+    restarts = 0
+    while True:
+        extra: list[str] = []
+        timeout = None
+        if args.budget is not None:
+            left = args.budget - (time.time() - started)
+            extra = ["--budget", f"{max(left, 0.0):.1f}"]
+            timeout = max(left, 0.0) + limit + 60.0  # the entry in progress at the budget's end, start, write
+        try:
+            proc = subprocess.run(cmd + extra, check=False, timeout=timeout, stdout=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            break
+        if proc.returncode != 3:
+            break
+        restarts += 1
+    path = out / "kernels.json"
+    if not path.exists():
+        raise RuntimeError(f"bench kernels --isolate restart: the child wrote no {path}")
+    result = json.loads(path.read_text())
+    result["restarts"] = restarts
+    return result
 
 
 def _confirm_best(args, sweep: _Sweep, modes: list[str], iters: int, goal_flash: list[FlashCase]) -> None:
@@ -546,6 +679,6 @@ def _confirm_best(args, sweep: _Sweep, modes: list[str], iters: int, goal_flash:
         if sweep.time_left() <= 0:
             sweep.add_flash(_skipped(case, spec))
             continue
-        row = _entry_row(_flash_entry, case, spec, modes, iters, args.warmup)
+        row = _entry_row(_flash_entry, case, spec, modes, iters, args.warmup, sweep=sweep, add=sweep.add_flash)
         row["combined_from"] = [summary["best_fwd"], summary["best_bwd"]]
         sweep.add_flash(row)
