@@ -125,7 +125,8 @@ class SamplingEngine:
         prefixes shared by two or more requests are computed once into a row and reused (default ``B``; 0 off).
         Costs ``rows / B`` times the slot cache's memory.
       prefix_block: granularity (tokens) of shared prefixes.
-      prefix_bucket: prefix widths are padded to a multiple of this (fewer compilations).
+      prefix_bucket: prefixes are computed in widths of a multiple of this, and read in power-of-two widths
+        (fewer compilations).
     """
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int, max_len: int, mesh: jax.sharding.Mesh | None = None,
@@ -333,7 +334,9 @@ class SamplingEngine:
         for slot, rec, row, m in plan:
             rest = rec.prompt_len - m
             ps = next(x for x in self.buckets if x >= rest)
-            pp = 0 if m == 0 else min(_round_up(m, self.prefix_bucket), self.cfg.prefix_row_tokens)
+            # the prefix is only read (gathered and attended to), never recomputed: a coarse width keeps
+            # the compiled variants few at little cost
+            pp = 0 if m == 0 else min(_pow2(max(m, self.prefix_bucket)), self.cfg.prefix_row_tokens)
             groups[pp, ps].append((slot, rec, row, m))
         out = []
         for (pp, ps), items in sorted(groups.items()):
