@@ -281,8 +281,12 @@ def _dkv(q, k, v, do, lse, delta, segs, p: FlashProblem, blocks: BlockSizes, int
 
             def drain(t, h):
                 slot = lax.rem(h * per_head + (t - tile_lo), jnp.int32(stages))
-                if interpret:
-                    wait_inputs(slot)
+                # Waited for on the GPU too: a barrier's wait parity is tracked per thread, one flip per wait, and
+                # these skipped blocks come in the middle of the stream (warpgroup 1's first block of every head,
+                # causal). Without the wait its parity for that slot lags one phase: later waits return before
+                # the TMA lands (the H200's "dk relative error 0.413", 2026-12-04) or, once the load already
+                # landed, wait for the next one, which needs this warpgroup's release (the S=8192 hang).
+                wait_inputs(slot)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return h
 
