@@ -62,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--prefix-cache-rows", type=int, default=None,
                    help="prefix-cache rows of --max-len tokens for prompt prefixes shared by several prompts "
-                        "(default: --batch-size; 0 = off)")
+                        "(default: min(--batch-size, 8); 0 = off)")
     e.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent compilation cache folder (default $DITTO_JAX_COMPILATION_CACHE, else "
                         "$XDG_CACHE_HOME/ditto-jax/jax-cache; 'off' = none)")

@@ -122,8 +122,8 @@ class SamplingEngine:
       share_compiled: run the process-wide compiled prefill/decode of every engine over a model of the same
         structure and config (weights are arguments, never constants); ``False`` compiles private ones.
       prefix_cache_rows: rows of ``max_len`` tokens of the prefix cache (``sampling/prefix_cache.py``): prompt
-        prefixes shared by two or more requests are computed once into a row and reused (default ``B``; 0 off).
-        Costs ``rows / B`` times the slot cache's memory.
+        prefixes shared by two or more requests are computed once into a row and reused (default ``min(B, 8)``;
+        0 off). Costs ``rows / B`` times the slot cache's memory.
       prefix_block: granularity (tokens) of shared prefixes.
       prefix_bucket: prefixes are computed in widths of a multiple of this, and read in power-of-two widths
         (fewer compilations).
@@ -139,7 +139,7 @@ class SamplingEngine:
         self.tokenizer = tokenizer
         if decode_path is None:
             decode_path = "fused" if jax.default_backend() == "cpu" else "model"
-        rows = batch_size if prefix_cache_rows is None else prefix_cache_rows
+        rows = min(batch_size, 8) if prefix_cache_rows is None else prefix_cache_rows
         if max_len <= prefix_block:
             rows = 0
         self.cfg = SamplerConfig(batch_size=batch_size, max_len=max_len, chunk=chunk, max_stop_ids=max_stop_ids,
