@@ -16,6 +16,8 @@ COMMANDS: dict[str, str] = {
     "convert": "convert checkpoints between Hugging Face, GGUF and Orbax",
     "models": "fetch a named real model (e.g. smollm2-135m-instruct) into the local cache",
     "sample": "sharded, resumable batched sampling over a prompts file",
+    "serve": "OpenAI-compatible HTTP server (chat completions, streaming) on the sampling engine",
+    "chat": "role-play with a knowledge-base character in the terminal",
     "simulate": "Ditto self-simulation: queries -> responses -> sessions -> corpus",
     "train": "supervised fine-tuning on a role-play corpus",
     "eval": "WikiRoleEval-style judged evaluation and MT-Bench roleplay",
