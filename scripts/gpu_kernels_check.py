@@ -8,8 +8,8 @@ hides the others. The entries run in-process, one after the other, each with a t
 on a GPU they run in a child process that, when a case passes its limit, records it as ``timeout`` and exits,
 and a new child goes on with the next case (a hung kernel blocks the device, so only a fresh process can).
 The cases run round-robin over the backends (every lowering's first case, then every second, ...), and a
-backend that has used its share of ``--timeout`` (``--timeout`` / backends with cases left) stops while the
-others have cases left: one hung case cannot starve the other lowerings.
+backend that has used its share of ``--timeout`` (``--timeout`` / backends with cases left) waits until the
+others' cases have run: one hung case cannot starve the other lowerings.
 The JSON report is rewritten after every entry (``--out``) and printed at the end. ``auto`` entries say which
 lowering ``auto`` picked inside the caller's jit (Mosaic GPU only when its self-check passed there).
 
@@ -288,23 +288,13 @@ def _run_in_process(cases: list[tuple], report: _Report, platform: str, case_tim
     """Every case not in the report yet, here; a case past ``case_timeout`` is recorded as ``timeout`` and the
     process exits with status 3 at once (a hung kernel blocks the device: only a fresh process goes on).
     With ``total`` (the whole check's seconds), a backend past its share (``_share_spent``) while others have
-    cases left gets its remaining cases recorded as ``timeout`` ("not run") instead of run."""
+    cases left has its cases deferred: they run after every other case, in the time that is left."""
     import threading
 
-    done = report.done()
-    for kind, name, backend, spec in cases:
-        if (kind, name, backend) in done:
-            continue
-        pending = {b for k, n, b, _ in cases if (k, n, b) not in report.done()}
-        if total is not None and _share_spent(backend, report.data["entries"], pending, total, case_timeout):
-            report.add({"kind": kind, "name": name, "backend": backend, "status": "timeout",
-                        "error": f"not run: {backend}'s share of --timeout ({total / len(pending):.0f} s of "
-                                 f"{total:.0f} s) spent, other lowerings' cases left"})
-            print(f"[check] {kind} {backend} {name}: not run (share spent)", file=sys.stderr, flush=True)
-            continue
+    def run(kind: str, name: str, backend: str, spec: tuple) -> None:
         print(f"[check] {kind} {backend:>10} {name:<40} ...", file=sys.stderr, flush=True)
 
-        def hung(kind=kind, name=name, backend=backend, spec=spec) -> None:
+        def hung() -> None:
             report.add({"kind": kind, "name": name, "backend": backend, "status": "timeout",
                         **({"causal": spec[7]} if kind == "flash" else {}),
                         "error": f"no result after {case_timeout:.0f} s (hung, or compiling took too long)"})
@@ -319,6 +309,21 @@ def _run_in_process(cases: list[tuple], report: _Report, platform: str, case_tim
         report.add(entry)
         print(f"[check] {kind} {backend:>10} {name:<40} {entry['status']} ({entry.get('wall_s', 0)} s)",
               file=sys.stderr, flush=True)
+
+    deferred = []
+    for case in cases:
+        kind, name, backend, spec = case
+        if (kind, name, backend) in report.done():
+            continue
+        pending = {b for k, n, b, _ in cases if (k, n, b) not in report.done()}
+        if total is not None and _share_spent(backend, report.data["entries"], pending, total, case_timeout):
+            print(f"[check] {kind} {backend} {name}: deferred ({backend} used its share of --timeout)",
+                  file=sys.stderr, flush=True)
+            deferred.append(case)
+            continue
+        run(*case)
+    for case in deferred:
+        run(*case)
 
 
 def _run_restarting(argv: list[str], out: Path, cases: list[tuple], total_timeout: float) -> None:
@@ -356,8 +361,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole check (restart mode)")
     parser.add_argument("--resume", action="store_true", help="keep --out's entries and run only the others")
     parser.add_argument("--no-share-timeout", dest="share_timeout", action="store_false",
-                        help="restart mode: let one backend use all of --timeout (default: a backend past "
-                             "--timeout / number of backends while others have cases left stops there)")
+                        help="let one backend use all of --timeout (default: a backend past --timeout / number "
+                             "of backends with cases left waits until the others' cases have run)")
     args = parser.parse_args(argv)
     _importable_without_install()
 
