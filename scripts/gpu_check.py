@@ -18,7 +18,9 @@ sampler at B=64 on a SmolLM2-135M-shaped model (random init: the GGUF file canno
 sequence-length sweep with the tuned spec. With ``--budget`` each section's limit is cut to what is left;
 the two sweeps take ``--budget`` themselves, the tuning sweep whatever is left after reserving the later
 sections' typical time, and stop cleanly (they write their results after every entry, and a section cut
-short is read back from that file).
+short is read back from that file). Both sweeps run with ``--isolate restart --entry-timeout 90``: a hung
+entry costs 90 s and a process start, not the sweep; a flash correctness case that hung makes the sweeps skip
+that lowering at that mask only (``--skip-flash``).
 
 ``--small`` runs the same sections on CPU with tiny shapes (interpret mode), which is how CI-side tests
 prove the script works before a GPU minute is spent.

@@ -65,6 +65,8 @@ def check_against_reference(backend, blocks, b, sq, sk, hq, hkv, d, dtype, causa
     for name, x, ref in zip(("o", "dq", "dk", "dv"), (o, *grads), (o_ref, *grads_ref)):
         assert np.all(np.isfinite(np.asarray(x, np.float32))), f"{name} has non-finite values"
         err = _rel_err(x, ref)
+        if not np.any(ref):  # an exactly zero gradient (one token per segment): rounding noise against o's scale
+            err = float(np.max(np.abs(np.asarray(x, np.float64)))) / float(np.max(np.abs(o_ref)))
         assert err <= TOL[dtype], f"{name}: relative error {err:.2e} > {TOL[dtype]:.0e}"
     return np.asarray(o, np.float32)
 

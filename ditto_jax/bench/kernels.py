@@ -18,7 +18,9 @@ Tiling sweep: ``--impls`` and ``--decode-impls`` take specs such as ``pallas:tri
 and ``pallas:triton@block_kv=64;num_splits=8`` (fields of ``BlockSizes`` / ``DecodeBlockSizes``), or ``tune``
 for the prepared variant lists (``ditto_jax.bench.kernel_tuning``); ``--budget`` stops starting entries when
 the time is spent (the rest are reported as skipped) and ``--confirm-best`` then measures the best forward
-tiles combined with the best backward tiles.
+tiles combined with the best backward tiles. ``--isolate restart --entry-timeout S`` bounds what a hung
+kernel costs: an entry past ``S`` seconds is a timeout row and a fresh process resumes after it;
+``--skip-flash triton:noncausal`` leaves out one lowering at one mask (e.g. where its correctness check hung).
 """
 
 from __future__ import annotations
