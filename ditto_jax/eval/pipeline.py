@@ -408,6 +408,8 @@ def load_judge_templates(path: str | None) -> dict[str, dict[str, str]] | None:
         raise FileNotFoundError(f"{path}: no MT-Bench judge prompts file (testset.mtbench_judge_prompts; FastChat's "
                                 f"fastchat/llm_judge/data/judge_prompts.jsonl)")
     for _, line, obj in iter_json_lines(file):
+        if not isinstance(obj, dict):
+            raise ConfigError(f"{path}:{line}: not a JSON object ({obj})")
         if isinstance(obj, dict) and obj.get("name") in ("single-v1", "single-v1-multi-turn"):
             for field in ("system_prompt", "prompt_template"):
                 if not isinstance(obj.get(field), str):
