@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from ditto_jax.eval.metrics import (MTBenchJudgement, TurnJudgement, aggregate, aggregate_mtbench, consistency_score,
-                                    knowledge_score, majority_refusal, rejection_correct)
+from ditto_jax.eval.metrics import (
+    MTBenchJudgement,
+    TurnJudgement,
+    aggregate,
+    aggregate_mtbench,
+    consistency_score,
+    knowledge_score,
+    majority_refusal,
+    rejection_correct,
+)
 
 
 def turn(lang: str, label: int, cons, know, rej, answer: int = 2, failures=None) -> TurnJudgement:

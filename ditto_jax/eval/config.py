@@ -12,9 +12,9 @@ from typing import Literal
 
 import pydantic
 
+from ditto_jax.checkpoints import ModelSource
 from ditto_jax.config import StrictModel
 from ditto_jax.mesh import MeshConfig
-from ditto_jax.checkpoints import ModelSource
 from ditto_jax.sampling.endpoint import EndpointSource
 from ditto_jax.sampling.params import SamplingParams
 

@@ -31,6 +31,8 @@ The wording is ours, modelled on the paper's released judge prompts (which ask f
 
 from __future__ import annotations
 
+import hashlib
+import random
 import re
 import string
 from typing import Any, Literal, Mapping, Sequence
@@ -464,9 +466,6 @@ def parse_reference(metric: str, text: str | None, lang: str = "en", candidates:
 def shuffled_order(n: int, seed: int, key: str) -> list[int]:
     """A permutation of ``range(n)`` drawn from ``(seed, key)`` (stable across runs, hosts and Python versions):
     the candidate order shown in one judge sample."""
-    import hashlib
-    import random
-
     digest = hashlib.blake2b(f"{int(seed)}\x00{key}".encode("utf-8"), digest_size=8).digest()
     order = list(range(n))
     random.Random(int.from_bytes(digest, "little")).shuffle(order)

@@ -31,7 +31,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from ditto_jax.checkpoints import ModelSource
 from ditto_jax.config import ConfigError, dump_config
+from ditto_jax.data.records import iter_json_lines
 from ditto_jax.eval import calibration as C
 from ditto_jax.eval import judge as J
 from ditto_jax.eval import mtbench as M
@@ -42,7 +44,6 @@ from ditto_jax.eval.report import REPORT_JSON, load_runs, write_comparison, writ
 from ditto_jax.eval.stages import run_stage
 from ditto_jax.eval.testsets import EvalSession, MTBenchQuestion, load_mtbench, load_wikiroleeval
 from ditto_jax.fileio import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from ditto_jax.checkpoints import ModelSource
 from ditto_jax.sampling.endpoint import ChatRequest, EndpointEngine, EndpointSource, is_endpoint
 
 PROMPT_STATS = "prompt_stats.json"
@@ -400,8 +401,6 @@ def load_judge_templates(path: str | None) -> dict[str, dict[str, str]] | None:
     ``single-v1-multi-turn``) from a user-supplied path; ``None`` without a path (our wording of that format)."""
     if path is None:
         return None
-    from ditto_jax.data.records import iter_json_lines
-
     found: dict[str, dict[str, str]] = {}
     file = Path(path)
     if not file.exists():

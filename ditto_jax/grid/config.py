@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -48,8 +49,6 @@ class GridConfig(StrictModel):
 
     @pydantic.model_validator(mode="after")
     def _names(self) -> "GridConfig":
-        import re
-
         for name in self.models:
             if not re.match(NAME_PATTERN, name) or "__" in name or name == NONE:
                 raise ValueError(f"models.{name}: a model name is letters, digits, '.', '_' or '-' (no '__', not "

@@ -17,9 +17,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ditto_jax.config import ConfigError, dump_config
+from ditto_jax.eval.pipeline import run_eval
+from ditto_jax.eval.report import REPORT_JSON
 from ditto_jax.fileio import atomic_write_text
 from ditto_jax.grid.config import NONE, GridConfig, cell_name
 from ditto_jax.grid.report import write_grid_report
+from ditto_jax.simulation.stages import Simulation
+from ditto_jax.train.config import resolve_asset_paths
+from ditto_jax.train.loop import run_training
 
 Log = Callable[[str], None]
 
@@ -35,16 +40,12 @@ def _check_workdir(workdir: Path, cfg: GridConfig) -> None:
 
 
 def _simulate(cfg: GridConfig, supervisor: str, workdir: Path, log: Log, progress: bool) -> dict[str, Any]:
-    from ditto_jax.simulation.stages import Simulation
-
     out = workdir / "simulate" / supervisor
     report = Simulation(cfg.simulate_config(supervisor), out, log=log, progress=progress).run()
     return {"dir": str(out), "sessions": report["corpus"]["sessions"], "turns": report["corpus"]["turns"]}
 
 
 def _sft_paths(cfg: GridConfig, corpus: Path, sessions: int, log: Log) -> tuple[list[str], list[str]]:
-    from ditto_jax.train.config import resolve_asset_paths
-
     if sessions >= cfg.corpus.min_sessions:
         return [str(corpus)], []
     mixed = resolve_asset_paths(cfg.corpus.mix_in)
@@ -54,8 +55,6 @@ def _sft_paths(cfg: GridConfig, corpus: Path, sessions: int, log: Log) -> tuple[
 
 
 def _train(cfg: GridConfig, seed: str, supervisor: str, paths: list[str], workdir: Path) -> dict[str, Any]:
-    from ditto_jax.train.loop import run_training
-
     out = workdir / "sft" / cell_name(seed, supervisor)
     result = run_training(cfg.sft_config(seed, paths), out)
     if result.status != "completed":
@@ -66,9 +65,6 @@ def _train(cfg: GridConfig, seed: str, supervisor: str, paths: list[str], workdi
 
 def run_grid(cfg: GridConfig, workdir: str | Path, *, log: Log = print, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the whole grid; returns ``grid.json``'s content."""
-    from ditto_jax.eval.pipeline import run_eval
-    from ditto_jax.eval.report import REPORT_JSON
-
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     _check_workdir(workdir, cfg)
