@@ -81,7 +81,7 @@ def _measure_bandwidth(probes: RooflineProbes) -> tuple[float, str]:
     x = jnp.ones((probes.read_elements,), probes.dtype)
     f = jax.jit(jnp.sum)
     f(x).block_until_ready()
-    best = x.nbytes / min(_timed(lambda: f(x).block_until_ready()) for _ in range(probes.bandwidth_repeats))
+    best = x.nbytes / min(_timed(lambda x=x: f(x).block_until_ready()) for _ in range(probes.bandwidth_repeats))
     which = "read"
     del x
     if probes.copy_elements:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 
+from ditto_jax.kernels import decode_attention, flash_attention
 from ditto_jax.kernels.reference import attention_reference
 from ditto_jax.kernels.sharding import shard_over_batch_and_heads
 from ditto_jax.mesh import DEFAULT_RULES
@@ -39,8 +40,6 @@ def _mesh_axes() -> dict[str, tuple[str, ...]]:
 
 
 def _pallas_full(q, k, v, segment_ids):
-    from ditto_jax.kernels import flash_attention
-
     def fn(q, k, v, seg):
         return flash_attention(q, k, v, causal=True, segment_ids=seg)
 
@@ -75,8 +74,6 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
     """
     impl = resolve_impl(impl)
     if q.shape[1] == 1 and impl in ("pallas", "cudnn") and sliding_window is None:
-        from ditto_jax.kernels import decode_attention
-
         o = shard_over_batch_and_heads(
             decode_attention, (q[:, 0], k_cache, v_cache, q_offset + 1), ("bhd", "bskd", "bskd", "b"), "bhd",
             batch=q.shape[0], q_heads=q.shape[2], kv_heads=k_cache.shape[2], **_mesh_axes(),

@@ -14,10 +14,17 @@ Modules: ``engine`` (``SamplingEngine``: scheduling, prefix-cache planning, the 
 resumable runs), ``inputs`` (prompt files), ``compile_cache`` (persistent compilation cache, compile meter).
 """
 
-from ditto_jax.sampling.constraints import (Constraint, choice_constraint, integer_constraint, json_schema_constraint,
-                                            json_schema_regex, regex_constraint, vocab_constraint)
-from ditto_jax.sampling.params import Request, Result, SamplingParams
+from ditto_jax.sampling.constraints import (
+                                            Constraint,
+                                            choice_constraint,
+                                            integer_constraint,
+                                            json_schema_constraint,
+                                            json_schema_regex,
+                                            regex_constraint,
+                                            vocab_constraint,
+)
 from ditto_jax.sampling.engine import SamplingEngine
+from ditto_jax.sampling.params import Request, Result, SamplingParams
 
 __all__ = [
     "Constraint", "Request", "Result", "SamplingEngine", "SamplingParams", "choice_constraint", "integer_constraint",

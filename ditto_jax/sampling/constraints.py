@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 import numpy as np
+from outlines_core import Index, Vocabulary
+from outlines_core.json_schema import build_regex_from_schema
 
 MAX_TABLE_ENTRIES = 64 * 1024 * 1024
 # Smallest table capacities: the usual constraints (a JSON schema, a few choices) fit without a recompilation.
@@ -109,7 +112,6 @@ def regex_constraint(pattern: str, tokenizer: Any, vocab_size: int | None = None
 
     ``vocab_size`` is the model's vocabulary (default: the tokenizer's); ids beyond the tokenizer are never allowed.
     """
-    from outlines_core import Index, Vocabulary
 
     vocab_size = vocab_size or tokenizer.vocab_size
     eos = int(tokenizer.eos_id)
@@ -138,7 +140,6 @@ def vocab_constraint(tokenizer: Any, vocab_size: int) -> Constraint:
 
 def json_schema_regex(schema: dict[str, Any] | str, whitespace: str = r"[ ]?") -> str:
     """The regex outlines-core derives from a JSON schema (compact whitespace by default)."""
-    from outlines_core.json_schema import build_regex_from_schema
 
     text = schema if isinstance(schema, str) else json.dumps(schema)
     return build_regex_from_schema(text, whitespace)
@@ -152,7 +153,6 @@ def json_schema_constraint(schema: dict[str, Any] | str, tokenizer: Any, vocab_s
 
 def choice_constraint(options: list[str], tokenizer: Any, vocab_size: int | None = None) -> Constraint:
     """Exactly one of ``options`` (e.g. ``["A", "B", "C", "D"]`` for the judge's multiple choice)."""
-    import re
 
     return regex_constraint("(" + "|".join(re.escape(o) for o in options) + ")", tokenizer, vocab_size)
 

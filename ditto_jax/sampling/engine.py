@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ditto_jax.sampling.constraints import ConstraintTables
-from ditto_jax.sampling.prefix_cache import PrefixIndex
 from ditto_jax.sampling.params import Request, Result, SamplingParams, request_key_data
+from ditto_jax.sampling.prefix_cache import PrefixIndex
 from ditto_jax.sampling.sampler import FINISH_NAMES, FINISH_NONE, FINISH_STOP, RowParams, Sampler, SamplerConfig
 
 

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import jax
+from tqdm.auto import tqdm
+
 from ditto_jax.fileio import atomic_write_json, atomic_write_jsonl
 from ditto_jax.sampling.params import Request, Result
 
@@ -133,8 +136,6 @@ def run_sampling(engine: Any, requests: Iterable[Request], out_dir: str | Path, 
 
     Returns a ``RunSummary``. Read the results with ``read_outputs(out_dir)``.
     """
-    import jax
-    from tqdm.auto import tqdm
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count

@@ -18,8 +18,10 @@ weights: the weights are arguments, never constants) runs the executables the fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import os
 import threading
 from typing import Any
 
@@ -429,7 +431,6 @@ def decode_compiler_options() -> dict[str, str] | None:
     """XLA options for the decode loop. On CPU its matmuls have only ``B`` rows: XLA's default YNNPACK dot
     fusions run them at ~2/3 the speed of the Eigen kernels, so YNN fusions are switched off for this one
     executable (``DITTO_DECODE_YNN=1`` keeps them)."""
-    import os
 
     if jax.default_backend() != "cpu" or os.environ.get("DITTO_DECODE_YNN") == "1":
         return None
@@ -454,6 +455,4 @@ def _canonical_split(model: Any) -> tuple[Any, Any, Any]:
 
 
 def _maybe_mesh(mesh):
-    import contextlib
-
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()

@@ -13,9 +13,9 @@ from typing import Literal
 
 import pydantic
 
+from ditto_jax.checkpoints import ModelSource
 from ditto_jax.config import StrictModel
 from ditto_jax.mesh import MeshConfig
-from ditto_jax.checkpoints import ModelSource
 
 
 class SamplingConfig(StrictModel):

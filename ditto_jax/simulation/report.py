@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json as _json
 from typing import Any, Sequence
 
 from ditto_jax.simulation.filters import REASONS
@@ -47,7 +48,6 @@ def sft_overrides(seed_model: Any, corpus_dir: str) -> list[str]:
     Every ``ModelSource`` field is set (``null`` clears a field the SFT config had), so the SFT run trains
     exactly the seed model named in the simulate config, whatever its ``model:`` entry said.
     """
-    import json as _json
 
     out = [f"data.paths=[{corpus_dir}]"]
     for key, value in seed_model.model_dump(mode="json").items():

@@ -31,15 +31,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
+import yaml
+
 from ditto_jax.config import ConfigError, dump_config
+from ditto_jax.data.characters import load_characters
+from ditto_jax.data.corpus import build_corpus, parse_session, write_shards
 from ditto_jax.fileio import atomic_directory, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from ditto_jax.simulation import queries as Q
+from ditto_jax.simulation import responses as R
 from ditto_jax.simulation.backend import Backend, read_outputs, stage_complete
 from ditto_jax.simulation.config import SimulateConfig
 from ditto_jax.simulation.filters import FilterCounts, check_response
 from ditto_jax.simulation.partners import Pairing, assign_partners, directed_pairs
-from ditto_jax.simulation.prompts import ProfileBudget, PromptTooLong, fit_prompt
-from ditto_jax.simulation import queries as Q
-from ditto_jax.simulation import responses as R
+from ditto_jax.simulation.report import build_report
 from ditto_jax.simulation.sessions import SessionPlan, assemble_session, plan_sessions
 
 Log = Callable[[str], None]
@@ -58,7 +63,6 @@ def _output_config(data: dict[str, Any]) -> dict[str, Any]:
 
 def select_characters(cfg: SimulateConfig) -> list[Any]:
     """The characters to simulate, sorted by id: the knowledge base filtered by split, language, ids, limit."""
-    from ditto_jax.data.characters import load_characters
 
     sel = cfg.characters
     chars = sorted(load_characters(sel.path), key=lambda c: c.id)
@@ -95,8 +99,6 @@ class Simulation:
         self.log = log
         self.progress = progress
         if process_index is None or process_count is None:
-            import jax
-
             process_index, process_count = jax.process_index(), jax.process_count()
         self.process_index, self.process_count = process_index, process_count
         self.counts = FilterCounts()
@@ -114,8 +116,6 @@ class Simulation:
         path = self.workdir / "config.yaml"
         current = _output_config(self.cfg.model_dump(mode="json"))
         if path.exists():
-            import yaml
-
             stored = _output_config(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
             if stored != current:
                 diff = sorted(k for k in OUTPUT_SECTIONS if stored.get(k) != current.get(k))
@@ -189,7 +189,6 @@ class Simulation:
         sessions = self.session_stage(plans, answers)
         self.log("[4/4] corpus")
         corpus = self.corpus_stage(sessions) if self.is_writer else {}
-        from ditto_jax.simulation.report import build_report
 
         report = build_report(self, characters, pairings, plans, sessions, corpus)
         if self.is_writer:
@@ -305,7 +304,6 @@ class Simulation:
 
     def corpus_stage(self, sessions: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Write ``corpus/`` (JSONL shards) and ``tfds/`` (array_record); both replaced atomically."""
-        from ditto_jax.data.corpus import build_corpus, parse_session, write_shards
 
         for s in sessions:
             parse_session(s, "<simulated>", 0)  # the corpus contract, checked before anything is written
