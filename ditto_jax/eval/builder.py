@@ -24,9 +24,14 @@ from typing import Any, Mapping, Sequence
 
 import pydantic
 
-from ditto_jax.config import ConfigError, StrictModel
+from ditto_jax.config import ConfigError, StrictModel, validate
+from ditto_jax.data.characters import load_characters
+from ditto_jax.data.corpus import read_sessions
 from ditto_jax.eval.testsets import EvalSession, EvalTurn, session_to_json
 from ditto_jax.fileio import atomic_write_json, atomic_write_jsonl
+from ditto_jax.simulation.config import SimulateConfig
+from ditto_jax.simulation.partners import seeded_rng
+from ditto_jax.simulation.stages import Simulation
 
 
 class BuildTestSetConfig(StrictModel):
@@ -43,7 +48,6 @@ class BuildTestSetConfig(StrictModel):
 def pick_candidates(character: Any, characters: Sequence[Any], k: int, seed: int, session_id: str) -> list[str]:
     """The true role's label and ``k - 1`` distractor labels (same language preferred), shuffled; seeded by
     ``(seed, session_id)`` so a rebuild gives the same options."""
-    from ditto_jax.simulation.partners import seeded_rng
 
     rng = seeded_rng("wre-candidates", seed, session_id)
     others = sorted({c.label for c in characters if c.id != character.id and c.label != character.label})
@@ -97,11 +101,6 @@ def convert_corpus(sessions: Sequence[Any], characters: Sequence[Any], cfg: Buil
 
 def build_testset(cfg: BuildTestSetConfig, workdir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Simulate the held-out characters (resumable) and write ``workdir/wikiroleeval.jsonl``; returns the counts."""
-    from ditto_jax.config import validate
-    from ditto_jax.data.characters import load_characters
-    from ditto_jax.data.corpus import read_sessions
-    from ditto_jax.simulation.config import SimulateConfig
-    from ditto_jax.simulation.stages import Simulation
 
     workdir = Path(workdir)
     data = dict(cfg.simulation)

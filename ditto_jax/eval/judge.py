@@ -37,6 +37,8 @@ import re
 import string
 from typing import Any, Literal, Mapping, Sequence
 
+from ditto_jax.sampling import regex_constraint
+
 Metric = Literal["consistency", "knowledge", "rejection", "mtbench"]
 Protocol = Literal["reference", "terse"]
 METRICS: tuple[str, ...] = ("consistency", "knowledge", "rejection")
@@ -190,14 +192,12 @@ def output_pattern(metric: str, num_options: int = 4) -> str:
 
 def judge_constraint(metric: str, tokenizer: Any, vocab_size: int, num_options: int = 4) -> Any:
     """The decoding constraint for ``metric`` (a ``ditto_jax.sampling`` constraint over the judge's vocabulary)."""
-    from ditto_jax.sampling import regex_constraint
 
     return regex_constraint(output_pattern(metric, num_options), tokenizer, vocab_size)
 
 
 def regex_for(pattern: str, tokenizer: Any, vocab_size: int) -> Any:
     """A decoding constraint for ``pattern`` over the judge's vocabulary."""
-    from ditto_jax.sampling import regex_constraint
 
     return regex_constraint(pattern, tokenizer, vocab_size)
 

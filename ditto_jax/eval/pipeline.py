@@ -31,8 +31,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ditto_jax.checkpoints import ModelSource
+from ditto_jax.checkpoints import ModelSource, load_model_source
 from ditto_jax.config import ConfigError, dump_config
+from ditto_jax.data.characters import load_characters
 from ditto_jax.data.records import iter_json_lines
 from ditto_jax.eval import calibration as C
 from ditto_jax.eval import judge as J
@@ -44,6 +45,8 @@ from ditto_jax.eval.report import REPORT_JSON, load_runs, write_comparison, writ
 from ditto_jax.eval.stages import run_stage
 from ditto_jax.eval.testsets import EvalSession, MTBenchQuestion, load_mtbench, load_wikiroleeval
 from ditto_jax.fileio import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from ditto_jax.mesh import make_mesh
+from ditto_jax.sampling import Request, SamplingEngine, SamplingParams, vocab_constraint
 from ditto_jax.sampling.endpoint import ChatRequest, EndpointEngine, EndpointSource, is_endpoint
 
 PROMPT_STATS = "prompt_stats.json"
@@ -66,9 +69,6 @@ class LoadedModel:
     def load(self) -> "LoadedModel":
         """Load the model and build its engine (idempotent)."""
         if self.engine is None:
-            from ditto_jax.checkpoints import load_model_source
-            from ditto_jax.sampling import SamplingEngine
-
             print(f"loading {self.source.describe()}", file=sys.stderr)
             self.model, _, self.tokenizer = load_model_source(self.source, self.mesh, require_tokenizer=True)
             self.engine = SamplingEngine(self.model, self.tokenizer, mesh=self.mesh, **self.engine_kwargs)
@@ -93,7 +93,6 @@ class LoadedModel:
 
     def request(self, rid: str, prompt_ids: Any, messages: Any, params: Any, constraint: Any = None) -> Any:
         """A sampling-engine request (token ids)."""
-        from ditto_jax.sampling import Request
 
         return Request(rid, prompt_ids, params, constraint)
 
@@ -141,7 +140,6 @@ class TestSet:
 
 def load_testset(cfg: EvalConfig) -> TestSet:
     """Load and filter the configured test sets and the knowledge base that describes the candidates."""
-    from ditto_jax.data.characters import load_characters
 
     sessions, report = load_wikiroleeval(cfg.testset.wikiroleeval)
     selected = [s for s in sessions if s.lang in cfg.testset.langs]
@@ -180,7 +178,6 @@ def _vocab_mask(loaded: Any) -> Any:
     model samples the extra rows, whose text cannot be decoded); ``None`` when they agree (or an endpoint)."""
     if loaded.is_endpoint or loaded.model.cfg.vocab_size <= loaded.tokenizer.vocab_size:
         return None
-    from ditto_jax.sampling import vocab_constraint
 
     return loaded.constraint("vocab", lambda: vocab_constraint(loaded.tokenizer, loaded.model.cfg.vocab_size))
 
@@ -269,7 +266,6 @@ def judge_candidate(name: str, judge: Any, cfg: EvalConfig, testset: TestSet, wr
     Stage ``judge_final`` (reference protocol, local judge, ``judge.constrained``): a sample whose free text does
     not end in a parsable verdict is continued after ``J.VERDICT_LEAD`` under ``J.verdict_pattern`` — only that
     final sentence/line is constrained; its raw text is the free text, the lead and the forced verdict."""
-    from ditto_jax.sampling import SamplingParams
 
     jc = cfg.judge
     protocol = jc.protocol
@@ -433,7 +429,6 @@ def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, Any] | None
     testset = load_testset(cfg)  # a missing test set fails before anything is written
     _check_config(workdir, cfg)
     templates = load_judge_templates(cfg.testset.mtbench_judge_prompts) if cfg.judge.protocol == "reference" else None
-    from ditto_jax.mesh import make_mesh
 
     engine = cfg.engine
     engine_kwargs = {"batch_size": engine.batch_size, "max_len": engine.max_len,

@@ -16,6 +16,7 @@ Consistency and rejection are fractions in [0, 1], knowledge and MT-Bench are 1-
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -145,12 +146,11 @@ def render_markdown(runs: Sequence[Run], chart: str | None = REPORT_PNG) -> str:
 
 def render_chart(runs: Sequence[Run]) -> bytes:
     """A grouped bar chart (PNG bytes): every metric on a 0-1 scale (Know. and MT-Bench divided by 10)."""
-    import io
 
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (slow to import; only when a plot is written)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (after the Agg backend is selected)
 
     labels = [f"{s}\n{m}" for _, s in SPLIT_NAMES for _, m in METRIC_NAMES] + ["MT-Bench\nroleplay"]
     fig, ax = plt.subplots(figsize=(max(8.0, 1.0 * len(labels) + 0.4 * len(runs)), 4.2), dpi=110)

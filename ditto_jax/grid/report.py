@@ -7,6 +7,8 @@ import io
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from ditto_jax.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ditto_jax.grid.config import NONE, cell_name
 
@@ -48,11 +50,10 @@ def grid_markdown(seeds: Sequence[str], columns: Sequence[str], values: Mapping[
 
 def grid_heatmap(seeds: Sequence[str], columns: Sequence[str], values: Mapping[str, Any]) -> bytes:
     """PNG: one heatmap per metric, cells annotated."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (slow to import; only when a plot is written)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (after the Agg backend is selected)
 
     shown = [(m, t) for m, t in METRICS if not all(v is None for row in values[m] for v in row)]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown) + 1, 0.6 * len(seeds) + 2.2), dpi=110,
