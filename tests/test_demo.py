@@ -223,6 +223,9 @@ def test_summary_says_plainly_when_the_finetune_is_not_better() -> None:
                                     "worse on consistency)") and "unreliable" in worse["text"]
     better = compare({SEED_NAME: report(0.5, 6.0, 0.6), FINETUNED_NAME: report(0.7, 6.0, 0.8)})
     assert better["finetune_better"] and "better than the seed on consistency, rejection" in better["text"]
+    untrusted = compare({SEED_NAME: report(0.5, 6.0, 0.6), FINETUNED_NAME: report(0.7, 6.0, 0.6, ["consistency"])})
+    assert not untrusted["finetune_better"] and untrusted["text"].startswith(
+        "the fine-tune does NOT score measurably better than the seed: it scores higher on consistency, but")
     same = compare({SEED_NAME: report(0.5, 6.0, 0.6), FINETUNED_NAME: report(0.5, 6.0, 0.6)})
     assert not same["finetune_better"] and "does NOT score better" in same["text"]
 

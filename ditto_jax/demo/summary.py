@@ -27,17 +27,21 @@ def compare(reports: dict[str, Any]) -> dict[str, Any]:
     deltas = [r["delta"] for r in rows.values() if r["delta"] is not None]
     better = [m for m, r in rows.items() if r["delta"] is not None and r["delta"] > 0]
     worse = [m for m, r in rows.items() if r["delta"] is not None and r["delta"] < 0]
-    improved = bool(deltas) and not worse and bool(better)
     unreliable = sorted(set(reports[SEED_NAME].get("unreliable_metrics") or [])
                         | set(reports[FINETUNED_NAME].get("unreliable_metrics") or []))
+    trusted_gain = [m for m in better if m not in unreliable]
+    improved = bool(deltas) and not worse and bool(trusted_gain)
     if improved:
         text = f"the fine-tune scores better than the seed on {', '.join(better)} and no worse on the rest"
+    elif better and not worse:
+        text = (f"the fine-tune does NOT score measurably better than the seed: it scores higher on "
+                f"{', '.join(better)}, but the judge's calibration marks {', '.join(better)} unreliable")
     else:
         text = ("the fine-tune does NOT score better than the seed"
                 + (f" (better on {', '.join(better)}" if better else " (better on no metric")
                 + (f"; worse on {', '.join(worse)})" if worse else ")"))
     if unreliable:
-        text += f"; the judge's calibration marks {', '.join(unreliable)} unreliable"
+        text += f"; unreliable judge metrics (calibration): {', '.join(unreliable)}"
     return {"metrics": rows, "finetune_better": improved, "unreliable_metrics": unreliable, "text": text}
 
 
