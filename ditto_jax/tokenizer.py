@@ -32,8 +32,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as RustTokenizer
+
 from ditto_jax import chat_format as cf
 from ditto_jax.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ditto_jax.spm_export import spm_to_tokenizers
 
 DEFAULT_TOKENIZER_ASSET = "data/assets/tokenizer.model"
 
@@ -246,9 +252,6 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __init__(self, model_proto: bytes, source: str = "<bytes>", default_system: str | None = None,
                  config: Mapping[str, object] | None = None):
-        import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2
-
         self._model_proto = bytes(model_proto)
         self.source = source
         self._config = dict(config or {})
@@ -388,7 +391,6 @@ class SentencePieceTokenizer(Tokenizer):
 
     def to_hf_tokenizer(self):
         """The equivalent ``tokenizers.Tokenizer`` (specials and appended ChatML tokens included)."""
-        from ditto_jax.spm_export import spm_to_tokenizers
 
         specials = [(i, self.id_to_token(i)) for i in sorted(self.special_ids)]
         return spm_to_tokenizers(self._model_proto, specials)
@@ -458,9 +460,6 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, tokenizer_json: str, config: Mapping[str, object] | None = None, source: str = "<json>",
                  default_system: str | None = None):
-        from tokenizers import AddedToken
-        from tokenizers import Tokenizer as RustTokenizer
-
         self.source = source
         self._json = tokenizer_json
         self._config = dict(config or {})

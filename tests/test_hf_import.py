@@ -96,7 +96,7 @@ def test_packed_segments_and_positions_match_separate_sequences(saved):
 
 
 def test_import_streams_tensors_instead_of_materialising_the_model(tmp_path):
-    """Host (numpy) memory during a load peaks near one layer's tensors, far below the model size."""
+    """Host (numpy) memory during a load peaks near a layer's tensors, far below the model size."""
     import tracemalloc
 
     hf_model = make_hf_model("qwen2", hidden_size=128, intermediate_size=1024, num_hidden_layers=8)
@@ -111,7 +111,10 @@ def test_import_streams_tensors_instead_of_materialising_the_model(tmp_path):
         tracemalloc.stop()
     assert np.array_equal(np.asarray(model.layers.mlp.down_proj.kernel[...])[7],
                           hf_model.model.layers[7].mlp.down_proj.weight.detach().numpy().T)
-    assert peak < model_bytes / 4, (peak, model_bytes)
+    # At most a few layers are on the host at once (the device copy of layer i may still be in flight while
+    # layer i+1 is read): far below the model, which a non-streaming load would hold whole.
+    layer_bytes = sum(p.numel() * 4 for p in hf_model.model.layers[0].parameters())
+    assert peak < 3 * layer_bytes and peak < model_bytes / 3, (peak, layer_bytes, model_bytes)
 
 
 def test_tied_checkpoint_with_a_stored_lm_head_is_loaded_and_the_skip_reported(saved, tmp_path, caplog):
