@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from data_fixtures import write_jsonl
 
 from ditto_jax.cli import main as cli_main
 from ditto_jax.data import characters as ch
 from ditto_jax.data.records import RecordFileError
-
-from data_fixtures import write_jsonl
 
 
 def make_character(i: int, lang: str = "en", split: str = "train", **over) -> dict:

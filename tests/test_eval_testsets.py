@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ditto_jax.data.records import RecordFileError
-from ditto_jax.eval.testsets import (load_mtbench, load_wikiroleeval, parse_wikiroleeval, session_to_json)
+from ditto_jax.eval.testsets import load_mtbench, load_wikiroleeval, parse_wikiroleeval, session_to_json
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hf_fixtures import make_hf_model, save_hf
 from safetensors.numpy import load_file, save_file
 
 from ditto_jax import hf
+from ditto_jax.checkpoints import load_model, save_model_checkpoint
 from ditto_jax.hf import HFCheckpointError
 from ditto_jax.model import create_model, load_model_config
-from ditto_jax.checkpoints import load_model, save_model_checkpoint
-from hf_fixtures import make_hf_model, save_hf
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_fixtures import FAMILIES, forward, hf_logits, hf_state, make_hf_model, save_hf, token_batch
 
 from ditto_jax import hf
 from ditto_jax.model import create_model, load_model_config
-from hf_fixtures import FAMILIES, forward, hf_logits, hf_state, make_hf_model, save_hf, token_batch
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_fixtures import FAMILIES, forward, hf_logits, hf_state, make_hf_model, save_hf, token_batch
 
 from ditto_jax import hf
-from hf_fixtures import FAMILIES, forward, hf_logits, hf_state, make_hf_model, save_hf, token_batch
 
 FAMILY_NAMES = list(FAMILIES)
 

@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from hf_fixtures import forward, make_hf_model, save_hf, token_batch
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ditto_jax import hf
 from ditto_jax.mesh import MeshConfig, batch_sharding, logical_to_spec, make_mesh
 from ditto_jax.model import create_model, load_model_config
-from hf_fixtures import forward, make_hf_model, save_hf, token_batch
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
 

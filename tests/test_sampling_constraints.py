@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 
 from ditto_jax.model import create_model, load_model_config
-from ditto_jax.sampling import (Request, SamplingEngine, SamplingParams, choice_constraint, integer_constraint,
-                                json_schema_constraint, json_schema_regex, regex_constraint,
-                                vocab_constraint)
+from ditto_jax.sampling import (
+    Request,
+    SamplingEngine,
+    SamplingParams,
+    choice_constraint,
+    integer_constraint,
+    json_schema_constraint,
+    json_schema_regex,
+    regex_constraint,
+    vocab_constraint,
+)
 from ditto_jax.sampling.constraints import _byte_vocabulary
 from ditto_jax.tokenizer import default_tokenizer
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_fixtures import make_hf_model, save_hf
 
 from ditto_jax import hf
 from ditto_jax.mesh import MeshConfig, make_mesh
 from ditto_jax.sampling import Request, SamplingEngine, SamplingParams
-from hf_fixtures import make_hf_model, save_hf
 
 PROMPT_LENS = [3, 9, 14, 21, 5, 30]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)

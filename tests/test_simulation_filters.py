@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 
 from ditto_jax.simulation.config import FiltersConfig
-from ditto_jax.simulation.filters import (REASONS, FilterCounts, character_break, check_query, check_response,
-                                          normalize_query, script_ratio)
+from ditto_jax.simulation.filters import (
+    REASONS,
+    FilterCounts,
+    character_break,
+    check_query,
+    check_response,
+    normalize_query,
+    script_ratio,
+)
 
 
 @pytest.mark.parametrize("text", [

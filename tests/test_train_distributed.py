@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from train_fixtures import REPO, env
 
 WORKER = Path(__file__).with_name("train_distributed_worker.py")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from train_fixtures import FAST, REPO, env, load_params, metrics, run_train, train_cmd, write_corpus
 
 STEPS = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=5"]

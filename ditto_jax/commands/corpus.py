@@ -55,8 +55,7 @@ def _stats(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ditto_jax.data.corpus import corpus_stats, load_corpus, read_sessions
-    from ditto_jax.data.records import RecordFileError
-    from ditto_jax.data.records import find_dataset_dir
+    from ditto_jax.data.records import RecordFileError, find_dataset_dir
     from ditto_jax.tokenizer import load_tokenizer
 
     read = None

@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     import jax
 
-    from ditto_jax.mesh import MeshConfig, make_mesh
     from ditto_jax.checkpoints import ModelSource, load_model_source
+    from ditto_jax.mesh import MeshConfig, make_mesh
     from ditto_jax.sampling import Request, SamplingEngine
     from ditto_jax.sampling.inputs import read_prompt_file
     from ditto_jax.sampling.runner import run_sampling

@@ -24,8 +24,8 @@ def transformers_logit_diff(export_dir: str | Path, model: Any, token_ids: np.nd
 
     Returns ``{"max_abs_diff", "architecture", "tokens"}``; raises if transformers cannot load the folder.
     """
-    import torch
-    import transformers
+    import torch  # noqa: PLC0415 (torch and transformers are the reference, not runtime dependencies)
+    import transformers  # noqa: PLC0415 (optional reference)
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32).eval()
     with torch.no_grad():

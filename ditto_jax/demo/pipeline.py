@@ -29,10 +29,21 @@ from typing import Any, Callable
 
 import yaml
 
+from ditto_jax import hf
+from ditto_jax.checkpoints import CHECKPOINT_DIR, load_model, source_tokenizer
 from ditto_jax.config import ConfigError, dump_config
+from ditto_jax.data.corpus import load_corpus, read_sessions
 from ditto_jax.demo.config import FINETUNED_NAME, SEED_NAME, DemoConfig, StageDirs
+from ditto_jax.demo.parity import check_token_ids, transformers_available, transformers_logit_diff
 from ditto_jax.demo.summary import RANDOM_INIT_NOTE, build_summary
+from ditto_jax.demo.transcripts import write_transcripts
+from ditto_jax.eval.pipeline import run_eval
+from ditto_jax.eval.report import REPORT_JSON
 from ditto_jax.fileio import atomic_write_json, atomic_write_text
+from ditto_jax.simulation.stages import Simulation
+from ditto_jax.train.checkpoint import latest_step_dir
+from ditto_jax.train.config import resolve_asset_paths
+from ditto_jax.train.loop import run_training
 
 Log = Callable[[str], None]
 STAGES = ("simulate", "corpus", "train", "export", "eval")
@@ -89,7 +100,6 @@ class Demo:
     # ---- stages --------------------------------------------------------------------------------------------------
     def stage_simulate(self, _: dict[str, Any]) -> dict[str, Any]:
         """Query simulation, response simulation, sessions, corpus (JSONL + TFDS); resumes on its own."""
-        from ditto_jax.simulation.stages import Simulation
 
         resumed = (self.dirs.simulate / "simulation_report.json").exists()
         report = Simulation(self.cfg.simulate, self.dirs.simulate, log=self.log, progress=self.progress).run()
@@ -100,8 +110,6 @@ class Demo:
 
     def stage_corpus(self, _: dict[str, Any]) -> dict[str, Any]:
         """Read the corpus back (JSONL and TFDS); decide what SFT trains on."""
-        from ditto_jax.data.corpus import load_corpus, read_sessions
-        from ditto_jax.train.config import resolve_asset_paths
 
         sessions, read = read_sessions(self.dirs.corpus)
         tfds_train = len(load_corpus(self.dirs.tfds, split="train")) if sessions else 0
@@ -121,7 +129,6 @@ class Demo:
 
     def stage_train(self, results: dict[str, Any]) -> dict[str, Any]:
         """SFT with checkpoints (a completed run in ``train/`` is not restarted)."""
-        from ditto_jax.train.loop import run_training
 
         sft = self.cfg.sft
         sft = sft.model_copy(update={"data": sft.data.model_copy(update={"paths": results["corpus"]["sft_paths"]}),
@@ -139,7 +146,6 @@ class Demo:
 
     def stage_export(self, _: dict[str, Any]) -> dict[str, Any]:
         """The newest checkpoint as a Hugging Face folder, and the transformers logit check."""
-        from ditto_jax.train.checkpoint import latest_step_dir
 
         step_dir = latest_step_dir(self.dirs.train)
         marker = self.dirs.export / "export.json"
@@ -148,8 +154,6 @@ class Demo:
                 and previous["transformers_check"].get("passed") is not False):
             self.log(f"{self.dirs.export_hf} already holds checkpoint {step_dir}; not redone")
             return {**previous, "resumed": True}
-        from ditto_jax import hf
-        from ditto_jax.checkpoints import load_model, source_tokenizer
 
         model, model_cfg = load_model(step_dir)
         hf.save_pretrained(model, model_cfg, self.dirs.export_hf, tokenizer=source_tokenizer(self.cfg.sft.model))
@@ -164,8 +168,6 @@ class Demo:
         return {**out, "resumed": False}
 
     def _transformers_check(self, model: Any, vocab_size: int) -> dict[str, Any]:
-        from ditto_jax.demo.parity import check_token_ids, transformers_available, transformers_logit_diff
-
         ec = self.cfg.export
         if ec.check_transformers == "never":
             self.log("transformers check skipped (export.check_transformers=never)")
@@ -177,7 +179,7 @@ class Demo:
             return {"passed": None, "skipped": "transformers/torch not installed"}
         ids = check_token_ids(vocab_size, ec.check_batch, ec.check_length)
         if not self.progress:  # transformers' own "Loading weights" bar
-            import transformers
+            import transformers  # noqa: PLC0415 (optional reference)
 
             transformers.utils.logging.disable_progress_bar()
         diff = transformers_logit_diff(self.dirs.export_hf, model, ids)
@@ -189,9 +191,6 @@ class Demo:
 
     def stage_eval(self, _: dict[str, Any]) -> dict[str, Any]:
         """The seed model and the fine-tuned export answer the same test set; one judge scores both."""
-        from ditto_jax.demo.transcripts import write_transcripts
-        from ditto_jax.eval.pipeline import run_eval
-        from ditto_jax.eval.report import REPORT_JSON
 
         resumed = (self.dirs.eval / REPORT_JSON).exists()
         run_eval(self.cfg.eval, self.dirs.eval, progress=self.progress)
@@ -208,7 +207,6 @@ class Demo:
 
 def training_figures(train_dir: Path) -> dict[str, Any]:
     """Steps, first and last loss (``metrics.jsonl``), checkpoints and status of a training workdir."""
-    from ditto_jax.checkpoints import CHECKPOINT_DIR
 
     by_step: dict[int, dict[str, Any]] = {}
     with open(train_dir / "metrics.jsonl", encoding="utf-8") as f:

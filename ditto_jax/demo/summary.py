@@ -6,6 +6,7 @@ from typing import Any
 
 from ditto_jax.demo.config import FINETUNED_NAME, SEED_NAME, DemoConfig, StageDirs
 from ditto_jax.demo.transcripts import TRANSCRIPTS_MD, pick_quotes
+from ditto_jax.eval.report import results_table
 
 RANDOM_INIT_NOTE = ("the demo model is randomly initialised: every generated text (queries, answers, judge "
                     "verdicts) is noise and the scores are meaningless; the run shows the pipeline, not the "
@@ -48,7 +49,6 @@ def compare(reports: dict[str, Any]) -> dict[str, Any]:
 def build_summary(cfg: DemoConfig, dirs: StageDirs, results: dict[str, Any], timings: dict[str, Any],
                   seconds: float) -> dict[str, Any]:
     """Counts, losses, the evaluation side by side and every output path, as one JSON-able dict."""
-    from ditto_jax.eval.report import results_table
 
     sim = results["simulate"]["report"]
     corpus, train, export = results["corpus"], results["train"], results["export"]
