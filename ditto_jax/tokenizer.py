@@ -404,8 +404,8 @@ class SentencePieceTokenizer(Tokenizer):
 # Hugging Face tokenizers (tokenizer.json)
 # ------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode (byte-level BPE shows each byte as a printable character)."""
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's bytes_to_unicode: byte -> the printable character byte-level BPE shows for it."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -414,7 +414,13 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return dict(zip(bs, map(chr, cs)))
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of :func:`byte_alphabet`."""
+    return {c: b for b, c in byte_alphabet().items()}
 
 
 def _token_from_config(value: object) -> str | None:

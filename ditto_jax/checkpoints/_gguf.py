@@ -27,7 +27,7 @@ from ditto_jax.hf.load import build_model
 from ditto_jax.hf.mapping import expected_tensors
 from ditto_jax.model.config import ModelConfig
 from ditto_jax.model.transformer import Transformer
-from ditto_jax.tokenizer import HFTokenizer
+from ditto_jax.tokenizer import HFTokenizer, byte_alphabet
 
 # general.architecture -> (gguf's architecture enum, our architecture)
 ARCHITECTURES = {
@@ -257,20 +257,6 @@ PRE_TOKENIZER_SPLITS = {
 }
 
 
-@functools.lru_cache(maxsize=1)
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def _sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     """Merges implied by a scored vocabulary (highest score first), as transformers derives them."""
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -285,7 +271,7 @@ def _sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[
 def _build_backend(path: Path, kind: str, pre: str | None, tokens: list[str], types: list[int],
                    merges: list[str] | None, scores: list[float] | None, unk: str | None) -> RustTokenizer:
     if kind == "gpt2":
-        alphabet = _byte_alphabet()
+        alphabet = byte_alphabet()
         spelled = set(alphabet.values())
         vocab = {(t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8"))): i
                  for i, t in enumerate(tokens)}
