@@ -15,6 +15,8 @@ from typing import Any, Iterable, TypeVar
 import pydantic
 import yaml
 
+from ditto_jax.fileio import atomic_write_text
+
 T = TypeVar("T", bound=pydantic.BaseModel)
 
 
@@ -107,3 +109,17 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
 def dump_config(cfg: pydantic.BaseModel) -> str:
     """Serialise a config back to YAML (stored next to checkpoints and reports)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def pin_config(workdir: Path, name: str, cfg: pydantic.BaseModel, what: str) -> None:
+    """Keep ``cfg`` as ``workdir/name`` on the first run; a re-run (resume) must bring the same config.
+
+    ``what`` names the run in the error (e.g. "an evaluation").
+    """
+    path = workdir / name
+    text = dump_config(cfg)
+    if not path.exists():
+        atomic_write_text(path, text)
+    elif path.read_text(encoding="utf-8") != text:
+        raise ConfigError(f"{workdir} holds {what} with a different config ({path}); resume with the same config "
+                          f"and overrides, or use a new --workdir")

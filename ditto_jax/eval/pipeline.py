@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ditto_jax.checkpoints import ModelSource, load_model_source
-from ditto_jax.config import ConfigError, dump_config
+from ditto_jax.config import ConfigError, pin_config
 from ditto_jax.data.characters import load_characters
 from ditto_jax.data.records import iter_json_lines
 from ditto_jax.eval import calibration as C
@@ -44,7 +44,7 @@ from ditto_jax.eval.metrics import aggregate, aggregate_mtbench
 from ditto_jax.eval.report import REPORT_JSON, load_runs, write_comparison, write_run_report
 from ditto_jax.eval.stages import run_stage
 from ditto_jax.eval.testsets import EvalSession, MTBenchQuestion, load_mtbench, load_wikiroleeval
-from ditto_jax.fileio import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from ditto_jax.fileio import atomic_write_json, atomic_write_jsonl
 from ditto_jax.mesh import make_mesh
 from ditto_jax.sampling import Request, SamplingEngine, SamplingParams, vocab_constraint
 from ditto_jax.sampling.endpoint import ChatRequest, EndpointEngine, EndpointSource, is_endpoint
@@ -382,16 +382,6 @@ def forced_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     return out
 
 
-def _check_config(workdir: Path, cfg: EvalConfig) -> None:
-    path = workdir / "config.yaml"
-    text = dump_config(cfg)
-    if path.exists() and path.read_text(encoding="utf-8") != text:
-        raise ConfigError(f"{workdir} holds an evaluation with a different config ({path}); resume with the same "
-                          f"config and overrides, or use a new --workdir")
-    if not path.exists():
-        atomic_write_text(path, text)
-
-
 def load_judge_templates(path: str | None) -> dict[str, dict[str, str]] | None:
     """FastChat's ``judge_prompts.jsonl`` (single-answer grading records ``single-v1`` and
     ``single-v1-multi-turn``) from a user-supplied path; ``None`` without a path (our wording of that format)."""
@@ -427,7 +417,7 @@ def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, Any] | None
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     testset = load_testset(cfg)  # a missing test set fails before anything is written
-    _check_config(workdir, cfg)
+    pin_config(workdir, "config.yaml", cfg, "an evaluation")
     templates = load_judge_templates(cfg.testset.mtbench_judge_prompts) if cfg.judge.protocol == "reference" else None
 
     engine = cfg.engine

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ditto_jax.config import ConfigError, dump_config
+from ditto_jax.config import pin_config
 from ditto_jax.eval.pipeline import run_eval
 from ditto_jax.eval.report import REPORT_JSON
-from ditto_jax.fileio import atomic_write_text
 from ditto_jax.grid.config import NONE, GridConfig, cell_name
 from ditto_jax.grid.report import write_grid_report
 from ditto_jax.simulation.stages import Simulation
@@ -27,16 +26,6 @@ from ditto_jax.train.config import resolve_asset_paths
 from ditto_jax.train.loop import run_training
 
 Log = Callable[[str], None]
-
-
-def _check_workdir(workdir: Path, cfg: GridConfig) -> None:
-    path = workdir / "grid_config.yaml"
-    text = dump_config(cfg)
-    if path.exists() and path.read_text(encoding="utf-8") != text:
-        raise ConfigError(f"{workdir} holds a grid run with a different config ({path}); use the same config and "
-                          f"overrides, or a new --workdir")
-    if not path.exists():
-        atomic_write_text(path, text)
 
 
 def _simulate(cfg: GridConfig, supervisor: str, workdir: Path, log: Log, progress: bool) -> dict[str, Any]:
@@ -67,7 +56,7 @@ def run_grid(cfg: GridConfig, workdir: str | Path, *, log: Log = print, progress
     """Run (or resume) the whole grid; returns ``grid.json``'s content."""
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_workdir(workdir, cfg)
+    pin_config(workdir, "grid_config.yaml", cfg, "a grid run")
     timings: dict[str, float] = {}
     corpora: dict[str, Any] = {}
     for sup in cfg.supervisors:
