@@ -12,14 +12,10 @@ from typing import Literal
 
 import pydantic
 
-from ditto_jax.checkpoints import ModelSource
 from ditto_jax.config import StrictModel
 from ditto_jax.mesh import MeshConfig
-from ditto_jax.sampling.endpoint import EndpointSource
+from ditto_jax.sampling.endpoint import AnyModel
 from ditto_jax.sampling.params import SamplingParams
-
-AnyModel = ModelSource | EndpointSource
-"""A local model (checkpoint or random init) or an OpenAI-compatible endpoint (``{endpoint, model, api_key_env}``)."""
 
 
 class AnswerSampling(SamplingParams):

@@ -2,7 +2,9 @@
 
 Routes: ``POST /v1/chat/completions`` (``stream`` for server-sent events), ``POST /v1/completions`` (a prompt
 string or token ids), ``GET /v1/models``, ``GET /health``. Honoured: ``temperature`` (0 = greedy), ``top_p``,
-``max_tokens`` (or ``max_completion_tokens``), ``stop`` (string or list), ``seed`` (the engine folds the seed
+``max_tokens`` (or ``max_completion_tokens``), ``stop`` (string or list), ``response_format`` (chat:
+``{"type": "json_schema", "json_schema": {"schema": ...}}`` decodes under the schema's token automaton, as
+OpenAI's structured outputs; ``json_object`` is refused with a 400 — give a schema), ``seed`` (the engine folds the seed
 with the request id; with a ``seed`` the id is derived from the prompt, so the same prompt, settings and seed
 sample the same text whatever else runs — unless an identical request is in flight at the same moment). A bad request gets
 status 400 and ``{"error": {"message", "type": "invalid_request_error", "param": FIELD}}``. A client that
@@ -22,7 +24,7 @@ import pydantic
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ditto_jax.sampling import Request, SamplingParams
+from ditto_jax.sampling import Request, SamplingParams, json_schema_constraint
 from ditto_jax.serve.loop import EngineLoop, Handle
 
 
@@ -61,6 +63,7 @@ class ChatBody(_Body):
     """``/v1/chat/completions`` request body."""
 
     messages: list[ChatMessage] = pydantic.Field(min_length=1)
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionBody(_Body):
@@ -69,19 +72,21 @@ class CompletionBody(_Body):
     prompt: str | list[int]
 
 
-def _request_id(loop: EngineLoop, prefix: str, ids: list[int], p: SamplingParams, seeded: bool) -> str:
+def _request_id(loop: EngineLoop, prefix: str, ids: list[int], p: SamplingParams, seeded: bool,
+                schema: str | None = None) -> str:
     if not seeded:
         return loop.new_id(prefix)
-    digest = hashlib.sha256(json.dumps([ids, p.model_dump(mode="json")]).encode()).hexdigest()[:20]
+    digest = hashlib.sha256(json.dumps([ids, p.model_dump(mode="json"), schema]).encode()).hexdigest()[:20]
     return f"{prefix}-s{p.seed}-{digest}"
 
 
-def _submit(loop: EngineLoop, rid: str, ids: list[int], p: SamplingParams, param: str | None) -> Handle:
+def _submit(loop: EngineLoop, rid: str, ids: list[int], p: SamplingParams, param: str | None,
+            constraint: Any = None) -> Handle:
     try:
-        return loop.submit(Request(rid, ids, p))
+        return loop.submit(Request(rid, ids, p, constraint))
     except ValueError as exc:
         if "same id" in str(exc):  # an identical seeded request is in flight: this one gets its own id
-            return loop.submit(Request(loop.new_id(rid), ids, p))
+            return loop.submit(Request(loop.new_id(rid), ids, p, constraint))
         raise BadRequest(str(exc), param) from exc
 
 
@@ -158,6 +163,30 @@ def create_app(loop: EngineLoop, tokenizer: Any, model_name: str, max_len: int, 
                               max_new_tokens=wanted or min(default_max_tokens, room), stop_strings=stops,
                               stop_token_ids=stop_ids, seed=body.seed or 0)
 
+    schemas: dict[str, Any] = {}  # token automata of the JSON schemas asked for, built once each
+
+    async def schema_constraint(body: ChatBody) -> tuple[str | None, Any]:
+        fmt = body.response_format
+        kind = (fmt or {}).get("type", "text")
+        if fmt is None or kind == "text":
+            return None, None
+        if kind != "json_schema":
+            raise BadRequest(f"response_format.type {kind!r} is not supported (use json_schema with a schema, "
+                             f"or text)", "response_format.type")
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise BadRequest("response_format.json_schema.schema: a JSON schema object is required",
+                             "response_format.json_schema.schema")
+        key = json.dumps(schema, sort_keys=True)
+        if key not in schemas:
+            try:
+                schemas[key] = await asyncio.to_thread(json_schema_constraint, schema, tokenizer,
+                                                       loop.engine.vocab_size)
+            except Exception as exc:  # outlines rejects a schema it cannot compile
+                raise BadRequest(f"response_format.json_schema.schema: {exc}"[:500],
+                                 "response_format.json_schema.schema") from exc
+        return key, schemas[key]
+
     def check_model(body: _Body) -> None:
         if body.model not in (None, model_name):
             raise BadRequest(f"model {body.model!r} is not served here (this server serves {model_name!r})", "model")
@@ -219,7 +248,9 @@ def create_app(loop: EngineLoop, tokenizer: Any, model_name: str, max_len: int, 
         check_model(body)
         ids = tokenizer.encode_chat([m.model_dump() for m in body.messages], add_generation_prompt=True)[0]
         p = params(body, len(ids))
-        handle = _submit(loop, _request_id(loop, "chatcmpl", ids, p, body.seed is not None), ids, p, None)
+        schema, constraint = await schema_constraint(body)
+        handle = _submit(loop, _request_id(loop, "chatcmpl", ids, p, body.seed is not None, schema), ids, p, None,
+                         constraint)
         rid = handle.id
         created = int(time.time())
         if body.stream:
