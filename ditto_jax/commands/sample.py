@@ -72,6 +72,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+class _PromptFileError(Exception):
+    """A bad prompt file (printed as one line, exit status 2)."""
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, read the prompts, run (or resume) the sampling run, print a JSON summary."""
     from ditto_jax import distributed
@@ -84,50 +88,50 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     start = time.perf_counter()
-    from ditto_jax.sampling.compile_cache import compile_stats, enable_compilation_cache
-
-    enable_compilation_cache(args.compile_cache)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     import jax
 
-    from ditto_jax.checkpoints import ModelSource, load_model_source
-    from ditto_jax.mesh import MeshConfig, make_mesh
-    from ditto_jax.sampling import Request, SamplingEngine
+    from ditto_jax.checkpoints import CheckpointError, ModelSource, source_tokenizer
+    from ditto_jax.mesh import MeshConfig
+    from ditto_jax.sampling import EngineConfig, Request, load_engine
     from ditto_jax.sampling.inputs import read_prompt_file
-    from ditto_jax.sampling.runner import run_sampling
 
-    mesh = make_mesh(MeshConfig(data=-1, tensor=args.tensor), devices=jax.local_devices())
     source = ModelSource(path=args.model, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype)
-    model, cfg, tokenizer = load_model_source(source, mesh)
-    no_tokenizer = None
-    if tokenizer is None:  # a checkpoint without tokenizer files: token-id prompts only, outputs without text
-        from ditto_jax.checkpoints import CheckpointError, source_tokenizer
+    cfg = EngineConfig(batch_size=args.batch_size, chunk=args.chunk, max_top_k=max(64, args.top_k),
+                       prefix_cache_rows=args.prefix_cache_rows, mesh=MeshConfig(data=-1, tensor=args.tensor),
+                       compile_cache=args.compile_cache, shard_size=args.shard_size, flush_seconds=60.0)
+    prompts: list[tuple[str, list[int]]] = []
 
+    def fit(model_cfg, tokenizer) -> int:
+        """Read the prompts with the loaded tokenizer; the cache length fits the longest."""
+        no_tokenizer = None
+        if tokenizer is None:  # a checkpoint without tokenizer files: token-id prompts only, outputs without text
+            try:
+                source_tokenizer(source, required=True)
+            except CheckpointError as exc:
+                no_tokenizer = str(exc)
         try:
-            source_tokenizer(source, required=True)
-        except CheckpointError as exc:
-            no_tokenizer = str(exc)
+            prompts.extend(read_prompt_file(args.prompts, tokenizer, no_tokenizer))
+        except (OSError, ValueError) as exc:
+            raise _PromptFileError(str(exc)) from exc
+        longest = max((len(ids) for _, ids in prompts), default=1)
+        max_len = args.max_len or min(longest + args.max_new_tokens,
+                                      max(model_cfg.max_position_embeddings, longest + 1))
+        if longest > max_len:
+            raise _PromptFileError(f"a prompt has {longest} tokens but --max-len is {max_len}")
+        return max_len
+
     try:
-        prompts = read_prompt_file(args.prompts, tokenizer, no_tokenizer)
-    except (OSError, ValueError) as exc:
+        loaded = load_engine(source, cfg, max_len=fit)
+    except _PromptFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    longest = max((len(ids) for _, ids in prompts), default=1)
-    max_len = args.max_len or min(longest + args.max_new_tokens, max(cfg.max_position_embeddings, longest + 1))
-    if longest > max_len:
-        print(f"error: a prompt has {longest} tokens but --max-len is {max_len}", file=sys.stderr)
-        return 2
-    loaded = time.perf_counter()
-    engine = SamplingEngine(model, tokenizer, args.batch_size, max_len, mesh=mesh, chunk=args.chunk,
-                            max_top_k=max(64, args.top_k), prefix_cache_rows=args.prefix_cache_rows)
     count, index = jax.process_count(), jax.process_index()
     share = len(range(index, len(prompts), count))
-    summary = run_sampling(engine, (Request(rid, ids, params) for rid, ids in prompts), args.out, partition=True,
-                           shard_size=args.shard_size, with_logprobs=args.logprobs, progress=not args.no_progress,
-                           total=share, desc=f"sample p{index}" if count > 1 else "sample")
-    report = {"out": args.out, "model": source.describe(), "max_len": max_len, **summary.to_json(),
-              "load_s": round(loaded - start, 3), "engine": engine.timing.to_json(),
-              "prefix_cache": engine.prefix.stats.to_json() if engine.prefix is not None else None,
-              "compile": compile_stats(), "total_s": round(time.perf_counter() - start, 3)}
+    summary = loaded.run((Request(rid, ids, params) for rid, ids in prompts), args.out, partition=True,
+                         with_logprobs=args.logprobs, progress=not args.no_progress, total=share,
+                         desc=f"sample p{index}" if count > 1 else "sample")
+    report = {"out": args.out, "model": source.describe(), "max_len": loaded.config.max_len, **summary.to_json(),
+              **loaded.stats(), "total_s": round(time.perf_counter() - start, 3)}
     print(json.dumps(report))
     return 0
