@@ -1,8 +1,28 @@
-"""The supervision model behind the generation stages: model, tokenizer, engine, constraints, runner calls.
+"""The supervision model behind the generation stages: one interface, two implementations.
 
-Loaded once per process, only when a stage still has requests to run. The engine runs on this process's
-local devices (``engine.mesh`` over ``jax.local_devices()``): in a multi-host run every host is an
-independent sampler over its own share of characters, so no host waits for another's batches.
+The stages (``simulation/stages.py``) only call ``json_constraint``, ``fit``, ``request``, ``run`` and
+``prompt_stats``, and read ``last_stats`` / ``shortened``; what a prompt, a request and a constraint are is the
+backend's business:
+
+* ``LocalBackend`` (a ``ModelSource``): model, tokenizer and sampling engine of this process. Prompts are token
+  ids rendered with the chat template; the profile shrinks (``prompts.fit_prompt``) until prompt +
+  ``max_new_tokens`` fit ``engine.max_len``; the query stage decodes under the JSON schema's token automaton, so
+  a finished output always parses. The engine runs on this process's local devices (``engine.mesh`` over
+  ``jax.local_devices()``): in a multi-host run every host is an independent sampler over its own share of
+  characters, so no host waits for another's batches.
+* ``EndpointBackend`` (an ``EndpointSource``, ``{endpoint, model, api_key_env}``): chat messages sent through
+  ``EndpointEngine`` (concurrency limit, the client's retries with exponential backoff, the resumable journal
+  ``WORKDIR/endpoint_cache/``). There is no tokenizer here, so the profile budget is by characters: the
+  introduction is cut at ``max_profile_chars`` (at a sentence end) and the endpoint's context window is trusted —
+  a prompt the server refuses fails that request, which is counted (``endpoint_error``). No token automaton over
+  HTTP: the query prompt already asks for the JSON; with ``queries.response_format: json_schema`` the schema is
+  also sent as OpenAI's structured-output ``response_format`` (``ditto-jax serve`` and vLLM honour it; OpenAI's
+  own API wants an object at the root, so leave it ``none`` there), otherwise unparsable outputs are re-asked
+  (``queries.attempts``) and counted (``format``). Sent: temperature, top-p, max_tokens, stop strings and the
+  seed folded with the request id; ``top_k`` and ``repetition_penalty`` have no OpenAI field and are not sent.
+
+Both are loaded once per process, only when a stage still has requests to run, and each process asks only for
+its own characters' requests (the stages pass this process's share).
 """
 
 from __future__ import annotations
@@ -18,13 +38,24 @@ from ditto_jax.checkpoints import load_model_source
 from ditto_jax.mesh import make_mesh
 from ditto_jax.sampling import Request, SamplingEngine, SamplingParams, json_schema_constraint, vocab_constraint
 from ditto_jax.sampling.compile_cache import compile_stats, enable_compilation_cache
+from ditto_jax.sampling.endpoint import ChatRequest, EndpointEngine, is_endpoint
 from ditto_jax.sampling.runner import read_outputs as runner_outputs
 from ditto_jax.sampling.runner import run_complete, run_sampling
 from ditto_jax.simulation.config import SamplingConfig, SimulateConfig
 from ditto_jax.simulation.prompts import Message, ProfileBudget, PromptTooLong, fit_prompt
 
+ENDPOINT_CACHE = "endpoint_cache"  # WORKDIR/endpoint_cache/: the endpoint journal (answers never asked twice)
 
-class Backend:
+
+def make_backend(cfg: SimulateConfig, workdir: Path, process_index: int, log: Callable[[str], None] = print,
+                 progress: bool = True) -> "LocalBackend | EndpointBackend":
+    """The backend of ``cfg.supervision_model``: an endpoint or a local model."""
+    if is_endpoint(cfg.supervision_model):
+        return EndpointBackend(cfg, workdir / ENDPOINT_CACHE, process_index, log=log, progress=progress)
+    return LocalBackend(cfg, log=log, progress=progress)
+
+
+class LocalBackend:
     """Supervision model + sampling engine of one process."""
 
     def __init__(self, cfg: SimulateConfig, log: Callable[[str], None] = print, progress: bool = True):
@@ -83,6 +114,62 @@ class Backend:
         self.last_stats = summary.to_json() | {"engine": self.engine.timing.to_json(), "compile": compile_stats(),
                                                "prefix_cache": self.engine.prefix.stats.to_json()
                                                if self.engine.prefix is not None else None}
+
+    @staticmethod
+    def prompt_stats(requests: list[Any]) -> dict[str, Any]:
+        """Size of this process's prompts of a stage."""
+        return {"assigned_prompt_tokens": sum(len(r.input_ids) for r in requests)}
+
+
+class EndpointBackend:
+    """The supervision model behind an OpenAI-compatible endpoint (see the module docstring for the rules)."""
+
+    def __init__(self, cfg: SimulateConfig, cache_dir: Path, process_index: int, log: Callable[[str], None] = print,
+                 progress: bool = True):
+        self.cfg = cfg
+        self.log = log
+        self.progress = progress
+        self.engine = EndpointEngine(cfg.supervision_model, cache_dir, process_index=process_index)
+        self.shortened = 0  # never: the profile budget is the configured characters
+        self.last_stats: dict[str, Any] = {}
+
+    def json_constraint(self, schema: dict[str, Any]) -> dict[str, Any] | None:
+        """The structured-output ``response_format`` of a JSON schema (``queries.response_format: json_schema``),
+        else ``None``: the prompt's instructions, the parse and the re-asks do the work."""
+        if self.cfg.queries.response_format != "json_schema":
+            return None
+        return {"type": "json_schema", "json_schema": {"name": "questions", "schema": schema}}
+
+    def fit(self, build: Callable[[ProfileBudget], list[Message]], intro_chars: int, max_new_tokens: int
+            ) -> list[Message]:
+        """The chat messages with the introduction cut at ``intro_chars`` characters (no tokenizer here)."""
+        return build(ProfileBudget(intro_chars))
+
+    def request(self, request_id: str, messages: list[Message], sampling: SamplingConfig, seed: int,
+                constraint: dict[str, Any] | None) -> ChatRequest:
+        """A ``ChatRequest`` (``seed`` is folded with ``request_id`` by the endpoint engine)."""
+        return ChatRequest(request_id, messages, sampling_params(sampling, seed, ()), response_format=constraint)
+
+    def run(self, out_dir: Path, requests: list[Any], process_index: int, process_count: int, desc: str) -> None:
+        """Answer every request exactly once into ``out_dir`` (the runner's shards; the journal behind them)."""
+        before = self.engine.stats()
+        summary = run_sampling(self.engine, requests, out_dir, partition=False, process_index=process_index,
+                               process_count=process_count, shard_size=self.cfg.engine.shard_size,
+                               flush_seconds=self.cfg.engine.flush_seconds, progress=self.progress, desc=desc,
+                               total=len(requests))
+        after = self.engine.stats()
+        errors = {k: v - before["errors"].get(k, 0) for k, v in after["errors"].items()
+                  if v - before["errors"].get(k, 0)}
+        endpoint = {k: after[k] - before[k] for k in ("asked", "journal_hits", "failed", "generated_tokens")}
+        self.last_stats = summary.to_json() | {"endpoint": endpoint | {"errors": errors}}
+        if endpoint["failed"]:
+            self.log(f"  {desc}: {endpoint['failed']} request(s) failed after retries {errors} (counted as "
+                     f"endpoint_error in the report)")
+
+    @staticmethod
+    def prompt_stats(requests: list[Any]) -> dict[str, Any]:
+        """Size of this process's prompts of a stage (characters: no tokenizer here)."""
+        return {"assigned_prompt_chars": sum(len(m["content"]) for r in requests for m in r.messages)}
 
 
 def stage_complete(out_dir: Path, process_index: int, process_count: int) -> bool:

@@ -4,7 +4,9 @@ Two model entries, as in the paper's cross-supervision experiment (§6): ``super
 (queries and responses); ``seed_model`` is the model that will be fine-tuned on it. Simulation only records the
 seed model (in ``WORKDIR/simulation_report.json`` and ``WORKDIR/seed_model.yaml``); the SFT config names the
 same entry as its ``model`` (see ``configs/simulate/qwen2.5-7b.yaml``). Self-alignment (Ditto proper) is the
-case where both entries are equal.
+case where both entries are equal. ``supervision_model`` may also be an OpenAI-compatible endpoint,
+``{endpoint: URL, model: NAME, api_key_env: VAR}`` (see ``ditto_jax.simulation.backend`` for what changes:
+prompts as chat messages budgeted by characters, no token automaton, repetition penalty and top-k not sent).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pydantic
 from ditto_jax.checkpoints import ModelSource
 from ditto_jax.config import StrictModel
 from ditto_jax.mesh import MeshConfig
+from ditto_jax.sampling.endpoint import AnyModel
 
 
 class SamplingConfig(StrictModel):
@@ -54,13 +57,19 @@ class PartnersConfig(StrictModel):
 
 
 class QueriesConfig(StrictModel):
-    """Query simulation: ``num_questions`` questions per directed pair, JSON-schema constrained."""
+    """Query simulation: ``num_questions`` questions per directed pair, JSON-schema constrained (a local model).
+
+    ``response_format`` matters only for an endpoint supervision model: ``json_schema`` sends the question schema
+    as OpenAI's structured-output ``response_format`` (``ditto-jax serve`` and vLLM decode under it); ``none``
+    (default; OpenAI's API wants an object at the schema root) relies on the prompt's instructions, the parse
+    and ``attempts`` re-asks."""
 
     num_questions: int = pydantic.Field(3, ge=1, le=10)
     attempts: int = pydantic.Field(3, ge=1, description="resample an unparsable (truncated) output this often")
     min_question_chars: int = pydantic.Field(5, ge=1)
     max_question_chars: int = pydantic.Field(200, ge=2)
     max_profile_chars: int = pydantic.Field(3000, ge=100, description="introduction text cut at a sentence")
+    response_format: Literal["none", "json_schema"] = "none"
     sampling: SamplingConfig = pydantic.Field(default_factory=lambda: SamplingConfig(max_new_tokens=512))
 
     @pydantic.model_validator(mode="after")
@@ -125,7 +134,7 @@ class SimulateConfig(StrictModel):
     """Everything ``ditto-jax simulate`` needs."""
 
     seed: int = 0
-    supervision_model: ModelSource
+    supervision_model: AnyModel
     seed_model: ModelSource
     characters: CharactersConfig = pydantic.Field(default_factory=CharactersConfig)
     partners: PartnersConfig = pydantic.Field(default_factory=PartnersConfig)

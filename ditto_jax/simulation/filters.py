@@ -4,7 +4,8 @@ Reasons (the report counts each): ``format`` (query output never parsed), ``prom
 smallest profile does not fit the engine's context), ``too_short`` (empty or below the
 minimum), ``duplicate`` (same normalised query already in the session), ``character_break`` (assistant talk or
 talk about the profile, English and Chinese), ``wrong_language`` (too few letters in the session's script),
-``over_long`` (cut by ``max_new_tokens`` or longer than the maximum).
+``over_long`` (cut by ``max_new_tokens`` or longer than the maximum), ``endpoint_error`` (an endpoint supervision
+model failed the request after its retries).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import unicodedata
 
 from ditto_jax.simulation.config import FiltersConfig
 
-REASONS = ("format", "prompt_too_long", "too_short", "duplicate", "character_break", "wrong_language", "over_long")
+REASONS = ("format", "prompt_too_long", "too_short", "duplicate", "character_break", "wrong_language", "over_long",
+           "endpoint_error")
 
 # Latin-letter lookarounds instead of \b: in Chinese text an English word touches CJK characters, which \b
 # counts as word characters.

@@ -63,7 +63,7 @@ def build_report(sim: Any, characters: Sequence[Any], pairings: Sequence[Any], p
     dropped = collections.Counter()
     for stage in filters.values():
         dropped.update({r: stage[r] for r in REASONS if stage[r]})
-    return {
+    report = {
         "supervision_model": cfg.supervision_model.describe(),
         "seed_model": cfg.seed_model.model_dump(mode="json"),
         "seed_model_config": str(sim.workdir / "seed_model.yaml"),
@@ -81,6 +81,23 @@ def build_report(sim: Any, characters: Sequence[Any], pairings: Sequence[Any], p
         "corpus": {**corpus_counts(sessions), **corpus},
         "samples": sample_sessions(sessions),
     }
+    requests = endpoint_requests(sim.stage_stats)
+    if requests is not None:
+        report["endpoint_requests"] = requests
+    return report
+
+
+def endpoint_requests(stage_stats: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """This run's requests to an endpoint supervision model over all stages (``None``: no endpoint stage ran
+    here): sent (``asked``), answered from the journal, failed after retries (by error type)."""
+    stages = [st["endpoint"] for st in stage_stats.values() if "endpoint" in st]
+    if not stages:
+        return None
+    errors: collections.Counter = collections.Counter()
+    for st in stages:
+        errors.update(st["errors"])
+    return {k: sum(st[k] for st in stages) for k in ("asked", "journal_hits", "failed", "generated_tokens")} | {
+        "errors": dict(sorted(errors.items()))}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -89,6 +106,10 @@ def format_report(report: dict[str, Any]) -> str:
              f"supervision model: {report['supervision_model']}",
              f"characters: {report['characters']['total']} {report['characters']['by_lang']}, "
              f"partners: {report['partners']}"]
+    if report.get("endpoint_requests"):
+        r = report["endpoint_requests"]
+        lines.append(f"endpoint requests: {r['asked']} sent, {r['journal_hits']} answered from the journal, "
+                     f"{r['failed']} failed after retries {r['errors'] or ''}".rstrip())
     lines.append("stages:")
     for name, st in report["stages"].items():
         lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in st.items()))

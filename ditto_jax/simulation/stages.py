@@ -9,6 +9,7 @@ Layout of ``WORKDIR``::
     stages/plans.jsonl           session plans (ordered user turns with kind, label, evidence)
     stages/responses/all/        runner output of the answers (``dialogue``: wave-00, wave-01, ...)
     stages/responses.jsonl       every answer with its filter verdict
+    endpoint_cache/              an endpoint supervision model's journal (answers never asked twice)
     stages/sessions.jsonl        the assembled sessions
     corpus/sessions-*.jsonl      the corpus (DESIGN.md contract), written atomically as one folder
     tfds/                        the same corpus as a TFDS array_record dataset (train/validation)
@@ -40,7 +41,7 @@ from ditto_jax.data.corpus import build_corpus, parse_session, write_shards
 from ditto_jax.fileio import atomic_directory, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from ditto_jax.simulation import queries as Q
 from ditto_jax.simulation import responses as R
-from ditto_jax.simulation.backend import Backend, read_outputs, stage_complete
+from ditto_jax.simulation.backend import make_backend, read_outputs, stage_complete
 from ditto_jax.simulation.config import SimulateConfig
 from ditto_jax.simulation.filters import FilterCounts, check_response
 from ditto_jax.simulation.partners import Pairing, assign_partners, directed_pairs
@@ -50,14 +51,19 @@ from ditto_jax.simulation.sessions import SessionPlan, assemble_session, plan_se
 Log = Callable[[str], None]
 
 # Config sections that decide the output; a re-run in the same workdir must not change them. The rest of
-# ``engine`` (slots, mesh, devices) may change: per-request seeds make outputs independent of batching.
+# ``engine`` (slots, mesh, devices) may change: per-request seeds make outputs independent of batching. So may
+# an endpoint's transport settings (concurrency, retries, timeout, the key's variable).
 OUTPUT_SECTIONS = ("seed", "supervision_model", "characters", "partners", "queries", "responses", "filters",
                    "sessions", "corpus", "engine.max_len")
+_ENDPOINT_TRANSPORT = ("concurrency", "max_retries", "timeout", "api_key_env")
 
 
 def _output_config(data: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in data.items() if k in OUTPUT_SECTIONS}
     out["engine.max_len"] = (data.get("engine") or {}).get("max_len")  # decides how prompts are shortened
+    sup = out.get("supervision_model")
+    if isinstance(sup, dict) and "endpoint" in sup:
+        out["supervision_model"] = {k: v for k, v in sup.items() if k not in _ENDPOINT_TRANSPORT}
     return out
 
 
@@ -142,13 +148,15 @@ class Simulation:
     def _load_backend(self) -> Any:
         if self._backend is None:
             self.log(f"loading supervision model: {self.cfg.supervision_model.describe()}")
-            self._backend = Backend(self.cfg, log=self.log, progress=self.progress)
+            self._backend = make_backend(self.cfg, self.workdir, self.process_index, log=self.log,
+                                         progress=self.progress)
         return self._backend
 
     def _generate(self, name: str, out_dir: Path, build: Callable[[Any], list[Any]]) -> dict[str, dict[str, Any]]:
         """Run this process's requests of one generation stage through the runner; return every process's outputs.
 
-        ``build(backend)`` returns this process's requests (tokenized); it is only called when outputs are missing.
+        ``build(backend)`` returns this process's requests (the backend's kind: token ids or chat messages); it is
+        only called when outputs are missing.
         """
         start = time.perf_counter()
         if not stage_complete(out_dir, self.process_index, self.process_count):
@@ -156,7 +164,7 @@ class Simulation:
             requests = build(backend)
             backend.run(out_dir, requests, self.process_index, self.process_count, desc=name)
             self.stage_stats.setdefault(name, {}).update(backend.last_stats)
-            self.stage_stats[name]["assigned_prompt_tokens"] = sum(len(r.input_ids) for r in requests)
+            self.stage_stats[name].update(backend.prompt_stats(requests))
         self._barrier(name)
         outputs = read_outputs(out_dir)
         self.stage_stats.setdefault(name, {})["stage_seconds"] = round(time.perf_counter() - start, 2)
@@ -203,6 +211,8 @@ class Simulation:
         parsed: dict[str, list[str]] = {}
         attempts_used: dict[str, int] = {}
         too_long: set[str] = set()
+        last_failure: dict[str, str] = {}  # why a task's latest attempt did not parse
+        failures: collections.Counter = collections.Counter()  # failed attempts by reason, all attempts
         pending = list(tasks)
         for attempt in range(cfg.attempts):
             if not pending:
@@ -228,17 +238,20 @@ class Simulation:
                 if out is None:  # the prompt did not fit even with the smallest profile
                     too_long.add(t.key)
                     continue
-                qs = Q.parse_questions(out["text"] or "", cfg.num_questions)
+                qs = None if out.get("error") else Q.parse_questions(out["text"] or "", cfg.num_questions)
                 if qs is None:
+                    last_failure[t.key] = "endpoint_error" if out.get("error") else "format"
+                    failures[last_failure[t.key]] += 1
                     still.append(t)
                 else:
                     parsed[t.key], attempts_used[t.key] = qs, attempt + 1
             pending = still
         for t in tasks:
             self.counts.add("query_prompts", None if t.key in parsed else
-                            ("prompt_too_long" if t.key in too_long else "format"))
+                            ("prompt_too_long" if t.key in too_long else last_failure.get(t.key, "format")))
         self.stage_stats.setdefault("queries", {})["attempts_used"] = dict(
             sorted(collections.Counter(attempts_used.values()).items()))
+        self.stage_stats["queries"]["failed_attempts"] = dict(sorted(failures.items()))
         if self.is_writer:
             atomic_write_jsonl(self.stages / "queries.jsonl", [
                 {"key": t.key, "asker": t.asker, "other": t.other, "round": t.round, "lang": t.lang,
@@ -274,12 +287,15 @@ class Simulation:
                 out = outputs.get(t.request_id)
                 if out is None:
                     reason, text, finish = "prompt_too_long", None, None
+                elif out.get("error"):
+                    reason, text, finish = "endpoint_error", None, None
                 else:
                     text, finish = out["text"] or "", out["finish_reason"]
                     reason = check_response(text, t.plan.lang, finish, self.cfg.filters)
                 self.counts.add(f"responses.{t.plan.turns[t.index].kind}", reason)
                 kept[t.request_id] = text.strip() if reason is None and text is not None else None
-                records.append({"id": t.request_id, "text": text, "finish_reason": finish, "dropped": reason})
+                records.append({"id": t.request_id, "text": text, "finish_reason": finish, "dropped": reason}
+                               | ({"error": out["error"]} if out is not None and out.get("error") else {}))
         if self.is_writer:
             atomic_write_jsonl(self.stages / "responses.jsonl", sorted(records, key=lambda r: r["id"]))
         return kept
