@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from ditto_jax.model import ModelConfig, create_model, init_cache
+from ditto_jax.model import ModelConfig, create_model, decode_step, decode_weights, init_cache, init_layer_cache
 
 
 def test_cached_decoding_equals_full_recompute():
@@ -42,3 +43,20 @@ def test_cached_decoding_equals_full_recompute():
     assert np.asarray(cache.lengths).tolist() == (prompt_lens + steps).tolist()
     with pytest.raises(ValueError, match="segment_ids cannot be combined with a KV cache"):
         model(prompts, segment_ids=np.ones_like(prompts), cache=cache)
+
+
+@pytest.mark.parametrize("heads_first", [True, False])
+def test_decode_step_equals_the_forward_in_both_layer_cache_layouts(heads_first):
+    cfg = ModelConfig(architecture="qwen2", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
+                      num_kv_heads=2, intermediate_size=64, qkv_bias=True, max_position_embeddings=64)
+    model = create_model(cfg, seed=3)
+    rng = np.random.RandomState(1)
+    seq = rng.randint(0, 128, (2, 7)).astype(np.int32)
+    reference = np.asarray(nnx.jit(lambda m, ids: m(ids))(model, seq))
+    weights = decode_weights(model)
+    cache = init_layer_cache(cfg, 2, 16, heads_first=heads_first)
+    assert cache.heads_first == heads_first and cache.max_len == 16
+    step = jax.jit(lambda w, t, c: decode_step(w, cfg, t, c))
+    for t in range(seq.shape[1]):
+        logits, cache = step(weights, jnp.asarray(seq[:, t]), cache)
+        np.testing.assert_allclose(np.asarray(logits), reference[:, t], atol=1e-5, rtol=0)

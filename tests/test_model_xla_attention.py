@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ditto_jax.kernels.reference import attention_reference
-from ditto_jax.model.xla_attention import blocked_causal_attention
+from ditto_jax.model.xla_attention import blocked_causal_attention, heads_first_query_attention, single_query_attention
 
 
 @pytest.mark.parametrize("block, heads, kv_heads, packed", [(16, 4, 2, True), (32, 4, 1, False), (24, 2, 2, True)])
@@ -44,3 +44,20 @@ def test_blocked_attention_matches_reference(block: int, heads: int, kv_heads: i
 def test_bf16_inputs_keep_their_dtype() -> None:
     q = jnp.ones((1, 32, 2, 8), jnp.bfloat16)
     assert blocked_causal_attention(q, q[:, :, :1], q[:, :, :1], block=16).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_single_query_attention_both_cache_layouts_match_reference(window) -> None:
+    rng = np.random.RandomState(0)
+    b, s, hq, hkv, d = 3, 12, 6, 2, 8
+    q = jnp.asarray(rng.randn(b, hq, d), jnp.float32)
+    k = jnp.asarray(rng.randn(b, s, hkv, d), jnp.float32)
+    v = jnp.asarray(rng.randn(b, s, hkv, d), jnp.float32)
+    pos = jnp.asarray([0, 7, 11], jnp.int32)
+    want = np.stack([np.asarray(attention_reference(q[i:i + 1, None], k[i:i + 1, : int(pos[i]) + 1],
+                                                    v[i:i + 1, : int(pos[i]) + 1], causal=True, q_offset=pos[i:i + 1],
+                                                    sliding_window=window))[0, 0] for i in range(b)])
+    got = single_query_attention(q, k, v, pos, window)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+    got_hf = heads_first_query_attention(q, jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3)), pos, window)
+    np.testing.assert_allclose(np.asarray(got_hf), want, atol=1e-5, rtol=0)

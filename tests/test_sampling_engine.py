@@ -150,5 +150,8 @@ def test_sharded_sampling_equals_unsharded(hf_pair, engine, tmp_path):
     assert [r.output_ids for r in got] == [r.output_ids for r in want]
     np.testing.assert_allclose(np.concatenate([r.logprobs for r in got]),
                                np.concatenate([r.logprobs for r in want]), atol=1e-4)
-    spec = sharded.sampler.state.cache.k[0].sharding.spec  # per-layer [B, S, Hkv, D] on the fused CPU path
-    assert spec[0] == ("data", "fsdp") and spec[2] == "tensor"
+    cache = sharded.sampler.state.cache  # per layer, heads first on the CPU path: k [B, Hkv, D, S], v [B, Hkv, S, D]
+    assert cache.heads_first
+    for arr in (cache.k[0], cache.v[0]):
+        spec = arr.sharding.spec
+        assert spec[0] == ("data", "fsdp") and spec[1] == "tensor"

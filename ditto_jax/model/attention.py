@@ -25,7 +25,7 @@ from ditto_jax.kernels import decode_attention, flash_attention
 from ditto_jax.kernels.reference import attention_reference
 from ditto_jax.kernels.sharding import shard_over_batch_and_heads
 from ditto_jax.mesh import DEFAULT_RULES
-from ditto_jax.model.xla_attention import blocked_causal_attention, single_query_attention
+from ditto_jax.model.xla_attention import blocked_causal_attention, heads_first_query_attention, single_query_attention
 
 
 def resolve_impl(impl: str) -> str:
@@ -65,14 +65,20 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, segme
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_offset: jax.Array, impl: str,
-                     sliding_window: int | None = None) -> jax.Array:
-    """New tokens q ``[B,T,Hq,D]`` (at cache positions ``q_offset[b] + t``) against caches ``[B,S,Hkv,D]``.
+                     sliding_window: int | None = None, heads_first: bool = False) -> jax.Array:
+    """New tokens q ``[B,T,Hq,D]`` (at cache positions ``q_offset[b] + t``) against caches ``[B,S,Hkv,D]``
+    (``[B,Hkv,S,D]`` when ``heads_first``: one new token per row, plain-XLA path only).
 
     The cache already holds the new tokens' keys and values. One new token per row uses the split-K decode
     kernel under ``pallas``/``cudnn`` and ``single_query_attention`` under ``xla``; prefill chunks (and sliding
     windows on the kernel paths) use the masked reference.
     """
     impl = resolve_impl(impl)
+    if heads_first:
+        if q.shape[1] != 1 or impl != "xla":
+            raise ValueError(f"a heads-first cache serves one new token per row on the xla path (got "
+                             f"{q.shape[1]} tokens, attention {impl!r}); build the cache with heads_first=False")
+        return heads_first_query_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window)[:, None]
     if q.shape[1] == 1 and impl in ("pallas", "cudnn") and sliding_window is None:
         o = shard_over_batch_and_heads(
             decode_attention, (q[:, 0], k_cache, v_cache, q_offset + 1), ("bhd", "bskd", "bskd", "b"), "bhd",

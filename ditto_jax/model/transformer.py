@@ -298,11 +298,15 @@ def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: La
     k_out, v_out = [], []
     for i, lw in enumerate(w.layers):
         q, k, v = _qkv(x, lw, cfg, cos, sin)
-        kc = cache.k[i].at[rows, lengths].set(k[:, 0].astype(cache.k[i].dtype), mode="drop")
-        vc = cache.v[i].at[rows, lengths].set(v[:, 0].astype(cache.v[i].dtype), mode="drop")
+        # The indexed views are [B, Hkv, D] in either layout (see LayerCache).
+        k_at, v_at = (((rows, slice(None), slice(None), lengths), (rows, slice(None), lengths))
+                      if cache.heads_first else ((rows, lengths),) * 2)
+        kc = cache.k[i].at[k_at].set(k[:, 0].astype(cache.k[i].dtype), mode="drop")
+        vc = cache.v[i].at[v_at].set(v[:, 0].astype(cache.v[i].dtype), mode="drop")
         k_out.append(kc)
         v_out.append(vc)
-        attn = cached_attention(q, kc, vc, q_offset=lengths, impl=cfg.attention, sliding_window=cfg.sliding_window)
+        attn = cached_attention(q, kc, vc, q_offset=lengths, impl=cfg.attention, sliding_window=cfg.sliding_window,
+                                heads_first=cache.heads_first)
         x = _finish(x, attn.astype(x.dtype), lw, cfg)
     x = rms_norm(x[:, 0], w.norm, cfg.rms_norm_eps)
     logits = jnp.matmul(x, w.head, preferred_element_type=jnp.float32)

@@ -1,6 +1,7 @@
 """Plain-XLA attention laid out for CPU speed: causal (packed) self-attention that skips the masked upper
 triangle block by block (``blocked_causal_attention``), and one new token per row against a KV cache
-(``single_query_attention``).
+(``single_query_attention`` over a ``[B, S, Hkv, D]`` cache, ``heads_first_query_attention`` over keys
+``[B, Hkv, D, S]`` and values ``[B, Hkv, S, D]``).
 
 Same semantics as ``ditto_jax.kernels.reference.attention_reference(causal=True, segment_ids=...)`` for full
 sequences (Sq == Sk) where every query sees at least itself -- always true for causal self-attention, padding
@@ -78,4 +79,26 @@ def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: 
     p = jax.nn.softmax(scores, axis=1)
     o = jnp.matmul(jnp.swapaxes(p, 1, 2), v.reshape(b, s_len, hkv * d).astype(jnp.float32), precision=hi)
     o = jnp.sum(o.reshape(b, hkv, g, hkv, d) * eye[None, :, None, :, None], axis=3)  # diagonal blocks
+    return o.reshape(b, hq, d).astype(q.dtype)
+
+
+def heads_first_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                                sliding_window: int | None = None) -> jax.Array:
+    """``single_query_attention`` over a heads-first cache: q ``[B, Hq, D]`` against keys ``[B, Hkv, D, S]`` and
+    values ``[B, Hkv, S, D]``.
+
+    The query heads of each kv head form a ``[G, D]`` block, so both products are plain batched matmuls over
+    (row, kv head) with the cache read as stored: no repeated k/v, no transpose, no extra FLOPs."""
+    b, hq, d = q.shape
+    hkv, s_len = v.shape[1], v.shape[2]
+    hi = jax.lax.Precision.HIGHEST
+    qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32) * (1.0 / d**0.5)
+    scores = jnp.einsum("bhgd,bhds->bhgs", qg, k.astype(jnp.float32), precision=hi)
+    pos = jnp.arange(s_len, dtype=jnp.int32)[None, :]
+    valid = pos <= positions[:, None]
+    if sliding_window is not None:
+        valid &= pos > positions[:, None] - sliding_window
+    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+    p = jax.nn.softmax(scores, axis=-1)
+    o = jnp.einsum("bhgs,bhsd->bhgd", p, v.astype(jnp.float32), precision=hi)
     return o.reshape(b, hq, d).astype(q.dtype)

@@ -1,7 +1,7 @@
 """The device half of sampling: slot state, jitted prefill-into-slots and a chunked decode ``while_loop``.
 
 ``Sampler`` owns ``B`` slots. Each slot is a row of one preallocated KV cache (``KVCache [L, B, S, Hkv, D]``
-for the model's decode path, ``LayerCache``: one ``[B, S, Hkv, D]`` array per layer for the fused CPU path) plus
+for the model's decode path, ``LayerCache``: one array per layer for the fused path, heads-first on CPU) plus
 per-row decoding state (last token, counters, sampling parameters, stop ids, repetition-penalty presence,
 constraint state). Two jitted functions act on it, both donating the state so the cache is updated in place:
 
@@ -174,9 +174,11 @@ def prefill_fn(graphdef, params, state: SlotState, pool: KVCache | None, tables,
     cache = state.cache
     width = small.k.shape[2]
     rows_, cols = slots[:, None], jnp.arange(width)[None, :]
-    if isinstance(cache, LayerCache):
-        k = tuple(c.at[rows_, cols].set(small.k[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache.k))
-        v = tuple(c.at[rows_, cols].set(small.v[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache.v))
+    if isinstance(cache, LayerCache):  # [G, W, Hkv, D] into either layout (the indexed views are [G, W, Hkv, D])
+        all_ = slice(None)
+        k_at, v_at = (((rows_, all_, all_, cols), (rows_, all_, cols)) if cache.heads_first else ((rows_, cols),) * 2)
+        k = tuple(c.at[k_at].set(small.k[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache.k))
+        v = tuple(c.at[v_at].set(small.v[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache.v))
     else:
         k = cache.k.at[:, rows_, cols].set(small.k.astype(cache.k.dtype), mode="drop")
         v = cache.v.at[:, rows_, cols].set(small.v.astype(cache.v.dtype), mode="drop")
@@ -318,10 +320,15 @@ class Sampler:
         s = jax.tree.map(for_leaf, self.state)
         cache = self.state.cache
         if isinstance(cache, LayerCache):
-            kv = tuple(spec(("batch", "seq", "cache_heads", None), c.shape) for c in cache.k)
+            if cache.heads_first:
+                k_axes, v_axes = ("batch", "cache_heads", None, "seq"), ("batch", "cache_heads", "seq", None)
+            else:
+                k_axes = v_axes = ("batch", "seq", "cache_heads", None)
+            k_spec = tuple(spec(k_axes, c.shape) for c in cache.k)
+            v_spec = tuple(spec(v_axes, c.shape) for c in cache.v)
         else:
-            kv = spec(("layers", "batch", "seq", "cache_heads", None), cache.k.shape)
-        return s.replace(cache=cache.replace(k=kv, v=kv, lengths=for_leaf(cache.lengths)))
+            k_spec = v_spec = spec(("layers", "batch", "seq", "cache_heads", None), cache.k.shape)
+        return s.replace(cache=cache.replace(k=k_spec, v=v_spec, lengths=for_leaf(cache.lengths)))
 
     def _pool_shardings(self, pool: KVCache) -> KVCache:
         mesh = self.mesh
