@@ -396,12 +396,23 @@ def ref_mtbench_messages(questions: Sequence[str], answers: Sequence[str], turn:
             {"role": "user", "content": _REF_MTBENCH.format(focus=focus, dialogue=dialogue)}]
 
 
-def verdict_pattern(metric: str) -> str:
-    """The regex a forced verdict must match after ``VERDICT_LEAD``: a name and the closing bracket
-    (consistency), a 1-10 score (knowledge), a rating and ``]]`` (MT-Bench), 0/1 (rejection, whole output)."""
+def verdict_pattern(metric: str, candidates: Sequence[str] = ()) -> str:
+    """The regex a forced verdict must match after ``VERDICT_LEAD``: one of the listed ``candidates`` names and
+    the closing bracket (consistency; the same for the en and zh sentence, whose lead differs; without names any
+    bracket-free text), a 1-10 score (knowledge), a rating and ``]]`` (MT-Bench), 0/1 (rejection, whole output).
+    A small judge forced to "any name" writes "[character name]" literally; the alternation makes every forced
+    identity verdict parse to a listed role."""
     score = "(10|[1-9])"
+    if metric == "consistency" and candidates:
+        return "(" + "|".join(regex_literal(c) for c in sorted(set(candidates))) + r")\]"
     return {"consistency": r"[^\]\n\[]{1,60}\]", "knowledge": score, "mtbench": score + r"\]\]",
             "rejection": "(0|1)"}[metric]
+
+
+def regex_literal(text: str) -> str:
+    """``text`` as a regex matching exactly it (every character that is not a letter, digit, space or non-ASCII
+    escaped; safe for the token-automaton compiler as well as Python's ``re``)."""
+    return "".join(ch if ch.isalnum() or ch == " " or ord(ch) > 127 else "\\" + ch for ch in text)
 
 
 def parse_role(text: str, lang: str, candidates: Sequence[str]) -> int | None:

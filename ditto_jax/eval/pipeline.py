@@ -337,9 +337,11 @@ def judge_candidate(name: str, judge: Any, cfg: EvalConfig, testset: TestSet, wr
                 free = _strip_stops(outputs[task.id].get("output_ids") or [], stops)
                 room = cfg.engine.max_len - FINAL_NEW_TOKENS - len(full.input_ids) - len(lead)
                 ids = list(full.input_ids) + free[:max(room, 0)] + lead
+                # identity: only the names listed for this sample (a small judge otherwise writes "[name]")
+                names = tuple(sorted(set(by_id[task.session].candidates))) if task.metric == "consistency" else ()
                 yield judge.request(task.id, ids, None, params(FINAL_NEW_TOKENS), judge.constraint(
-                    ("verdict", task.metric), lambda m=task.metric: J.regex_for(
-                        J.verdict_pattern(m), judge.tokenizer, judge.model.cfg.vocab_size)))
+                    ("verdict", task.metric, names), lambda m=task.metric, n=names: J.regex_for(
+                        J.verdict_pattern(m, n), judge.tokenizer, judge.model.cfg.vocab_size)))
 
         if need_ids:
             finals = run_stage(run_dir / "judge_final", need_ids, make_final, lambda: judge.load().engine,
