@@ -114,12 +114,22 @@ def dump_config(cfg: pydantic.BaseModel) -> str:
 def pin_config(workdir: Path, name: str, cfg: pydantic.BaseModel, what: str) -> None:
     """Keep ``cfg`` as ``workdir/name`` on the first run; a re-run (resume) must bring the same config.
 
-    ``what`` names the run in the error (e.g. "an evaluation").
+    The pinned file is compared as a config, not as text: one written before a field with a default was added
+    to the schema still resumes when it validates to ``cfg``. ``what`` names the run in the error (e.g. "an
+    evaluation").
     """
     path = workdir / name
     text = dump_config(cfg)
     if not path.exists():
         atomic_write_text(path, text)
-    elif path.read_text(encoding="utf-8") != text:
+    elif (old := path.read_text(encoding="utf-8")) != text and not _same_config(old, cfg):
         raise ConfigError(f"{workdir} holds {what} with a different config ({path}); resume with the same config "
                           f"and overrides, or use a new --workdir")
+
+
+def _same_config(text: str, cfg: pydantic.BaseModel) -> bool:
+    """Whether YAML ``text`` validates to a config equal to ``cfg``."""
+    try:
+        return type(cfg).model_validate(yaml.safe_load(text)) == cfg
+    except (yaml.YAMLError, pydantic.ValidationError):
+        return False

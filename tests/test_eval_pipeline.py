@@ -8,9 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ditto_jax.cli import main
-from ditto_jax.config import ConfigError, dump_config, validate
+from ditto_jax.config import ConfigError, dump_config, pin_config, validate
 from ditto_jax.eval import judge as J
 from ditto_jax.eval import wikiroleeval as W
 from ditto_jax.eval.config import EvalConfig
@@ -182,3 +183,16 @@ def test_unparsable_judge_outputs_are_counted(testset):
     assert reasons["too_long"] == 1 and sum(reasons.values()) == total_bad
     assert set(reasons) <= {"too_long", "length", "no_match"}
     assert sum(u["total_samples"] for u in rep["unparsable"].values()) == len(tasks)
+
+
+def test_pinned_config_from_before_new_engine_fields_still_resumes(testset, tmp_path):
+    """A work dir pinned before ``engine`` gained fields with defaults resumes; a changed value does not."""
+    cfg = config(testset)
+    data = yaml.safe_load(dump_config(cfg))
+    for key in ("prefix_cache_rows", "prefix_block", "compile_cache", "shard_size", "flush_seconds"):
+        del data["engine"][key]  # as an older version wrote it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    pin_config(tmp_path, "config.yaml", cfg, "an evaluation")  # same config: accepted
+    assert cfg.engine.shard_size == 64 and cfg.engine.flush_seconds == 10.0  # eval's own defaults
+    with pytest.raises(ConfigError, match="different config"):
+        pin_config(tmp_path, "config.yaml", config(testset, samples=2), "an evaluation")

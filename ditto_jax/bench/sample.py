@@ -135,21 +135,6 @@ def _roofline(cfg: Any, batch: int, prompt_len: int, new_tokens: int, bandwidth:
             "roofline_tokens_per_s": batch / step_s, "bound": "memory" if step_bytes / bandwidth > step_flops / rate else "compute"}
 
 
-def _load(args: argparse.Namespace):
-    """``(description, model, cfg, tokenizer)``; a random-init preset runs without a tokenizer (ids only)."""
-    if args.model:
-        from ditto_jax.checkpoints import ModelSource, load_model_source
-
-        source = ModelSource(path=args.model)
-        model, cfg, tokenizer = load_model_source(source)
-        return source.describe(), model, cfg, tokenizer
-    from ditto_jax.model import create_model, load_model_config
-
-    name = args.config or "model/40m"
-    cfg = load_model_config(name)
-    return f"random init {name}", create_model(cfg), cfg, None
-
-
 def _hf_model(args: argparse.Namespace, model: Any, cfg: Any):
     import tempfile
 
@@ -186,16 +171,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Benchmark the engine (and transformers with ``--compare-hf``); returns the JSON result."""
     import jax
 
+    from ditto_jax.checkpoints import ModelSource
     from ditto_jax.commands.sample import sampling_params_from_args
-    from ditto_jax.sampling import Request, SamplingEngine
+    from ditto_jax.sampling import EngineConfig, Request, load_engine
 
     params = sampling_params_from_args(args).model_copy(update={"ignore_eos": True,
                                                                 "max_new_tokens": args.new_tokens})
-    described, model, cfg, tokenizer = _load(args)
     b, p, n = args.batch, args.prompt_len, args.new_tokens
+    source = ModelSource(path=args.model) if args.model else ModelSource(config=args.config or "model/40m")
+    # one device, one prompt bucket; no persistent compilation cache: the first run's time includes compiling
+    engine_cfg = EngineConfig(batch_size=b, chunk=args.chunk, min_bucket=p, max_top_k=max(64, args.top_k),
+                              mesh=None, compile_cache="off")
+    loaded = load_engine(source, engine_cfg, max_len=lambda *_: p + n)
+    described, model, cfg, engine = source.describe(), loaded.model, loaded.model_cfg, loaded.engine
     rng = np.random.RandomState(0)
     prompts = rng.randint(3, min(cfg.vocab_size, 30000), (b, p)).astype(np.int32)
-    engine = SamplingEngine(model, tokenizer, b, p + n, chunk=args.chunk, min_bucket=p, max_top_k=max(64, args.top_k))
 
     def ours(tag: str) -> tuple[float, float, int]:
         reqs = [Request(f"{tag}-{i}", prompts[i].tolist(), params) for i in range(b)]

@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read lines from stdin, stream the character's replies to stdout."""
-    from ditto_jax.commands.serve import load_engine
+    from ditto_jax.commands.serve import engine_from_args
     from ditto_jax.config import ConfigError
     from ditto_jax.data.characters import load_characters
     from ditto_jax.sampling import SamplingParams
@@ -36,11 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
     characters = load_characters(args.characters)
     find_character(characters, args.character)  # a bad name fails before the model loads
-    engine, tokenizer, _, max_len = load_engine(args)
+    loaded, _ = engine_from_args(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                             seed=args.seed)
-    session = ChatSession(engine, tokenizer, characters, args.character, params, max_len)
+    session = ChatSession(loaded.engine, loaded.tokenizer, characters, args.character, params, loaded.config.max_len)
     interactive = sys.stdin.isatty()
 
     def banner() -> None:

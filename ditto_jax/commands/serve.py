@@ -26,21 +26,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-seed", type=int, default=0, help="random-init seed (with --config)")
 
 
-def load_engine(args: argparse.Namespace) -> tuple[object, object, str, int]:
-    """``(engine, tokenizer, model name, max length)`` for ``--model``/``--config``."""
-    from ditto_jax.checkpoints import ModelSource, load_model_source
-    from ditto_jax.config import ConfigError
-    from ditto_jax.sampling import SamplingEngine
+def engine_from_args(args: argparse.Namespace) -> tuple[object, str]:
+    """``(LoadedEngine, model name)`` for ``--model``/``--config`` (``ditto_jax.sampling.load_engine``: one
+    device; the cache length is ``--max-len`` within the model's position limit)."""
+    from ditto_jax.checkpoints import ModelSource
+    from ditto_jax.sampling import EngineConfig, load_engine
 
     source = ModelSource(path=args.model, config=args.config, seed=args.init_seed, tokenizer=args.tokenizer,
                          dtype=args.dtype)
-    model, cfg, tokenizer = load_model_source(source, None)
-    if tokenizer is None:
-        raise ConfigError(f"{source.describe()}: no tokenizer files; chat needs one (--tokenizer PATH)")
-    max_len = min(args.max_len, cfg.max_position_embeddings)
-    engine = SamplingEngine(model, tokenizer, args.batch_size, max_len, chunk=args.chunk)
+    loaded = load_engine(source, EngineConfig(batch_size=args.batch_size, chunk=args.chunk, mesh=None),
+                         require_tokenizer=True,
+                         max_len=lambda model_cfg, _: min(args.max_len, model_cfg.max_position_embeddings))
     name = (args.model or args.config).rstrip("/").split("/")[-1]
-    return engine, tokenizer, name, max_len
+    return loaded, name
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -61,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from ditto_jax.serve.app import create_app
     from ditto_jax.serve.loop import EngineLoop
 
-    engine, tokenizer, name, max_len = load_engine(args)
-    loop = EngineLoop(engine)
+    loaded, name = engine_from_args(args)
+    loop = EngineLoop(loaded.engine)
     loop.start()
-    app = create_app(loop, tokenizer, args.name or name, max_len, args.max_new_tokens)
+    app = create_app(loop, loaded.tokenizer, args.name or name, loaded.config.max_len, args.max_new_tokens)
     print(f"serving {args.name or name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

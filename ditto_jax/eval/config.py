@@ -13,7 +13,7 @@ from typing import Literal
 import pydantic
 
 from ditto_jax.config import StrictModel
-from ditto_jax.mesh import MeshConfig
+from ditto_jax.sampling.config import engine_field
 from ditto_jax.sampling.endpoint import AnyModel
 from ditto_jax.sampling.params import SamplingParams
 
@@ -35,17 +35,10 @@ class CandidateConfig(StrictModel):
     model: AnyModel
 
 
-class EngineConfig(StrictModel):
-    """Sampling engine shape, for the candidates and the judge: slots, cache length, device mesh (``null`` = one
-    device, unsharded). Prompts are padded to power-of-two buckets from ``min_bucket`` up to ``max_len`` (each
-    bucket compiles once: a larger ``min_bucket`` means fewer compilations, more padding); ``chunk`` = decode
-    steps per device call."""
-
-    batch_size: int = pydantic.Field(16, ge=1)
-    max_len: int = pydantic.Field(8192, ge=16)
-    min_bucket: int = pydantic.Field(64, ge=1)
-    chunk: int = pydantic.Field(16, ge=1)
-    mesh: MeshConfig | None = pydantic.Field(default_factory=MeshConfig)
+EvalEngine = engine_field(max_len=8192, min_bucket=64, shard_size=64, flush_seconds=10.0)
+"""The ``engine:`` section (``ditto_jax.sampling.EngineConfig``, shared by the candidates and the judge) with
+evaluation's defaults: 8,192-token cache (the paper's sequence length), prompt buckets from 64, a shard every 64
+results or 10 s. ``mesh: null`` runs on one device, unsharded."""
 
 
 class JudgeConfig(StrictModel):
@@ -136,7 +129,7 @@ class EvalConfig(StrictModel):
     judge: JudgeConfig
     testset: TestSetConfig = pydantic.Field(default_factory=TestSetConfig)
     answer: AnswerSampling = pydantic.Field(default_factory=AnswerSampling)
-    engine: EngineConfig = pydantic.Field(default_factory=EngineConfig)
+    engine: EvalEngine  # type: ignore[valid-type]
     calibration: CalibrationConfig = pydantic.Field(default_factory=CalibrationConfig)
 
     @pydantic.model_validator(mode="after")

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ditto_jax.checkpoints import ModelSource, load_model_source
+from ditto_jax.checkpoints import ModelSource
 from ditto_jax.config import ConfigError, pin_config
 from ditto_jax.data.characters import load_characters
 from ditto_jax.data.records import iter_json_lines
@@ -45,8 +45,7 @@ from ditto_jax.eval.report import REPORT_JSON, load_runs, write_comparison, writ
 from ditto_jax.eval.stages import run_stage
 from ditto_jax.eval.testsets import EvalSession, MTBenchQuestion, load_mtbench, load_wikiroleeval
 from ditto_jax.fileio import atomic_write_json, atomic_write_jsonl
-from ditto_jax.mesh import make_mesh
-from ditto_jax.sampling import Request, SamplingEngine, SamplingParams, vocab_constraint
+from ditto_jax.sampling import EngineConfig, LoadedEngine, Request, SamplingParams, load_engine
 from ditto_jax.sampling.endpoint import ChatRequest, EndpointEngine, EndpointSource, is_endpoint
 
 PROMPT_STATS = "prompt_stats.json"
@@ -56,44 +55,56 @@ FINAL_NEW_TOKENS = 40  # room for a forced verdict (a role name and "]", or a sc
 
 
 @dataclasses.dataclass
-class LoadedModel:
-    """A model with its tokenizer and sampling engine (loaded on first use)."""
+class LocalModel:
+    """A local model: its ``LoadedEngine`` (``ditto_jax.sampling.load_engine``: model, tokenizer, engine,
+    constraints), loaded on first use and dropped by ``release``."""
 
     source: ModelSource
-    engine_kwargs: dict[str, Any]
-    mesh: Any = None
-    model: Any = None
-    tokenizer: Any = None
-    engine: Any = None
+    engine_cfg: EngineConfig
+    loaded: LoadedEngine | None = None
+    is_endpoint = False
 
-    def load(self) -> "LoadedModel":
+    def load(self) -> "LocalModel":
         """Load the model and build its engine (idempotent)."""
-        if self.engine is None:
+        if self.loaded is None:
             print(f"loading {self.source.describe()}", file=sys.stderr)
-            self.model, _, self.tokenizer = load_model_source(self.source, self.mesh, require_tokenizer=True)
-            self.engine = SamplingEngine(self.model, self.tokenizer, mesh=self.mesh, **self.engine_kwargs)
+            self.loaded = load_engine(self.source, self.engine_cfg, require_tokenizer=True)
         return self
 
-    constraints: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    def _get(self) -> LoadedEngine:
+        return self.load().loaded  # type: ignore[return-value]
+
+    @property
+    def engine(self) -> Any:
+        """The sampling engine (loads the model)."""
+        return self._get().engine
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (loads the model)."""
+        return self._get().tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's embedding (may exceed the tokenizer's ids)."""
+        return self._get().model_cfg.vocab_size
+
+    @property
+    def free_text(self) -> Any:
+        """The constraint keeping free text to the tokenizer's ids (``LoadedEngine.free_text``)."""
+        return self._get().free_text
 
     def constraint(self, key: Any, build: Callable[[], Any]) -> Any:
-        """A decoding constraint built once per model: the engine registers constraints by identity, so reusing
-        the object keeps its device tables (and compiled shapes) from growing on every stage."""
-        if key not in self.constraints:
-            self.constraints[key] = build()
-        return self.constraints[key]
+        """A decoding constraint built once per loaded model (``LoadedEngine.constraint``)."""
+        return self._get().constraint(key, build)
 
     def release(self) -> None:
         """Drop the model, engine and constraints (frees device memory before the next model loads)."""
-        self.model = self.engine = None
-        self.constraints.clear()
+        self.loaded = None
         gc.collect()
-
-    is_endpoint = False
 
     def request(self, rid: str, prompt_ids: Any, messages: Any, params: Any, constraint: Any = None) -> Any:
         """A sampling-engine request (token ids)."""
-
         return Request(rid, prompt_ids, params, constraint)
 
 
@@ -105,8 +116,8 @@ class EndpointModel:
     source: EndpointSource
     cache_dir: Path
     engine: Any = None
-    model: Any = None
     tokenizer: Any = None
+    free_text: Any = None
     is_endpoint = True
 
     def load(self) -> "EndpointModel":
@@ -173,15 +184,6 @@ def _text(record: Mapping[str, Any]) -> str:
     return (record.get("text") or "").strip()
 
 
-def _vocab_mask(loaded: Any) -> Any:
-    """A constraint keeping free text to the tokenizer's ids when the model's embedding is larger (a random-init
-    model samples the extra rows, whose text cannot be decoded); ``None`` when they agree (or an endpoint)."""
-    if loaded.is_endpoint or loaded.model.cfg.vocab_size <= loaded.tokenizer.vocab_size:
-        return None
-
-    return loaded.constraint("vocab", lambda: vocab_constraint(loaded.tokenizer, loaded.model.cfg.vocab_size))
-
-
 def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[int], list[str]],
                   prompts: Callable[[int, dict[str, str], Any, int], list[W.Prompt]], cand: Any, cfg: EvalConfig,
                   stats: dict[str, int], desc: str, progress: bool = True) -> dict[str, str]:
@@ -194,14 +196,14 @@ def _answer_waves(name: str, stage_root: Path, waves: int, expected: Callable[[i
             cand.load()
             budget = cfg.engine.max_len - cfg.answer.max_new_tokens
             params = _answer_params(cfg, cand.tokenizer)
-            vocab_mask = _vocab_mask(cand)
+            vocab_mask = cand.free_text
             wave = prompts(t, answers, None if cand.is_endpoint else W.chat_encoder(cand.tokenizer), budget)
             # counted over the whole wave and kept on disk: a resumed run may not rebuild these prompts
             atomic_write_json(stage_dir / PROMPT_STATS, {"history_trimmed": sum(p.trimmed > 0 for p in wave)})
             return [cand.request(p.id, p.input_ids, p.messages, params, vocab_mask) for p in wave if p.id in pending]
 
         records = run_stage(stage_dir, expected(t), make_requests, lambda: cand.load().engine,
-                            f"{name}: {desc} turn {t + 1}/{waves}", progress=progress)
+                            f"{name}: {desc} turn {t + 1}/{waves}", cfg.engine, progress=progress)
         if (stage_dir / PROMPT_STATS).exists():
             stats["history_trimmed"] += json.loads((stage_dir / PROMPT_STATS).read_text("utf-8"))["history_trimmed"]
         for rid, rec in records.items():
@@ -291,14 +293,14 @@ def judge_candidate(name: str, judge: Any, cfg: EvalConfig, testset: TestSet, wr
     def constraint_for(metric: str, num_options: int) -> Any:
         if judge.is_endpoint:
             return None
-        vocab = judge.model.cfg.vocab_size
+        vocab = judge.vocab_size
         if jc.constrained and protocol == "terse":
             return judge.constraint((metric, num_options), lambda: J.judge_constraint(
                 metric, judge.tokenizer, vocab, num_options or 4))
         if jc.constrained and metric == "rejection":
             return judge.constraint(("verdict", metric), lambda: J.regex_for(J.verdict_pattern(metric),
                                                                              judge.tokenizer, vocab))
-        return _vocab_mask(judge)
+        return judge.free_text
 
     def make_requests(pending: set[str]) -> Iterable[Any]:
         wre_tasks, mt_tasks = full_tasks()
@@ -309,7 +311,7 @@ def judge_candidate(name: str, judge: Any, cfg: EvalConfig, testset: TestSet, wr
             yield judge.request(task.id, task.input_ids, task.messages, p, constraint_for(task.metric, task.num_options))
 
     outputs = run_stage(run_dir / "judge", _judge_ids(testset, jc.samples), make_requests,
-                        lambda: judge.load().engine, f"{name}: judging", progress=progress)
+                        lambda: judge.load().engine, f"{name}: judging", cfg.engine, progress=progress)
     wre_sk, mt_sk = _task_skeletons(testset, jc.samples, cfg.seed)
     final_outputs = dict(outputs)
     forced = 0
@@ -341,11 +343,11 @@ def judge_candidate(name: str, judge: Any, cfg: EvalConfig, testset: TestSet, wr
                 names = tuple(sorted(set(by_id[task.session].candidates))) if task.metric == "consistency" else ()
                 yield judge.request(task.id, ids, None, params(FINAL_NEW_TOKENS), judge.constraint(
                     ("verdict", task.metric, names), lambda m=task.metric, n=names: J.regex_for(
-                        J.verdict_pattern(m, n), judge.tokenizer, judge.model.cfg.vocab_size)))
+                        J.verdict_pattern(m, n), judge.tokenizer, judge.vocab_size)))
 
         if need_ids:
             finals = run_stage(run_dir / "judge_final", need_ids, make_final, lambda: judge.load().engine,
-                               f"{name}: forcing {len(need_ids)} verdicts", progress=progress)
+                               f"{name}: forcing {len(need_ids)} verdicts", cfg.engine, progress=progress)
             for task in need:
                 fin = finals.get(task.id)
                 if fin is None:
@@ -422,12 +424,8 @@ def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, Any] | None
     pin_config(workdir, "config.yaml", cfg, "an evaluation")
     templates = load_judge_templates(cfg.testset.mtbench_judge_prompts) if cfg.judge.protocol == "reference" else None
 
-    engine = cfg.engine
-    engine_kwargs = {"batch_size": engine.batch_size, "max_len": engine.max_len,
-                     "min_bucket": min(engine.min_bucket, engine.max_len), "chunk": engine.chunk}
     keep_loaded = models is not None
     models = {} if models is None else models
-    mesh: list[Any] = []
 
     def loaded(source: Any) -> Any:
         if is_endpoint(source):
@@ -435,12 +433,9 @@ def run_eval(cfg: EvalConfig, workdir: str | Path, models: dict[str, Any] | None
             if key not in models:
                 models[key] = EndpointModel(source, workdir / ENDPOINT_CACHE)
             return models[key]
-        key = json.dumps([source.model_dump(mode="json"), engine_kwargs,
-                          None if engine.mesh is None else engine.mesh.model_dump(mode="json")])
+        key = json.dumps([source.model_dump(mode="json"), cfg.engine.model_dump(mode="json")])
         if key not in models:
-            if not mesh:
-                mesh.append(None if engine.mesh is None else make_mesh(engine.mesh))
-            models[key] = LoadedModel(source, engine_kwargs, mesh[0])
+            models[key] = LocalModel(source, cfg.engine)
         return models[key]
 
     judge = loaded(cfg.judge.model)

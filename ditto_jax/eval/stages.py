@@ -7,7 +7,8 @@ pending — building requests may need the model's tokenizer, so nothing is load
 marks the stage complete (``DONE``). Ids that ``make_requests`` chose not to send (a judge prompt that cannot fit
 the cache) are absent from the returned mapping; the caller counts them.
 
-Results are flushed to a shard every ``SHARD_SIZE`` results or ``FLUSH_SECONDS``: a kill loses at most those.
+Results are flushed to a shard every ``engine.shard_size`` results or ``engine.flush_seconds`` (the eval config's
+``EngineConfig``): a kill loses at most those.
 """
 
 from __future__ import annotations
@@ -17,20 +18,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ditto_jax.fileio import atomic_write_text
+from ditto_jax.sampling.config import EngineConfig
 from ditto_jax.sampling.runner import read_outputs, run_sampling
 
 DONE = "DONE"
 LOG = "log.jsonl"  # one line per run that generated something: {"resumed", "sent", "expected", ...}
-SHARD_SIZE = 64
-FLUSH_SECONDS = 10.0
 
 __all__ = ["DONE", "LOG", "read_outputs", "run_stage"]
 
 
 def run_stage(stage_dir: str | Path, expected_ids: Sequence[str], make_requests: Callable[[set[str]], Iterable[Any]],
-              get_engine: Callable[[], Any], desc: str, progress: bool = True) -> dict[str, dict[str, Any]]:
+              get_engine: Callable[[], Any], desc: str, engine_cfg: EngineConfig,
+              progress: bool = True) -> dict[str, dict[str, Any]]:
     """Complete a stage; returns ``id -> {"id","output_ids","text","finish_reason"}`` for every request sent (now
-    or by an earlier run)."""
+    or by an earlier run). ``get_engine`` loads the engine (a ``SamplingEngine`` or an endpoint's) only when
+    something is pending; ``engine_cfg`` gives the shard size and flush interval."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     done = read_outputs(stage_dir)
@@ -41,8 +43,8 @@ def run_stage(stage_dir: str | Path, expected_ids: Sequence[str], make_requests:
         engine = get_engine()
         requests = [r for r in make_requests(pending) if r.id in pending]
         summary = run_sampling(engine, requests, stage_dir, partition=False, process_index=0, process_count=1,
-                               shard_size=SHARD_SIZE, flush_seconds=FLUSH_SECONDS, progress=progress, desc=desc,
-                               total=len(requests))
+                               shard_size=engine_cfg.shard_size, flush_seconds=engine_cfg.flush_seconds,
+                               progress=progress, desc=desc, total=len(requests))
         with open(stage_dir / LOG, "a", encoding="utf-8") as log:
             log.write(json.dumps({"resumed": len(done), "sent": summary.generated, "expected": len(expected_ids),
                                   "seconds": round(summary.seconds, 2),
