@@ -3,25 +3,31 @@ process on a tiny random model (test_serve's fixtures), the official ``openai`` 
 CLI in a subprocess. The run writes a corpus and counts its requests; after a crash that lost the response stage's
 outputs, a re-run is answered by the journal alone (the server serves nothing more) and ends with the same corpus;
 the API key's value appears in no file and no output; an unreachable endpoint's failures are counted by reason,
-nothing dropped silently."""
+nothing dropped silently. Two processes (threads over one workdir, a scripted endpoint) each ask only for their
+own characters, each journalling its own answers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx2 as httpx
 import openai
 import pytest
 import yaml
+from endpoint_fixtures import scripted_server
 from test_serve import ENV, client, model_dir, server  # noqa: F401 (fixtures: the served tiny model, reused)
 
-from ditto_jax.config import load_config
+from ditto_jax.config import load_config, validate
 from ditto_jax.simulation.config import SimulateConfig
+from ditto_jax.simulation.prompts import QUERY_SYSTEM
+from ditto_jax.simulation.stages import Simulation
 
 KEY_VAR = "DITTO_TEST_SUPERVISION_KEY"
 KEY = "sk-test-9f3c1e7a-never-written-anywhere"
@@ -125,3 +131,59 @@ def test_served_response_format_json_schema(client):  # noqa: F811
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "JSON please"}],
                                        max_tokens=8, response_format={"type": "json_object"})
     assert err.value.body["param"] == "response_format.type"
+
+
+def _scripted_supervisor(model: str, messages: list[dict[str, str]]) -> str:
+    """Three distinct questions as JSON for a query prompt, a short answer in the prompt's language otherwise."""
+    tag = hashlib.sha256(json.dumps(messages).encode()).hexdigest()[:6]
+    if messages[0]["content"] == QUERY_SYSTEM["en"]:
+        return json.dumps([{"question": f"What happened in year {tag}-{i}?"} for i in range(3)])
+    if messages[0]["content"] == QUERY_SYSTEM["zh"]:
+        return json.dumps([{"question": f"那一年发生了什么事情（{tag}-{i}）？"} for i in range(3)], ensure_ascii=False)
+    zh = any("\u4e00" <= ch <= "\u9fff" for ch in messages[0]["content"])
+    return f"我记得那些日子，那时我还年轻（{tag}）。" if zh else f"I remember those days well, when I was young ({tag})."
+
+
+def test_two_processes_ask_only_for_their_own_characters(tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_VAR, KEY)
+    work = tmp_path / "work"
+    with scripted_server(_scripted_supervisor) as endpoint:
+        data = yaml.safe_load(_config(tmp_path, {"endpoint": endpoint.base_url, "model": "sup",
+                                                 "api_key_env": KEY_VAR}).read_text(encoding="utf-8"))
+        data["queries"]["response_format"] = "none"  # the scripted server writes the JSON itself
+        cfg = validate(SimulateConfig, data)
+        reports: dict[int, dict] = {}
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                reports[i] = Simulation(cfg, work, log=lambda _: None, progress=False, process_index=i,
+                                        process_count=2).run()
+            except BaseException as exc:  # noqa: BLE001 (re-raised below, in the test's thread)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors, errors
+        served = endpoint.answered()
+    characters = sorted(json.loads(line)["character"] for line in
+                        (work / "stages" / "plans.jsonl").read_text(encoding="utf-8").splitlines())
+    owner = {c: i % 2 for i, c in enumerate(sorted(set(characters)))}
+    journals = sorted((work / "endpoint_cache").glob("*.jsonl"))
+    assert [p.name.rsplit(".", 2)[1] for p in journals] == ["p00000", "p00001"]
+    asked_by = {}
+    for i, path in enumerate(journals):
+        ids = [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()]
+        assert ids
+        for rid in ids:
+            parts = rid.split("/")  # query ids r000/ASKER/OTHER/aK; answer ids CHARACTER/r000/tNN
+            char = parts[1] if parts[0].startswith("r0") else parts[0]
+            assert owner[char] == i, (rid, i)
+            asked_by[rid] = i
+    assert len(asked_by) == served  # every request answered once, by the process that owns its character
+    report = reports[0]
+    assert report["filters"]["query_prompts"]["kept"] == 4 and report["corpus"]["sessions"] == 4
+    assert sum(r["endpoint_requests"]["asked"] for r in reports.values()) == served
