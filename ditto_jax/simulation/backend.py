@@ -27,17 +27,11 @@ its own characters' requests (the stages pass this process's share).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import jax
-
-from ditto_jax.checkpoints import load_model_source
-from ditto_jax.mesh import make_mesh
-from ditto_jax.sampling import Request, SamplingEngine, SamplingParams, json_schema_constraint, vocab_constraint
-from ditto_jax.sampling.compile_cache import compile_stats, enable_compilation_cache
+from ditto_jax.sampling import Request, SamplingParams, load_engine
 from ditto_jax.sampling.endpoint import ChatRequest, EndpointEngine, is_endpoint
 from ditto_jax.sampling.runner import read_outputs as runner_outputs
 from ditto_jax.sampling.runner import run_complete, run_sampling
@@ -56,35 +50,25 @@ def make_backend(cfg: SimulateConfig, workdir: Path, process_index: int, log: Ca
 
 
 class LocalBackend:
-    """Supervision model + sampling engine of one process."""
+    """Supervision model + sampling engine of one process (``ditto_jax.sampling.load_engine``)."""
 
     def __init__(self, cfg: SimulateConfig, log: Callable[[str], None] = print, progress: bool = True):
         self.cfg = cfg
         self.log = log
         self.progress = progress
-        enable_compilation_cache()  # before the first compilation of the process (JAX decides once)
-        devices = jax.local_devices()[: cfg.engine.devices]
-        self.mesh = make_mesh(cfg.engine.mesh, devices=devices)
-        self.model, self.model_cfg, self.tokenizer = load_model_source(cfg.supervision_model, self.mesh,
-                                                                            require_tokenizer=True)
-        self.engine = SamplingEngine(self.model, self.tokenizer, cfg.engine.batch_size, cfg.engine.max_len,
-                                     mesh=self.mesh)
-        self.stop_ids = sorted(self.tokenizer.stop_ids)
-        self._constraints: dict[str, Any] = {}
-        self.free_text = (vocab_constraint(self.tokenizer, self.model_cfg.vocab_size)
-                          if self.model_cfg.vocab_size > self.tokenizer.vocab_size else None)
+        self.loaded = load_engine(cfg.supervision_model, cfg.engine, require_tokenizer=True)
+        self.tokenizer = self.loaded.tokenizer
         self.shortened = 0
         self.last_stats: dict[str, Any] = {}
 
     def json_constraint(self, schema: dict[str, Any]) -> Any:
         """The (cached) token automaton of a JSON schema for this tokenizer and model vocabulary."""
-        key = json.dumps(schema, sort_keys=True)
-        if key not in self._constraints:
-            start = time.perf_counter()
-            self._constraints[key] = json_schema_constraint(schema, self.tokenizer, vocab_size=self.model_cfg.vocab_size)
-            self.log(f"  query constraint: {self._constraints[key].num_states} states "
-                     f"({time.perf_counter() - start:.1f}s)")
-        return self._constraints[key]
+        built = len(self.loaded.constraints)
+        start = time.perf_counter()
+        constraint = self.loaded.json_constraint(schema)
+        if len(self.loaded.constraints) > built:
+            self.log(f"  query constraint: {constraint.num_states} states ({time.perf_counter() - start:.1f}s)")
+        return constraint
 
     def encode(self, messages: list[Message]) -> list[int]:
         """Prompt ids of chat messages, ending with the assistant generation prompt."""
@@ -92,7 +76,7 @@ class LocalBackend:
 
     def fit(self, build: Callable[[ProfileBudget], list[Message]], intro_chars: int, max_new_tokens: int) -> list[int] | None:
         """Prompt ids with the largest profile that leaves ``max_new_tokens`` of room (None: nothing fits)."""
-        limit = self.cfg.engine.max_len - max_new_tokens
+        limit = self.loaded.config.max_len - max_new_tokens
         try:
             ids, shortened = fit_prompt(build, self.encode, limit, intro_chars)
         except PromptTooLong:
@@ -103,17 +87,14 @@ class LocalBackend:
     def request(self, request_id: str, ids: list[int], sampling: SamplingConfig, seed: int, constraint: Any) -> Any:
         """An engine ``Request`` (seeded by ``seed`` folded with ``request_id`` inside the engine); free text
         (``constraint=None``) is kept to the tokenizer's ids."""
-        return Request(request_id, ids, sampling_params(sampling, seed, self.stop_ids), constraint or self.free_text)
+        return Request(request_id, ids, sampling_params(sampling, seed, self.loaded.stop_ids),
+                       constraint or self.loaded.free_text)
 
     def run(self, out_dir: Path, requests: list[Any], process_index: int, process_count: int, desc: str) -> None:
         """Generate every request exactly once into ``out_dir`` with the sampling runner (resumable)."""
-        summary = run_sampling(self.engine, requests, out_dir, partition=False, process_index=process_index,
-                               process_count=process_count, shard_size=self.cfg.engine.shard_size,
-                               flush_seconds=self.cfg.engine.flush_seconds, progress=self.progress, desc=desc,
-                               total=len(requests))
-        self.last_stats = summary.to_json() | {"engine": self.engine.timing.to_json(), "compile": compile_stats(),
-                                               "prefix_cache": self.engine.prefix.stats.to_json()
-                                               if self.engine.prefix is not None else None}
+        summary = self.loaded.run(requests, out_dir, partition=False, process_index=process_index,
+                                  process_count=process_count, progress=self.progress, desc=desc, total=len(requests))
+        self.last_stats = summary.to_json() | self.loaded.stats()
 
     @staticmethod
     def prompt_stats(requests: list[Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import pydantic
 
 from ditto_jax.checkpoints import ModelSource
 from ditto_jax.config import StrictModel
-from ditto_jax.mesh import MeshConfig
+from ditto_jax.sampling.config import EngineConfig
 from ditto_jax.sampling.endpoint import AnyModel
 
 
@@ -110,18 +110,6 @@ class SessionsConfig(StrictModel):
     evidence_k: int = pydantic.Field(3, ge=0, description="profile facts kept as evidence per user turn")
 
 
-class EngineConfig(StrictModel):
-    """Sampling engine of each process: slots of continuous batching, cache length, mesh over local devices."""
-
-    batch_size: int = pydantic.Field(16, ge=1)
-    max_len: int = pydantic.Field(4096, ge=16)
-    devices: int | None = pydantic.Field(None, ge=1, description="use the first N local devices (None = all)")
-    mesh: MeshConfig = pydantic.Field(default_factory=MeshConfig)
-    shard_size: int = pydantic.Field(256, ge=1, description="runner: results per output shard")
-    flush_seconds: float = pydantic.Field(30.0, ge=0.0, description="runner: write a shard at least this often "
-                                          "(a kill loses at most this much generation)")
-
-
 class CorpusConfig(StrictModel):
     """Corpus output: JSONL shards under ``WORKDIR/corpus`` and the TFDS dataset under ``WORKDIR/tfds``."""
 
@@ -143,4 +131,7 @@ class SimulateConfig(StrictModel):
     filters: FiltersConfig = pydantic.Field(default_factory=FiltersConfig)
     sessions: SessionsConfig = pydantic.Field(default_factory=SessionsConfig)
     engine: EngineConfig = pydantic.Field(default_factory=EngineConfig)
+    """The supervision model's sampling engine on each process (``ditto_jax.sampling.EngineConfig``: slots, cache
+    length, mesh over the process's local devices, runner shards); unused by an endpoint, except ``shard_size`` and
+    ``flush_seconds`` of the resumable runs."""
     corpus: CorpusConfig = pydantic.Field(default_factory=CorpusConfig)
