@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 from train_fixtures import FAST, REPO, env, load_params, metrics, run_train, train_cmd, write_corpus
 
+from ditto_jax.config import ConfigError, validate
+from ditto_jax.train.config import SFTConfig, load_sft_config
+
 STEPS = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=5"]
 
 
@@ -228,3 +231,16 @@ def test_load_model_accepts_a_training_workdir_and_step_dir(reference_run: Path)
     _, cfg2 = load_model(reference_run / "checkpoints" / "4")
     assert cfg2 == cfg and cfg.vocab_size == 2048
     assert tokenizer_dir(reference_run) == reference_run / "tokenizer"
+
+
+def test_validation_section_and_its_old_name() -> None:
+    """``validation:`` (validation loss during SFT) was called ``eval:``: the old key is still read, with a
+    warning; both together are an error naming the new key."""
+    cfg = load_sft_config("sft/tiny")
+    data = cfg.model_dump(mode="json")
+    assert data["validation"] == {"every": 20, "batches": 2, "paths": None, "split": "train"} and "eval" not in data
+    old = {("eval" if k == "validation" else k): v for k, v in data.items()}
+    with pytest.warns(FutureWarning, match="now `validation:`"):
+        assert validate(SFTConfig, old) == cfg
+    with pytest.raises(ConfigError, match="give `validation:` only"):
+        load_sft_config("sft/tiny", ["eval.every=5"])

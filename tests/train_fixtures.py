@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["data.seq_len=128", "data.global_batch_size=2", "train.loss_chunk=64", "eval.every=0",
+FAST = ["data.seq_len=128", "data.global_batch_size=2", "train.loss_chunk=64", "validation.every=0",
         "log.tensorboard=false", "log.progress=false", "checkpoint.async_save=true"]
 
 

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import pydantic
 import yaml
 
 from ditto_jax import hf
@@ -88,6 +90,12 @@ class Demo:
         text = dump_config(self.cfg)
         if self.dirs.config.exists():
             stored = yaml.safe_load(self.dirs.config.read_text(encoding="utf-8")) or {}
+            try:  # read with today's schema: a run pinned before a defaulted field or a key rename still matches
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    stored = yaml.safe_load(dump_config(DemoConfig.model_validate(stored)))
+            except pydantic.ValidationError:
+                pass
             current = yaml.safe_load(text)
             differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
             if differ:

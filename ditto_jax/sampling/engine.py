@@ -1,4 +1,4 @@
-"""Continuous batching: a host-side scheduler that keeps ``B`` device slots busy over any stream of requests.
+"""Continuous batching: a host-side loop that keeps ``B`` device slots busy over any stream of requests.
 
 ``SamplingEngine.generate(requests)`` pulls requests lazily from any iterable (``submit``/``step``/``cancel``
 drive the same loop incrementally). Free slots are filled at once: first every prompt prefix that two or more

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib.resources
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 
@@ -15,6 +16,8 @@ from ditto_jax.mesh import MeshConfig
 from ditto_jax.train.optim import OptimConfig
 
 ASSET_PREFIX = "asset:"
+OLD_VALIDATION_KEY = ("`eval:` (validation loss during SFT) is now `validation:`, apart from `ditto-jax eval`'s "
+                      "role-play evaluation")
 
 
 class TrainConfig(StrictModel):
@@ -41,8 +44,10 @@ class LogConfig(StrictModel):
     progress: bool = True
 
 
-class EvalConfig(StrictModel):
-    """Validation loss every ``every`` steps (0: never) over ``batches`` batches of ``paths``/``split``."""
+class ValidationConfig(StrictModel):
+    """Validation loss during SFT (the ``validation:`` section; not ``ditto-jax eval``, the role-play evaluation):
+    every ``every`` steps (0: never) over ``batches`` batches of ``paths``/``split``; logged as ``eval_loss`` and
+    ``eval_accuracy`` in ``metrics.jsonl``."""
 
     every: int = pydantic.Field(0, ge=0)
     batches: int = pydantic.Field(4, gt=0)
@@ -59,10 +64,21 @@ class SFTConfig(StrictModel):
     optim: OptimConfig = pydantic.Field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = pydantic.Field(default_factory=CheckpointConfig)
     log: LogConfig = pydantic.Field(default_factory=LogConfig)
-    eval: EvalConfig = pydantic.Field(default_factory=EvalConfig)
+    validation: ValidationConfig = pydantic.Field(default_factory=ValidationConfig)
     mesh: MeshConfig = pydantic.Field(default_factory=MeshConfig)
     export_hf: bool = pydantic.Field(False, description="write WORKDIR/export/hf at the end")
     platform: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _old_validation_key(cls, data: Any) -> Any:
+        """``eval:`` is the old name of ``validation:``: still read (with a warning), an error next to it."""
+        if not isinstance(data, dict) or "eval" not in data:
+            return data
+        if "validation" in data:
+            raise ValueError(f"give `validation:` only: `eval:` is its old name ({OLD_VALIDATION_KEY})")
+        warnings.warn(f"SFT config: {OLD_VALIDATION_KEY}; read as `validation:`", FutureWarning, stacklevel=2)
+        return {("validation" if k == "eval" else k): v for k, v in data.items()}
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> "SFTConfig":

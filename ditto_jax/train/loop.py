@@ -61,17 +61,17 @@ def _tokenizer(cfg: SFTConfig) -> Any:
     return source_tokenizer(cfg.model, required=True)
 
 
-def _pipeline(cfg: SFTConfig, tokenizer: Any, eval_split: bool = False) -> Any:
+def _pipeline(cfg: SFTConfig, tokenizer: Any, validation_split: bool = False) -> Any:
     data = cfg.data.model_copy(update={"paths": resolve_asset_paths(cfg.data.paths)})
-    if eval_split:
-        paths = resolve_asset_paths(cfg.eval.paths) if cfg.eval.paths is not None else data.paths
-        data = data.model_copy(update={"paths": paths, "split": cfg.eval.split, "shuffle": False})
+    if validation_split:
+        paths = resolve_asset_paths(cfg.validation.paths) if cfg.validation.paths is not None else data.paths
+        data = data.model_copy(update={"paths": paths, "split": cfg.validation.split, "shuffle": False})
     try:
         pipe = make_pipeline(data, tokenizer)
     except FileNotFoundError as exc:
-        raise TrainingError(f"{'eval' if eval_split else 'data'}.paths: corpus not found: {exc}") from exc
+        raise TrainingError(f"{'validation' if validation_split else 'data'}.paths: corpus not found: {exc}") from exc
     except ValueError as exc:
-        raise TrainingError(f"{'eval' if eval_split else 'data'}: {exc} (paths: {data.paths}; "
+        raise TrainingError(f"{'validation' if validation_split else 'data'}: {exc} (paths: {data.paths}; "
                             f"{_skip_reasons(data, tokenizer)})") from exc
     return pipe
 
@@ -113,7 +113,7 @@ def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
 
     tokenizer = _tokenizer(cfg)
     pipe = _pipeline(cfg, tokenizer)
-    eval_pipe = _pipeline(cfg, tokenizer, eval_split=True) if cfg.eval.every else None
+    eval_pipe = _pipeline(cfg, tokenizer, validation_split=True) if cfg.validation.every else None
     mesh = make_mesh(cfg.mesh)
     _check_mesh(cfg, mesh)
     rules = cfg.mesh.logical_rules()
@@ -205,7 +205,7 @@ def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
                 record = {"step": step, **{k: metrics[k] for k in ("loss", "accuracy", "lr", "grad_norm")},
                           "trained_tokens": int(metrics["tokens"]), "tokens_per_s": tps, "step_time_s": dt,
                           "mfu": flops_per_token * tps / (peak * jax.device_count())}
-                if eval_step is not None and (step % cfg.eval.every == 0 or step == total):
+                if eval_step is not None and (step % cfg.validation.every == 0 or step == total):
                     record.update(_evaluate(eval_step, state.params, eval_pipe, cfg, mesh))
                     last = time.perf_counter()
                 writer.write(record)
@@ -297,7 +297,7 @@ def _train_part(state: steplib.TrainState) -> dict[str, Any]:
 def _evaluate(eval_step: Any, params: Any, pipe: Any, cfg: SFTConfig, mesh: Any) -> dict[str, float]:
     it = pipe.iterator()
     loss = correct = tokens = 0.0
-    for _ in range(cfg.eval.batches):
+    for _ in range(cfg.validation.batches):
         out = jax.device_get(eval_step(params, global_batch(next(it), mesh)))
         loss, correct, tokens = loss + float(out["loss_sum"]), correct + float(out["correct"]), tokens + float(out["tokens"])
     if tokens == 0:
