@@ -63,6 +63,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--prefix-cache-rows", type=int, default=None,
                    help="prefix-cache rows of --max-len tokens for prompt prefixes shared by several prompts "
                         "(default: min(--batch-size, 8); 0 = off)")
+    e.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+                   help="prefill a longer prompt remainder in chunks of this many tokens, decoding the other "
+                        "slots in between (0 = whole prompts)")
     e.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent compilation cache folder (default $DITTO_JAX_COMPILATION_CACHE, else "
                         "$XDG_CACHE_HOME/ditto-jax/jax-cache; 'off' = none)")
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     source = ModelSource(path=args.model, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype)
     cfg = EngineConfig(batch_size=args.batch_size, chunk=args.chunk, max_top_k=max(64, args.top_k),
-                       prefix_cache_rows=args.prefix_cache_rows, mesh=MeshConfig(data=-1, tensor=args.tensor),
+                       prefix_cache_rows=args.prefix_cache_rows, prefill_chunk=args.prefill_chunk or None, mesh=MeshConfig(data=-1, tensor=args.tensor),
                        compile_cache=args.compile_cache, shard_size=args.shard_size, flush_seconds=60.0)
     prompts: list[tuple[str, list[int]]] = []
 

@@ -41,6 +41,7 @@ class _Live:
     stop_checked: int = 0
     on_token: Callable[[str, list[int]], None] | None = None
     delivered: int = 0  # output ids already passed to on_token
+    prefilled: int | None = None  # chunked prefill under way: prompt tokens already in the slot's cache
 
 
 def _round_up(n: int, m: int) -> int:
@@ -66,6 +67,7 @@ class EngineTiming:
     prefix_fill_cpu_s: float = 0.0
     decode_cpu_s: float = 0.0
     prefill_calls: int = 0
+    prefill_chunks: int = 0  # non-final chunks of chunked prefills (included in prefill_calls)
     prefix_fill_calls: int = 0
     decode_calls: int = 0
     decode_steps: int = 0
@@ -131,13 +133,17 @@ class SamplingEngine:
       prefix_block: granularity (tokens) of shared prefixes.
       prefix_bucket: prefixes are computed in widths of a multiple of this, and read in power-of-two widths
         (fewer compilations).
+      prefill_chunk: a prompt whose remainder (after its pooled prefix) is longer than this many tokens is
+        prefilled in chunks of this size, one chunk per ``step``, with a decode chunk of the running slots in
+        between (a long prompt never stalls the others for its whole prefill); each chunk attends to the
+        earlier ones in the slot's cache. ``None``: whole prompts at once.
     """
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int, max_len: int, mesh: jax.sharding.Mesh | None = None,
                  *, chunk: int = 16, prefill_batch: int | None = None, min_bucket: int = 16, max_top_k: int = 64,
                  max_stop_ids: int = 8, default_params: SamplingParams | None = None, decode_path: str | None = None,
                  share_compiled: bool = True, prefix_cache_rows: int | None = None, prefix_block: int = 16,
-                 prefix_bucket: int = 64):
+                 prefix_bucket: int = 64, prefill_chunk: int | None = 512):
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
         self.tokenizer = tokenizer
@@ -151,6 +157,9 @@ class SamplingEngine:
                                  prefix_row_tokens=max_len if rows else 0)
         self.prefix = PrefixIndex(rows, max_len, prefix_block) if rows else None
         self.prefix_bucket = prefix_bucket
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.sampler = Sampler(model, self.cfg, mesh, share_compiled=share_compiled)
         self.vocab_size = model.cfg.vocab_size
         self.buckets = length_buckets(max_len, min_bucket)
@@ -273,6 +282,13 @@ class SamplingEngine:
                 slot = free.pop(0)
                 live[slot] = self._pending.popleft()
                 admitted.append((slot, live[slot]))
+        chunking = [(slot, rec) for slot, rec in enumerate(live) if rec is not None and rec.prefilled is not None]
+        if chunking:
+            for slot, rec, code in self._prefill_chunks(chunking):
+                self._deliver(rec)
+                if code != FINISH_NONE:
+                    live[slot] = None
+                    done.append(self._finish(rec, FINISH_NAMES[code]))
         if admitted:
             for slot, rec, code in self._prefill(admitted):
                 self._deliver(rec)
@@ -281,9 +297,9 @@ class SamplingEngine:
                     done.append(self._finish(rec, FINISH_NAMES[code]))
             if self._pending and any(x is None for x in live):
                 return done
-        if all(x is None for x in live):
+        if all(x is None or x.prefilled is not None for x in live):
             return done
-        keep = np.array([x is not None for x in live])
+        keep = np.array([x is not None and x.prefilled is None for x in live])
         t0, c0 = time.perf_counter(), time.process_time()
         tokens, logprobs, finish, steps = self.sampler.decode(self._device_tables(), keep)
         self.timing.decode_s += time.perf_counter() - t0
@@ -291,7 +307,7 @@ class SamplingEngine:
         self.timing.decode_calls += 1
         self.timing.decode_steps += steps
         for slot, rec in enumerate(live):
-            if rec is None:
+            if rec is None or rec.prefilled is not None:
                 continue
             row = tokens[slot]
             n_new = int(np.sum(row >= 0))
@@ -335,8 +351,13 @@ class SamplingEngine:
         remainder, grouped by (prefix width, remainder bucket) in power-of-two groups."""
         plan = self._plan_prefixes(admitted)
         groups: dict[tuple[int, int], list[tuple[int, _Live, int, int]]] = collections.defaultdict(list)
+        first_chunks: dict[tuple[int, int], list[tuple[int, _Live, int, int]]] = collections.defaultdict(list)
         for slot, rec, row, m in plan:
             rest = rec.prompt_len - m
+            if self.prefill_chunk is not None and rest > self.prefill_chunk:
+                pp = 0 if m == 0 else min(_pow2(max(m, self.prefix_bucket)), self.cfg.prefix_row_tokens)
+                first_chunks[pp, self.prefill_chunk].append((slot, rec, row, m))
+                continue
             ps = next(x for x in self.buckets if x >= rest)
             # the prefix is only read (gathered and attended to), never recomputed: a coarse width keeps
             # the compiled variants few at little cost
@@ -346,6 +367,27 @@ class SamplingEngine:
         for (pp, ps), items in sorted(groups.items()):
             for start in range(0, len(items), self.prefill_batch):
                 out.extend(self._prefill_group(pp, ps, items[start:start + self.prefill_batch]))
+        for (pp, ps), items in sorted(first_chunks.items()):
+            for start in range(0, len(items), self.prefill_batch):
+                self._prefill_group(pp, ps, items[start:start + self.prefill_batch], upto=self.prefill_chunk)
+        return out
+
+    def _prefill_chunks(self, chunking: list[tuple[int, _Live]]) -> list[tuple[int, _Live, int]]:
+        """The next chunk of every prompt whose chunked prefill is under way (its earlier chunks are read from
+        the slot's own cache); a prompt's last chunk samples its first token, as a whole-prompt prefill does."""
+        groups: dict[tuple[int, int, bool], list[tuple[int, _Live, int, int]]] = collections.defaultdict(list)
+        for slot, rec in chunking:
+            m = rec.prefilled
+            rest = rec.prompt_len - m
+            final = rest <= self.prefill_chunk
+            ps = next(x for x in self.buckets if x >= rest) if final else self.prefill_chunk
+            groups[min(_round_up(m, self.prefill_chunk), self.cfg.max_len), ps, final].append((slot, rec, slot, m))
+        out = []
+        for (pp, ps, final), items in sorted(groups.items()):
+            for start in range(0, len(items), self.prefill_batch):
+                part = items[start:start + self.prefill_batch]
+                out.extend(self._prefill_group(pp, ps, part, upto=None if final else self.prefill_chunk,
+                                               from_slots=True))
         return out
 
     def _plan_prefixes(self, admitted: list[tuple[int, _Live]]) -> list[tuple[int, _Live, int, int]]:
@@ -415,8 +457,22 @@ class SamplingEngine:
                 self.timing.prefix_fill_calls += 1
                 self.timing.prompt_tokens_computed += sum(len(t) for _, t in part)
 
-    def _prefill_group(self, pp: int, ps: int, items: list[tuple[int, _Live, int, int]]
-                       ) -> list[tuple[int, _Live, int]]:
+    def _prefill_group(self, pp: int, ps: int, items: list[tuple[int, _Live, int, int]], upto: int | None = None,
+                       from_slots: bool = False) -> list[tuple[int, _Live, int]]:
+        """Prefill ``items`` ``(slot, rec, source row, cached prefix length)``: the prefix from pool row (or,
+        ``from_slots``, from the slot itself), then the rest of the prompt in a ``ps``-wide bucket. ``upto``:
+        only the next ``upto`` tokens (a non-final chunk: the slot stays inactive, nothing is returned)."""
+        if upto is not None:
+            out = self._prefill_group_rows(pp, ps, items, upto, from_slots)
+            for _, rec, _, m in items:
+                rec.prefilled = m + upto
+            return out
+        for _, rec, _, _ in items:
+            rec.prefilled = None
+        return self._prefill_group_rows(pp, ps, items, None, from_slots)
+
+    def _prefill_group_rows(self, pp: int, ps: int, items: list[tuple[int, _Live, int, int]], upto: int | None,
+                            from_slots: bool) -> list[tuple[int, _Live, int]]:
         g = _pow2(len(items))
         b, ms = self.cfg.batch_size, self.cfg.max_stop_ids
         slots = np.full((g,), b, np.int32)  # >= B: a padding row, dropped on device
@@ -432,11 +488,13 @@ class SamplingEngine:
         for i, (slot, rec, row, m) in enumerate(items):
             p, req = rec.params, rec.request
             ids = np.asarray(req.input_ids, np.int32)
+            if upto is not None:
+                ids = ids[:m + upto]  # a non-final chunk: the prompt so far
             slots[i] = slot
-            prompts[i, :rec.prompt_len] = ids
-            suffix[i, :rec.prompt_len - m] = ids[m:]
+            prompts[i, :len(ids)] = ids
+            suffix[i, :len(ids) - m] = ids[m:]
             src_rows[i], prefix_len[i] = row, m
-            lengths[i] = rec.prompt_len
+            lengths[i] = len(ids)
             key[i] = request_key_data(p.seed, req.id)
             temp[i], top_p[i], rep[i], top_k[i], max_new[i] = (p.temperature, p.top_p, p.repetition_penalty,
                                                               p.top_k, p.max_new_tokens)
@@ -448,16 +506,22 @@ class SamplingEngine:
                          top_p=jnp.asarray(top_p), repetition_penalty=jnp.asarray(rep), max_new=jnp.asarray(max_new),
                          stop_ids=jnp.asarray(stop_ids), cstate=jnp.asarray(cstate), ccon=jnp.asarray(ccon))
         t0, c0 = time.perf_counter(), time.process_time()
+        final = upto is None
         if pp == 0:
-            tok, lp, code = self.sampler.prefill(self._device_tables(), slots, suffix, lengths, rows)
+            tok, lp, code = self.sampler.prefill(self._device_tables(), slots, suffix, lengths, rows, final=final)
         else:
             tok, lp, code = self.sampler.prefill(self._device_tables(), slots, prompts, lengths, rows,
-                                                 src_rows=src_rows, prefix_len=prefix_len, suffix=suffix)
+                                                 src_rows=src_rows, prefix_len=prefix_len, suffix=suffix,
+                                                 from_slots=from_slots, final=final)
         self.timing.prefill_s += time.perf_counter() - t0
         self.timing.prefill_cpu_s += time.process_time() - c0
         self.timing.prefill_calls += 1
-        self.timing.prompt_tokens += sum(rec.prompt_len for _, rec, _, _ in items)
-        self.timing.prompt_tokens_computed += sum(rec.prompt_len - m for _, rec, _, m in items)
+        self.timing.prefill_chunks += not final
+        if not from_slots:  # a prompt is counted once, when its prefill starts
+            self.timing.prompt_tokens += sum(rec.prompt_len for _, rec, _, _ in items)
+        self.timing.prompt_tokens_computed += int(np.sum(lengths[:len(items)] - prefix_len[:len(items)]))
+        if not final:
+            return []
         out = []
         for i, (slot, rec, _, _) in enumerate(items):
             rec.output_ids.append(int(tok[i]))

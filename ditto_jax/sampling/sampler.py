@@ -139,26 +139,49 @@ def prefix_fill_fn(graphdef, params, pool: KVCache, rows: jax.Array, tokens: jax
                         v=pool.v.at[:, r, c].set(small.v.astype(pool.v.dtype), mode="drop"))
 
 
+def _slot_prefix(cache: KVCache | LayerCache, slots: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """The first ``width`` cached positions of ``slots [G]`` (``>= B``: padding, any row) as ``[L, G, W, Hkv, D]``."""
+    slots = jnp.minimum(slots, cache.batch - 1)
+    if isinstance(cache, KVCache):
+        return cache.k[:, slots, :width], cache.v[:, slots, :width]
+    if cache.heads_first:  # k [B, Hkv, D, S], v [B, Hkv, S, D]
+        k = jnp.stack([jnp.transpose(c[slots, :, :, :width], (0, 3, 1, 2)) for c in cache.k])
+        v = jnp.stack([jnp.transpose(c[slots, :, :width], (0, 2, 1, 3)) for c in cache.v])
+        return k, v
+    return jnp.stack([c[slots, :width] for c in cache.k]), jnp.stack([c[slots, :width] for c in cache.v])
+
+
 def prefill_fn(graphdef, params, state: SlotState, pool: KVCache | None, tables, slots: jax.Array,
                prompts: jax.Array, lengths: jax.Array, src_rows: jax.Array, prefix_len: jax.Array,
-               suffix: jax.Array, rows: RowParams, *, cfg: SamplerConfig):
+               suffix: jax.Array, rows: RowParams, *, cfg: SamplerConfig, from_slots: bool = False,
+               final: bool = True):
     """Prefill ``G`` prompts into ``slots [G]`` (``>= B`` = padding row) and sample their first tokens.
 
     ``prompts [G, W]`` are the whole prompts (true ``lengths [G]``; for the repetition penalty), ``suffix
-    [G, Ps]`` the part after each prompt's pooled prefix: ``prefix_len[g]`` tokens read from pool row
-    ``src_rows[g]`` (``pool`` is None when no row of the group has one, and ``W = Ps``). Only the suffix runs
-    through the model, attending to the prefix's cached keys/values."""
+    [G, Ps]`` the part after each prompt's cached prefix: ``prefix_len[g]`` tokens read from pool row
+    ``src_rows[g]``, or with ``from_slots`` from the slot's own cache (an earlier chunk of the same prompt;
+    ``pool`` is None when no row of the group has a prefix, and ``W = Ps``). Only the suffix runs through the
+    model, attending to the prefix's cached keys/values.
+
+    ``final=False`` (chunked prefill): the prompt continues in a later call; ``lengths`` is the length so far.
+    Only the keys/values are written and the slot stays inactive: nothing is sampled (the returned tokens,
+    log-probabilities and codes are placeholders)."""
     model = nnx.merge(graphdef, params)
     g, ps = suffix.shape
     mcfg = model.cfg
-    if pool is None:
+    pp = prompts.shape[1] - ps  # the prefix part of the width (static)
+    pad = [(0, 0), (0, 0), (0, ps), (0, 0), (0, 0)]
+    if from_slots:
+        k, v = _slot_prefix(state.cache, slots, pp)
+        small = KVCache(k=jnp.pad(k, pad), v=jnp.pad(v, pad), lengths=prefix_len)
+    elif pool is None:
         small = init_cache(mcfg, g, ps)
     else:
-        pp = prompts.shape[1] - ps  # the prefix part of the width (static)
-        pad = [(0, 0), (0, 0), (0, ps), (0, 0), (0, 0)]
         small = KVCache(k=jnp.pad(pool.k[:, src_rows, :pp], pad), v=jnp.pad(pool.v[:, src_rows, :pp], pad),
                         lengths=prefix_len)
     hidden, small = model(suffix, cache=small, return_hidden=True)
+    if not final:
+        return _write_slots(state, small, slots, lengths, active=False), *_placeholders(g)
     last = jnp.take_along_axis(hidden, (lengths - prefix_len - 1)[:, None, None], axis=1)[:, 0]
     logits = model.logits(last)
     vocab = logits.shape[-1]
@@ -171,26 +194,14 @@ def prefill_fn(graphdef, params, state: SlotState, pool: KVCache | None, tables,
     code = _finish_codes(tok, rows.stop_ids, ones, rows.max_new, lengths, cfg.max_len, jnp.ones((g,), bool))
     cstate = _advance_constraint(tables, rows.cstate, rows.ccon, tok, jnp.ones((g,), bool))
 
-    cache = state.cache
-    width = small.k.shape[2]
-    rows_, cols = slots[:, None], jnp.arange(width)[None, :]
-    if isinstance(cache, LayerCache):  # [G, W, Hkv, D] into either layout (the indexed views are [G, W, Hkv, D])
-        all_ = slice(None)
-        k_at, v_at = (((rows_, all_, all_, cols), (rows_, all_, cols)) if cache.heads_first else ((rows_, cols),) * 2)
-        k = tuple(c.at[k_at].set(small.k[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache.k))
-        v = tuple(c.at[v_at].set(small.v[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache.v))
-    else:
-        k = cache.k.at[:, rows_, cols].set(small.k.astype(cache.k.dtype), mode="drop")
-        v = cache.v.at[:, rows_, cols].set(small.v.astype(cache.v.dtype), mode="drop")
+    state = _write_slots(state, small, slots, lengths, active=code == FINISH_NONE)
 
     def put(arr, val):
         return arr.at[slots].set(val.astype(arr.dtype), mode="drop")
 
     new = state.replace(
-        cache=cache.replace(k=k, v=v, lengths=put(cache.lengths, lengths)),
         last_token=put(state.last_token, tok),
         num_generated=put(state.num_generated, ones),
-        active=put(state.active, code == FINISH_NONE),
         finish=put(state.finish, code),
         key=put(state.key, rows.key),
         temperature=put(state.temperature, rows.temperature),
@@ -204,6 +215,33 @@ def prefill_fn(graphdef, params, state: SlotState, pool: KVCache | None, tables,
         ccon=put(state.ccon, rows.ccon),
     )
     return new, tok, lp, code
+
+
+def _write_slots(state: SlotState, small: KVCache, slots: jax.Array, lengths: jax.Array,
+                 active: jax.Array | bool) -> SlotState:
+    """Scatter the ``G`` rows of ``small`` (``[L, G, W, Hkv, D]``) into ``slots`` (``>= B``: dropped) from
+    position 0, set their cache lengths and ``active`` (a slot between prefill chunks also reads finish NONE)."""
+    cache = state.cache
+    width = small.k.shape[2]
+    rows_, cols = slots[:, None], jnp.arange(width)[None, :]
+    if isinstance(cache, LayerCache):  # [G, W, Hkv, D] into either layout (the indexed views are [G, W, Hkv, D])
+        all_ = slice(None)
+        k_at, v_at = (((rows_, all_, all_, cols), (rows_, all_, cols)) if cache.heads_first else ((rows_, cols),) * 2)
+        k = tuple(c.at[k_at].set(small.k[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache.k))
+        v = tuple(c.at[v_at].set(small.v[i].astype(c.dtype), mode="drop") for i, c in enumerate(cache.v))
+    else:
+        k = cache.k.at[:, rows_, cols].set(small.k.astype(cache.k.dtype), mode="drop")
+        v = cache.v.at[:, rows_, cols].set(small.v.astype(cache.v.dtype), mode="drop")
+
+    def put(arr, val):
+        return arr.at[slots].set(jnp.broadcast_to(val, slots.shape).astype(arr.dtype), mode="drop")
+
+    return state.replace(cache=cache.replace(k=k, v=v, lengths=put(cache.lengths, lengths)),
+                         active=put(state.active, active), finish=put(state.finish, FINISH_NONE))
+
+
+def _placeholders(g: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return jnp.zeros((g,), jnp.int32), jnp.zeros((g,), jnp.float32), jnp.full((g,), FINISH_NONE, jnp.int32)
 
 
 def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, *, cfg: SamplerConfig, mcfg: Any):
@@ -343,21 +381,24 @@ class Sampler:
 
     def prefill(self, tables, slots: np.ndarray, prompts: np.ndarray, lengths: np.ndarray, rows: RowParams,
                 src_rows: np.ndarray | None = None, prefix_len: np.ndarray | None = None,
-                suffix: np.ndarray | None = None):
+                suffix: np.ndarray | None = None, *, from_slots: bool = False, final: bool = True):
         """Prefill rows into slots (host arrays in); returns host ``(first_tokens, logprobs, finish_codes)``.
 
         Without ``suffix`` the whole prompts run through the model; with it, each row's first ``prefix_len``
-        tokens come from pool row ``src_rows`` and ``suffix`` (the rest, left-aligned) runs."""
+        tokens come from pool row ``src_rows`` (or, ``from_slots``, from the slot itself: an earlier chunk) and
+        ``suffix`` (the rest, left-aligned) runs. ``final=False``: a chunk of a longer prompt (see
+        ``prefill_fn``)."""
         g = prompts.shape[0]
         if suffix is None:
             pool, suffix = None, prompts
             src_rows, prefix_len = np.zeros((g,), np.int32), np.zeros((g,), np.int32)
         else:
-            pool = self.pool
+            pool = None if from_slots else self.pool
         with _maybe_mesh(self.mesh):
             self.state, tok, lp, code = self._steps.prefill(
                 self.params, self.state, pool, tables, jnp.asarray(slots), jnp.asarray(prompts),
-                jnp.asarray(lengths), jnp.asarray(src_rows), jnp.asarray(prefix_len), jnp.asarray(suffix), rows)
+                jnp.asarray(lengths), jnp.asarray(src_rows), jnp.asarray(prefix_len), jnp.asarray(suffix), rows,
+                from_slots=from_slots, final=final)
         return np.asarray(tok), np.asarray(lp), np.asarray(code)
 
     def decode(self, tables, keep: np.ndarray):
@@ -388,7 +429,7 @@ class StepFunctions:
         del mesh  # part of the sharing key only; the shardings carry it
         out_state = None if state_shardings is None else (state_shardings, None, None, None)
         prefill = jax.jit(functools.partial(prefill_fn, graphdef, cfg=cfg), donate_argnums=(1,),
-                          out_shardings=out_state)
+                          out_shardings=out_state, static_argnames=("from_slots", "final"))
         decode = jax.jit(functools.partial(decode_fn, graphdef, cfg=cfg, mcfg=mcfg), donate_argnums=(1,),
                          out_shardings=out_state, compiler_options=decode_compiler_options())
         prefix_fill = jax.jit(functools.partial(prefix_fill_fn, graphdef), donate_argnums=(1,))
