@@ -283,18 +283,10 @@ class SamplingEngine:
                 live[slot] = self._pending.popleft()
                 admitted.append((slot, live[slot]))
         chunking = [(slot, rec) for slot, rec in enumerate(live) if rec is not None and rec.prefilled is not None]
-        if chunking:
-            for slot, rec, code in self._prefill_chunks(chunking):
-                self._deliver(rec)
-                if code != FINISH_NONE:
-                    live[slot] = None
-                    done.append(self._finish(rec, FINISH_NAMES[code]))
+        if chunking:  # prompts admitted earlier whose chunked prefill continues (admitted ones start below)
+            self._settle_prefilled(self._prefill_chunks(chunking), done)
         if admitted:
-            for slot, rec, code in self._prefill(admitted):
-                self._deliver(rec)
-                if code != FINISH_NONE:
-                    live[slot] = None
-                    done.append(self._finish(rec, FINISH_NAMES[code]))
+            self._settle_prefilled(self._prefill(admitted), done)
             if self._pending and any(x is None for x in live):
                 return done
         if all(x is None or x.prefilled is not None for x in live):
@@ -323,6 +315,14 @@ class SamplingEngine:
                 live[slot] = None
                 done.append(self._finish(rec, FINISH_NAMES[int(finish[slot])]))
         return done
+
+    def _settle_prefilled(self, prefilled: list[tuple[int, _Live, int]], done: list[Result]) -> None:
+        """Deliver each prefilled prompt's first token; free the slots of those that finished with it."""
+        for slot, rec, code in prefilled:
+            self._deliver(rec)
+            if code != FINISH_NONE:
+                self._live[slot] = None
+                done.append(self._finish(rec, FINISH_NAMES[code]))
 
     def _free_slots(self) -> int:
         return sum(x is None for x in self._live)
