@@ -173,3 +173,19 @@ def test_verdict_patterns_force_parsable_verdicts():
         assert J.parse_reference(metric, raw, "en", ["Ada", "Bob"]) is not None
     zh = "分析" + J.VERDICT_LEAD[("consistency", "zh")] + "张衡]"
     assert J.parse_reference("consistency", zh, "zh", ["华佗", "张衡"]) == 1
+
+
+@pytest.mark.parametrize("metric,text,lang,lead,expected", [
+    ("consistency", "The most suitable role is [Napoleon].", "en", "", 0),
+    ("consistency", "Let me analyse the reply step by step.\nThe most suitable role is [Napoleon].", "en",
+     J.ANALYSIS_LEAD[("consistency", "en")], 0),
+    ("consistency", "He speaks of Austerlitz and his Grande Armée.\nThe most suitable role is [Napoleon].", "en", "", 8),
+    ("consistency", "回复提到了奥斯特里茨战役。\n最符合的角色为[拿破仑]", "zh", "", 6),
+    ("consistency", "Hmm.\nThe most suitable role is [X]", "zh", "", 2),  # the other language's sentence
+    ("knowledge", "Analysis: the answer matches the tips.\n7", "en", J.ANALYSIS_LEAD[("knowledge", "en")], 5),
+    ("knowledge", "7", "en", "", 0),
+    ("mtbench", "Good answer, in character.\nRating: [[6]]", "en", "", 4),
+    ("rejection", "1", "en", "", 0),
+])
+def test_reasoning_words_counts_what_precedes_the_verdict(metric, text, lang, lead, expected):
+    assert J.reasoning_words(metric, text, lang, lead) == expected

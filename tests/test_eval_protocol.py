@@ -18,6 +18,7 @@ from ditto_jax.cli import main
 from ditto_jax.config import dump_config, validate
 from ditto_jax.eval.calibration import load_calibration
 from ditto_jax.eval.config import EvalConfig
+from ditto_jax.eval.judge import ANALYSIS_LEAD
 from ditto_jax.eval.pipeline import run_eval
 from ditto_jax.eval.testsets import default_wikiroleeval_path
 
@@ -64,11 +65,12 @@ def perfect(model: str, messages: list[dict[str, str]]) -> str:
     if metric == "rejection":
         return str(item.refusal) if item else "0"
     if metric == "mtbench":
-        return "A helpful answer in the role.\nRating: [[6]]"
+        return "A helpful answer that stays in the role and answers the question well.\nRating: [[6]]"
     if metric == "consistency":
         answer = _answer_in(prompt) or ""
         label = item.label if item else next(c for c in re.findall(r"^- (.+)$", prompt, re.M) if c in answer)
-        intro = "分析：回复里提到了只有这个角色才知道的事。" if item and item.lang == "zh" else "The reply names its own deeds."
+        intro = "分析：回复里提到了只有这个角色才知道的事。" if item and item.lang == "zh" else (
+            "The reply names deeds and places that only one of the listed characters could know.")
         lead = "最符合的角色为" if item and item.lang == "zh" else "The most suitable role is "
         return f"{intro}\n{lead}[{label}]"
     score = 9 if item is None or item.knowledge != "bad" else 2
@@ -128,7 +130,7 @@ def test_perfect_judge_passes_calibration_and_key_stays_secret(testset, tmp_path
     assert "WARNING" not in out.err and "Warning" not in (workdir / "report.md").read_text()
     # the perfect judge names the true role whatever position the shuffle put it in
     assert report["metrics"]["all"]["consistency"] == 1.0
-    assert all(u["samples"] == 0 for u in report["unparsable"].values())
+    assert all(u["samples"] == 0 and "no_reasoning" not in u for u in report["unparsable"].values())
     # every judge sample kept, raw text with reasoning before the verdict, the shown order recorded
     rows = [json.loads(x) for x in (workdir / "judgements.jsonl").read_text().splitlines()]
     cands = [r for r in rows if r["candidate"] == "cand"]
@@ -164,6 +166,12 @@ def test_constant_judge_is_flagged(testset, tmp_path, monkeypatch, capsys):
     md = (workdir / "report.md").read_text()
     assert "Warning: the judge failed its calibration" in md and "near-constant" in md and " †" in md
     assert err.count("WARNING: judge calibration") == 3
+    # "Hmm." / "Looks fine." before the verdict is no reasoning: every such verdict is counted
+    u = report["unparsable"]
+    assert u["consistency"]["no_reasoning"] == u["consistency"]["total_samples"] == 4 * 3
+    assert u["knowledge"]["no_reasoning"] == 4 * 3 and u["mtbench"]["no_reasoning"] == 2 * 3
+    assert "no_reasoning" not in u["rejection"] and report["calibration"]["no_reasoning"]["consistency"] == 24 * 3
+    assert "12 verdicts without reasoning" in md
 
 
 def test_endpoint_answers_are_never_asked_twice(testset, tmp_path, monkeypatch):
@@ -193,8 +201,9 @@ def test_missing_key_is_a_clear_error(testset, tmp_path, monkeypatch, capsys):
 
 
 def test_local_judge_forces_only_the_final_verdict(testset, tmp_path, monkeypatch):
-    """A random-init local judge never writes the verdict sentence itself: its free text (the full budget) is
-    kept and only the verdict after it is decoded under a constraint, so every sample parses."""
+    """A random-init local judge never writes the verdict sentence itself: its turn starts with the analysis lead,
+    its free text (the full budget) is kept and only the verdict after it is decoded under a constraint, so every
+    sample parses."""
     monkeypatch.setenv(KEY_ENV, SECRET)
     with scripted_server(perfect) as server:
         cfg = config(testset, server.base_url, calibration={"enabled": False},
@@ -216,6 +225,7 @@ def test_local_judge_forces_only_the_final_verdict(testset, tmp_path, monkeypatc
             lead = {"consistency": {"en": "\nThe most suitable role is [", "zh": "\n最符合的角色为["},
                     "knowledge": {"en": "\n", "zh": "\n"}}[r["metric"]][r["lang"]]
             assert r["forced"] and lead in r["raw"] and len(r["raw"].rsplit(lead, 1)[0]) > 20  # free text first
+            assert r["raw"].startswith(ANALYSIS_LEAD[(r["metric"], r["lang"])]) and r["reasoning_words"] > 0
     assert report["unparsable"]["consistency"]["forced"] == 2 and report["unparsable"]["knowledge"]["forced"] == 2
     assert all(u["samples"] == 0 for u in report["unparsable"].values())
 

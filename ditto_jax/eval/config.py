@@ -50,7 +50,9 @@ class JudgeConfig(StrictModel):
     text's budget (``null``: 512 for ``reference``, 4 for ``terse``). ``constrained``: ``terse`` decodes the whole
     output under the format's regex; ``reference`` decodes rejection's 0/1 under it and, for a sample whose free
     text ends without a parsable verdict, forces only the final sentence/line (a local judge; an endpoint judge
-    cannot be constrained, its unparsable samples are counted). ``rejection_tie``: how a tied refusal vote
+    cannot be constrained, its unparsable samples are counted). ``analysis_lead``: a local judge's turn under
+    ``reference`` starts with ``judge.ANALYSIS_LEAD`` ("Let me analyse the reply step by step.", "Analysis:"), so
+    a small judge reasons before its verdict (an endpoint judge: no lead). ``rejection_tie``: how a tied refusal vote
     resolves (``first``: the first sample's vote, as the reference; see ``ditto_jax.eval.metrics``).
     ``knowledge_turns``: ``all`` turns (paper) or only ``answerable`` ones (rejection label 0). ``max_*_chars``:
     text cut before it enters a judge prompt; a prompt still longer than the engine's ``max_len`` is shortened
@@ -63,6 +65,7 @@ class JudgeConfig(StrictModel):
     temperature: float = pydantic.Field(0.2, ge=0.0)
     top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
     constrained: bool = True
+    analysis_lead: bool = True
     max_new_tokens: int | None = pydantic.Field(None, ge=1)
     rejection_tie: Literal["first", "not_refused", "refused"] = "first"
     knowledge_turns: Literal["all", "answerable"] = "all"

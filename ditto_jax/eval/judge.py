@@ -11,6 +11,9 @@ Two protocols (``judge.protocol``):
   grading (an explanation, then "[[rating]]"). Reasoning is free text; with ``judge.constrained`` only the
   verdict is forced: a sample whose free text does not end in a parsable verdict is continued after
   ``VERDICT_LEAD[metric]`` under a small regex (``verdict_pattern``) — see ``ditto_jax.eval.pipeline``.
+  A local judge's turn starts with ``ANALYSIS_LEAD`` (``judge.analysis_lead``): a small model otherwise often
+  writes the verdict sentence at once; ``reasoning_words`` measures what it wrote before the verdict and the
+  report counts verdicts given without reasoning.
 * ``terse`` (cheap smoke runs): the questions below, answered with one letter / number / 0-1 under a constraint.
 
 The terse protocol's four questions, one turn (user query + role's answer) at a time:
@@ -342,6 +345,46 @@ VERDICT_LEAD = {
     ("mtbench", "en"): "\nRating: [[", ("mtbench", "zh"): "\nRating: [[",
 }
 """What a forced verdict is written after: the free reasoning, then this text, then ``verdict_pattern``."""
+
+ANALYSIS_LEAD = {
+    ("consistency", "en"): "Let me analyse the reply step by step.\n", ("consistency", "zh"): "让我一步一步地分析这段回复。\n",
+    ("knowledge", "en"): "Analysis:", ("knowledge", "zh"): "分析：",
+    ("mtbench", "en"): "Explanation:", ("mtbench", "zh"): "Explanation:",
+}
+"""How a local judge's turn starts under the reference protocol (``judge.analysis_lead``; the assistant turn is
+prefilled with it, and it is part of the raw text in judgements.jsonl). The prompts already ask for the analysis
+first; the lead makes a small judge begin with it instead of writing the verdict at once (SmolLM2-135M on the
+English calibration prompts: 6 of 12 identity samples had >= 8 words before the verdict without it, 12 of 12
+with it). An endpoint judge gets no lead (a chat API has no assistant prefill)."""
+
+REASONED_METRICS = ("consistency", "knowledge", "mtbench")
+"""The judgements whose reference format asks for reasoning before the verdict (rejection: 0/1 only)."""
+
+MIN_REASONING_WORDS = 8
+"""A verdict with fewer words (zh: characters / 2) written before it counts as given without reasoning."""
+
+
+def reasoning_words(metric: str, text: str, lang: str = "en", lead: str = "") -> int:
+    """How many words the judge wrote before its verdict (``lead`` not counted; zh: non-space characters / 2):
+    before the last "most suitable role is [...]" sentence (consistency), above the last line (knowledge), before
+    the last ``[[`` (MT-Bench). A text without a verdict counts whole."""
+    body = text[len(lead):] if lead and text.startswith(lead) else text
+    if metric == "consistency":
+        matches = list(_ROLE_RE.get(lang, _ROLE_RE["en"]).finditer(body)) or list(
+            _ROLE_RE["zh" if lang == "en" else "en"].finditer(body))
+        before = body[:matches[-1].start()] if matches else body
+    elif metric == "knowledge":
+        stripped = body.strip()
+        before = stripped.rsplit("\n", 1)[0] if "\n" in stripped else ""
+    elif metric == "mtbench":
+        at = body.rfind("[[")
+        before = body[:at] if at >= 0 else body
+    else:
+        return 0
+    before = re.sub(r"(?:\bthe|\brating\s*:?)\s*$", "", before, flags=re.IGNORECASE)  # the verdict's own words
+    if lang == "zh":
+        return len(re.sub(r"\s", "", before)) // 2
+    return len(before.split())
 
 _ROLE_RE = {"en": re.compile(r"most suitable role is\s*[\[［【]([^\]］】\n]*)[\]］】]", re.IGNORECASE),
             "zh": re.compile(r"最符合的角色[为是]\s*[\[［【]([^\]］】\n]*)[\]］】]")}

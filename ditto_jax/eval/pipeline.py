@@ -52,6 +52,7 @@ PROMPT_STATS = "prompt_stats.json"
 JUDGEMENTS = "judgements.jsonl"
 ENDPOINT_CACHE = "endpoint_cache"
 FINAL_NEW_TOKENS = 40  # room for a forced verdict (a role name and "]", or a score)
+LEAD_TOKENS = 16  # room for the judge's analysis lead (J.ANALYSIS_LEAD)
 
 
 @dataclasses.dataclass
@@ -272,17 +273,28 @@ def judge_candidate(name: str, judge: Any, cfg: EvalConfig, testset: TestSet, wr
     jc = cfg.judge
     protocol = jc.protocol
     limits = W.JudgeLimits(jc.max_answer_chars, jc.max_summary_chars, jc.max_evidence_chars)
-    reserve = FINAL_NEW_TOKENS + 16 if protocol == "reference" else 0
+    reserve = FINAL_NEW_TOKENS + 16 + LEAD_TOKENS if protocol == "reference" else 0
     budget = cfg.engine.max_len - jc.new_tokens - reserve
     built: list[tuple[list[W.JudgeTask], list[W.JudgeTask]]] = []
+    use_lead = protocol == "reference" and jc.analysis_lead and not is_endpoint(jc.model)
+
+    def lead(task: W.JudgeTask) -> str:
+        return J.ANALYSIS_LEAD.get((task.metric, task.lang), "") if use_lead else ""
+
+    def led(task: W.JudgeTask) -> W.JudgeTask:  # the judge's turn starts with the analysis lead
+        text = lead(task)
+        if not text or not task.sendable:
+            return task
+        return dataclasses.replace(task, input_ids=list(task.input_ids) + judge.tokenizer.encode(text))
 
     def full_tasks() -> tuple[list[W.JudgeTask], list[W.JudgeTask]]:
         if not built:
             judge.load()
             enc = None if judge.is_endpoint else W.chat_encoder(judge.tokenizer)
-            built.append((W.judge_tasks(testset.sessions, wre, testset.descriptions, enc, jc.samples, limits, budget,
-                                        protocol=protocol, seed=cfg.seed),
-                          M.judge_tasks(testset.questions, mt, enc, jc.samples, limits, budget, protocol, templates)))
+            wre_tasks = W.judge_tasks(testset.sessions, wre, testset.descriptions, enc, jc.samples, limits, budget,
+                                      protocol=protocol, seed=cfg.seed)
+            mt_tasks = M.judge_tasks(testset.questions, mt, enc, jc.samples, limits, budget, protocol, templates)
+            built.append(([led(t) for t in wre_tasks], [led(t) for t in mt_tasks]))
         return built[0]
 
     def params(max_new: int) -> Any:
@@ -313,6 +325,9 @@ def judge_candidate(name: str, judge: Any, cfg: EvalConfig, testset: TestSet, wr
     outputs = run_stage(run_dir / "judge", _judge_ids(testset, jc.samples), make_requests,
                         lambda: judge.load().engine, f"{name}: judging", cfg.engine, progress=progress)
     wre_sk, mt_sk = _task_skeletons(testset, jc.samples, cfg.seed)
+    leads = {t.id: lead(t) for t in wre_sk + mt_sk}
+    outputs = {i: {**out, "text": leads[i] + (out.get("text") or "")} if leads.get(i) else out
+               for i, out in outputs.items()}  # the raw text as the judge's turn reads: lead, then its words
     final_outputs = dict(outputs)
     forced = 0
     if protocol == "reference" and jc.constrained and not is_endpoint(jc.model):
@@ -361,6 +376,11 @@ def judge_candidate(name: str, judge: Any, cfg: EvalConfig, testset: TestSet, wr
     rows: list[dict[str, Any]] = []
     turns = W.collect_judgements(testset.sessions, wre_sk, final_outputs, protocol, rows)
     mt_items = M.collect_judgements(testset.questions, mt_sk, final_outputs, protocol, rows)
+    if protocol == "reference":
+        for row in rows:
+            if row["metric"] in J.REASONED_METRICS and row.get("verdict") is not None:
+                row["reasoning_words"] = J.reasoning_words(row["metric"], row.get("raw") or "",
+                                                           row.get("lang", "en"), leads.get(row["id"], ""))
     return JudgeOutcome(turns, mt_items, {"judge_requests": len(outputs), "forced_verdicts": forced}, rows)
 
 
@@ -382,6 +402,15 @@ def forced_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for row in rows:
         if row.get("forced"):
+            out[row["metric"]] = out.get(row["metric"], 0) + 1
+    return out
+
+
+def no_reasoning_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Parsed verdicts per metric with fewer than ``J.MIN_REASONING_WORDS`` words written before them."""
+    out: dict[str, int] = {}
+    for row in rows:
+        if row.get("reasoning_words") is not None and row["reasoning_words"] < J.MIN_REASONING_WORDS:
             out[row["metric"]] = out.get(row["metric"], 0) + 1
     return out
 
@@ -481,7 +510,7 @@ def run_calibration(cfg: EvalConfig, judge: Any, workdir: Path, progress: bool,
     metrics = C.score_calibration(items, outcome.turns, cal.margin, cal.max_majority_share, outcome.rows)
     return {"items": len(items), "source": cal.path or "shipped (ditto_jax/data/assets/eval_calibration.jsonl)",
             "metrics": metrics, "reliable": all(m["reliable"] for m in metrics.values()),
-            "forced": forced_counts(outcome.rows)}
+            "forced": forced_counts(outcome.rows), "no_reasoning": no_reasoning_counts(outcome.rows)}
 
 
 def build_report(cand_cfg: CandidateConfig, cfg: EvalConfig, testset: TestSet, outcome: JudgeOutcome,
@@ -497,6 +526,9 @@ def build_report(cand_cfg: CandidateConfig, cfg: EvalConfig, testset: TestSet, o
     for metric, n in forced_counts(outcome.rows).items():
         if metric in unparsable:
             unparsable[metric]["forced"] = n
+    for metric, n in no_reasoning_counts(outcome.rows).items():
+        if metric in unparsable:
+            unparsable[metric]["no_reasoning"] = n
     counts = {"sessions": len(testset.sessions), **agg["counts"], "mtbench_questions": len(testset.questions),
               **answer_stats, **outcome.stats, "testset": testset.stats}
     unreliable = sorted(m for m, v in ((calibration or {}).get("metrics") or {}).items() if not v["reliable"])

@@ -6,7 +6,7 @@ One run's ``report.json``::
     {"name": str, "metrics": {"all"|"en"|"zh": {"consistency", "knowledge", "rejection"}},
      "mtbench": {"roleplay", "turn1", "turn2", "questions", "answers"} | null,
      "unparsable": {"consistency"|"knowledge"|"rejection"|"mtbench": {"samples", "turns", "total_samples", "reasons",
-                                                                      "forced"}},
+                                                                      "forced", "no_reasoning"}},
      "calibration": {"items", "source", "reliable", "metrics": {metric: {"accuracy", "chance", "majority_verdict",
                      "majority_share", "samples", "unparsable", "reliable", "warning"?}}} | null,
      "unreliable_metrics": [metric], "counts": {...}, "models": {"candidate": {...}, "judge": {...}}, "config": {...}}
@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from ditto_jax.eval.judge import MIN_REASONING_WORDS
 from ditto_jax.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
@@ -77,8 +78,9 @@ def unparsable_table(runs: Sequence[Run]) -> str:
                 continue
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(u.get("reasons", {}).items()))
             forced = f"; {u['forced']} verdicts forced" if u.get("forced") else ""
+            bare = f"; {u['no_reasoning']} verdicts without reasoning" if u.get("no_reasoning") else ""
             cells.append(f"{u['samples']}/{u['total_samples']} samples, {u['turns']} turns"
-                         + (f" ({reasons})" if reasons else "") + forced)
+                         + (f" ({reasons})" if reasons else "") + forced + bare)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -131,7 +133,9 @@ def render_markdown(runs: Sequence[Run], chart: str | None = REPORT_PNG) -> str:
     out += ["## Unparsable judge outputs", "", "Counted, never dropped silently. As the reference scoring: a turn "
             "with no parsable identity verdict scores 0; a turn with no parsable knowledge score or rejection vote "
             "is left out of that metric's mean. \"Forced\": samples whose free text ended without a verdict, "
-            "completed under a constraint (only the final sentence/line).", "", unparsable_table(runs), "",
+            "completed under a constraint (only the final sentence/line). \"Without reasoning\": parsed verdicts "
+            f"with fewer than {MIN_REASONING_WORDS} words written before them (the reference protocol asks for the "
+            "analysis first).", "", unparsable_table(runs), "",
             "## Judge calibration", "", calibration_table(runs), "", "## Runs", ""]
     for name, rep in runs:
         counts = rep.get("counts", {})
