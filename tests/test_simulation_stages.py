@@ -166,6 +166,33 @@ def test_rerun_with_a_different_config_is_refused(full_run):
             Simulation(cfg, full_run, log=lambda m: None, process_index=0, process_count=1).run()
 
 
+def test_config_written_before_new_default_fields_still_resumes(full_run, tmp_path):
+    """A workdir whose config.yaml predates fields with defaults (here the sampling sections' seed, stop ids and
+    ignore_eos) resumes; the same sections with a different value are refused."""
+    import shutil
+
+    import yaml
+
+    from ditto_jax.config import ConfigError, load_config
+    from ditto_jax.simulation.config import SimulateConfig
+    from ditto_jax.simulation.stages import Simulation
+
+    workdir = tmp_path / "old"
+    shutil.copytree(full_run, workdir)
+    data = yaml.safe_load((workdir / "config.yaml").read_text())
+    for section in ("queries", "responses"):
+        for key in ("seed", "stop_token_ids", "ignore_eos"):
+            assert key in data[section]["sampling"]
+            del data[section]["sampling"][key]
+    (workdir / "config.yaml").write_text(yaml.safe_dump(data))
+    report = Simulation(load_config(SimulateConfig, "simulate/tiny", OVERRIDES), workdir, log=lambda m: None,
+                        progress=False, process_index=0, process_count=1).run()
+    assert report["corpus"]["sessions"] > 0
+    cfg = load_config(SimulateConfig, "simulate/tiny", OVERRIDES + ["responses.sampling.seed=1"])
+    with pytest.raises(ConfigError, match="different config"):
+        Simulation(cfg, workdir, log=lambda m: None, process_index=0, process_count=1).run()
+
+
 def test_cli_rejects_a_bad_config_before_any_work(tmp_path, capsys):
     from ditto_jax.cli import main
 

@@ -13,18 +13,15 @@ from typing import Literal
 import pydantic
 
 from ditto_jax.config import StrictModel
+from ditto_jax.sampling import PaperSampling
 from ditto_jax.sampling.config import engine_field
 from ditto_jax.sampling.endpoint import AnyModel
-from ditto_jax.sampling.params import SamplingParams
 
 
-class AnswerSampling(SamplingParams):
-    """Candidate sampling (the sampling module's ``SamplingParams``) with the paper's defaults: top-p 0.8,
-    repetition penalty 1.1."""
+class AnswerSampling(PaperSampling):
+    """Candidate sampling: the paper's decoding (``sampling.PaperSampling``: top-p 0.8, repetition penalty 1.1),
+    answers up to 1,024 tokens; ``seed`` and ``stop_token_ids`` (added to the tokenizer's) apply to every answer."""
 
-    temperature: float = pydantic.Field(0.7, ge=0.0)
-    top_p: float = pydantic.Field(0.8, gt=0.0, le=1.0)
-    repetition_penalty: float = pydantic.Field(1.1, gt=0.0)
     max_new_tokens: int = pydantic.Field(1024, ge=1)
 
 

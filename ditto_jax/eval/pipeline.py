@@ -177,8 +177,7 @@ def load_testset(cfg: EvalConfig) -> TestSet:
 def _answer_params(cfg: EvalConfig, tokenizer: Any) -> Any:
     if tokenizer is None:
         return cfg.answer
-    stops = sorted(set(cfg.answer.stop_token_ids) | set(tokenizer.stop_ids))
-    return cfg.answer.model_copy(update={"stop_token_ids": stops})
+    return cfg.answer.for_request(cfg.answer.seed, tokenizer.stop_ids)
 
 
 def _text(record: Mapping[str, Any]) -> str:

@@ -27,10 +27,10 @@ from ditto_jax.sampling.constraints import (
 )
 from ditto_jax.sampling.engine import SamplingEngine
 from ditto_jax.sampling.loaded import LoadedEngine, load_engine
-from ditto_jax.sampling.params import Request, Result, SamplingParams
+from ditto_jax.sampling.params import PaperSampling, Request, Result, SamplingParams
 
 __all__ = [
-    "Constraint", "EngineConfig", "LoadedEngine", "Request", "Result", "SamplingEngine", "SamplingParams",
+    "Constraint", "EngineConfig", "LoadedEngine", "PaperSampling", "Request", "Result", "SamplingEngine", "SamplingParams",
     "choice_constraint", "engine_field", "integer_constraint", "json_schema_constraint", "json_schema_regex",
     "load_engine", "regex_constraint", "vocab_constraint",
 ]

@@ -1,4 +1,5 @@
-"""What a sampling request asks for and what it gets back: ``SamplingParams``, ``Request``, ``Result``."""
+"""What a sampling request asks for and what it gets back: ``SamplingParams`` (``PaperSampling``: the paper's
+defaults, for stage configs), ``Request``, ``Result``."""
 
 from __future__ import annotations
 
@@ -40,6 +41,26 @@ class SamplingParams(StrictModel):
         if any(s == "" for s in v):
             raise ValueError("stop_strings must not contain the empty string")
         return v
+
+
+
+class PaperSampling(SamplingParams):
+    """``SamplingParams`` with the Ditto paper's decoding defaults (temperature 0.7, top-p 0.8, repetition penalty
+    1.1, up to 2,048 new tokens): the YAML face of a generation stage's sampling (simulation, eval answers).
+    ``for_request`` makes one request's params."""
+
+    temperature: float = pydantic.Field(0.7, ge=0.0)
+    top_p: float = pydantic.Field(0.8, gt=0.0, le=1.0)
+    repetition_penalty: float = pydantic.Field(1.1, gt=0.0)
+    max_new_tokens: int = pydantic.Field(2048, ge=1)
+
+    def for_request(self, seed: int, stop_token_ids: Sequence[int] = (), max_new_tokens: int | None = None
+                    ) -> SamplingParams:
+        """The engine params of one request: these settings with ``seed``, the stop ids added to the config's
+        own, and ``max_new_tokens`` when given."""
+        return SamplingParams(**{**self.model_dump(), "seed": seed,
+                                 "stop_token_ids": sorted(set(self.stop_token_ids) | set(stop_token_ids)),
+                                 "max_new_tokens": max_new_tokens or self.max_new_tokens})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from ditto_jax.sampling import Request, SamplingParams, load_engine
+from ditto_jax.sampling import Request, load_engine
 from ditto_jax.sampling.endpoint import ChatRequest, EndpointEngine, is_endpoint
 from ditto_jax.sampling.runner import read_outputs as runner_outputs
 from ditto_jax.sampling.runner import run_complete, run_sampling
@@ -87,7 +87,7 @@ class LocalBackend:
     def request(self, request_id: str, ids: list[int], sampling: SamplingConfig, seed: int, constraint: Any) -> Any:
         """An engine ``Request`` (seeded by ``seed`` folded with ``request_id`` inside the engine); free text
         (``constraint=None``) is kept to the tokenizer's ids."""
-        return Request(request_id, ids, sampling_params(sampling, seed, self.loaded.stop_ids),
+        return Request(request_id, ids, sampling.for_request(seed + sampling.seed, self.loaded.stop_ids),
                        constraint or self.loaded.free_text)
 
     def run(self, out_dir: Path, requests: list[Any], process_index: int, process_count: int, desc: str) -> None:
@@ -129,7 +129,7 @@ class EndpointBackend:
     def request(self, request_id: str, messages: list[Message], sampling: SamplingConfig, seed: int,
                 constraint: dict[str, Any] | None) -> ChatRequest:
         """A ``ChatRequest`` (``seed`` is folded with ``request_id`` by the endpoint engine)."""
-        return ChatRequest(request_id, messages, sampling_params(sampling, seed, ()), response_format=constraint)
+        return ChatRequest(request_id, messages, sampling.for_request(seed + sampling.seed), response_format=constraint)
 
     def run(self, out_dir: Path, requests: list[Any], process_index: int, process_count: int, desc: str) -> None:
         """Answer every request exactly once into ``out_dir`` (the runner's shards; the journal behind them)."""
@@ -163,10 +163,3 @@ def read_outputs(out_dir: Path) -> dict[str, dict[str, Any]]:
     return runner_outputs(out_dir) if out_dir.exists() else {}
 
 
-def sampling_params(s: SamplingConfig, seed: int, stop_ids: Iterable[int], max_new_tokens: int | None = None
-                    ) -> SamplingParams:
-    """Engine ``SamplingParams`` from a stage's sampling config (the runner folds ``seed`` with each id)."""
-    return SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                          repetition_penalty=s.repetition_penalty,
-                          max_new_tokens=max_new_tokens or s.max_new_tokens, stop_token_ids=sorted(stop_ids),
-                          stop_strings=list(s.stop_strings), seed=seed)

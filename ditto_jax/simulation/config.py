@@ -17,19 +17,15 @@ import pydantic
 
 from ditto_jax.checkpoints import ModelSource
 from ditto_jax.config import StrictModel
+from ditto_jax.sampling import PaperSampling
 from ditto_jax.sampling.config import EngineConfig
 from ditto_jax.sampling.endpoint import AnyModel
 
 
-class SamplingConfig(StrictModel):
-    """Sampling settings of one generation stage (the paper: top-p 0.8, repetition penalty 1.1, 2,048 tokens)."""
-
-    temperature: float = pydantic.Field(0.7, ge=0.0)
-    top_k: int = pydantic.Field(0, ge=0)
-    top_p: float = pydantic.Field(0.8, gt=0.0, le=1.0)
-    repetition_penalty: float = pydantic.Field(1.1, gt=0.0)
-    max_new_tokens: int = pydantic.Field(2048, ge=1)
-    stop_strings: list[str] = pydantic.Field(default_factory=list)
+class SamplingConfig(PaperSampling):
+    """Sampling of one generation stage: the sampling module's ``SamplingParams`` with the paper's defaults (top-p
+    0.8, repetition penalty 1.1, 2,048 tokens). Each request's seed is the run's ``seed:`` plus this ``seed``
+    (default 0), folded with the request id; ``stop_token_ids`` are added to the tokenizer's."""
 
 
 class CharactersConfig(StrictModel):

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import pydantic
 import yaml
 
 from ditto_jax.config import ConfigError, dump_config
@@ -122,7 +123,12 @@ class Simulation:
         path = self.workdir / "config.yaml"
         current = _output_config(self.cfg.model_dump(mode="json"))
         if path.exists():
-            stored = _output_config(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            try:  # compared as a config: a file written before a field with a default was added still matches
+                data = type(self.cfg).model_validate(data).model_dump(mode="json")
+            except pydantic.ValidationError:
+                pass
+            stored = _output_config(data)
             if stored != current:
                 diff = sorted(k for k in OUTPUT_SECTIONS if stored.get(k) != current.get(k))
                 raise ConfigError(f"{self.workdir} was simulated with a different config (sections {diff} differ); "
