@@ -22,7 +22,6 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ditto_jax.sampling.constraints import ConstraintTables
@@ -209,7 +208,7 @@ class SamplingEngine:
         version = len(self.constraints.constraints)
         if version != self._tables_version:
             next_state, token_class = self.constraints.arrays()
-            self._tables = (jnp.asarray(next_state), jnp.asarray(token_class))
+            self._tables = jax.device_put((next_state, token_class))
             self._tables_version = version
         return self._tables
 
@@ -502,9 +501,8 @@ class SamplingEngine:
             stop_ids[i, :len(ids)] = ids
             if req.constraint is not None:
                 ccon[i], cstate[i] = self.constraints.register(req.constraint)
-        rows = RowParams(key=jnp.asarray(key), temperature=jnp.asarray(temp), top_k=jnp.asarray(top_k),
-                         top_p=jnp.asarray(top_p), repetition_penalty=jnp.asarray(rep), max_new=jnp.asarray(max_new),
-                         stop_ids=jnp.asarray(stop_ids), cstate=jnp.asarray(cstate), ccon=jnp.asarray(ccon))
+        rows = jax.device_put(RowParams(key=key, temperature=temp, top_k=top_k, top_p=top_p, repetition_penalty=rep,
+                                        max_new=max_new, stop_ids=stop_ids, cstate=cstate, ccon=ccon))
         t0, c0 = time.perf_counter(), time.process_time()
         final = upto is None
         if pp == 0:

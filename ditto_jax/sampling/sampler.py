@@ -373,10 +373,13 @@ class Sampler:
         kv = NamedSharding(mesh, logical_to_spec(("layers", None, None, "cache_heads", None), pool.k.shape, mesh))
         return pool.replace(k=kv, v=kv, lengths=NamedSharding(mesh, PartitionSpec()))
 
+    # Host arrays go in with jax.device_put, never jnp.asarray: under jax 0.10 jnp.asarray compiles a small copy
+    # executable ("stage") for every new shape and dtype (31 of the 55 executables of a SmolLM2 bench simulate
+    # run) and dispatches it on every call; device_put transfers (a copy) without one.
     def prefix_fill(self, rows: np.ndarray, tokens: np.ndarray) -> None:
         """Compute prefixes ``tokens [G, P]`` into pool rows ``rows [G]`` (``>= prefix_rows``: padding)."""
         with _maybe_mesh(self.mesh):
-            self.pool = self._steps.prefix_fill(self.params, self.pool, jnp.asarray(rows), jnp.asarray(tokens))
+            self.pool = self._steps.prefix_fill(self.params, self.pool, *jax.device_put((rows, tokens)))
         jax.block_until_ready(self.pool.k)
 
     def prefill(self, tables, slots: np.ndarray, prompts: np.ndarray, lengths: np.ndarray, rows: RowParams,
@@ -396,15 +399,15 @@ class Sampler:
             pool = None if from_slots else self.pool
         with _maybe_mesh(self.mesh):
             self.state, tok, lp, code = self._steps.prefill(
-                self.params, self.state, pool, tables, jnp.asarray(slots), jnp.asarray(prompts),
-                jnp.asarray(lengths), jnp.asarray(src_rows), jnp.asarray(prefix_len), jnp.asarray(suffix), rows,
+                self.params, self.state, pool, tables, *jax.device_put((slots, prompts, lengths, src_rows, prefix_len,
+                                                                       suffix)), rows,
                 from_slots=from_slots, final=final)
         return np.asarray(tok), np.asarray(lp), np.asarray(code)
 
     def decode(self, tables, keep: np.ndarray):
         """One decode chunk; returns host ``(tokens [B, K], logprobs [B, K], finish [B], steps)``."""
         with _maybe_mesh(self.mesh):
-            self.state, tok, lp, steps = self._steps.decode(self.decode_weights, self.state, tables, jnp.asarray(keep))
+            self.state, tok, lp, steps = self._steps.decode(self.decode_weights, self.state, tables, jax.device_put(keep))
         return np.asarray(tok), np.asarray(lp), np.asarray(self.state.finish), int(steps)
 
     def compile_count(self) -> int:
