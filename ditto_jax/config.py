@@ -129,7 +129,14 @@ def pin_config(workdir: Path, name: str, cfg: pydantic.BaseModel, what: str) -> 
 
 def _same_config(text: str, cfg: pydantic.BaseModel) -> bool:
     """Whether YAML ``text`` validates to a config equal to ``cfg``."""
+    old = reread_config(type(cfg), text)
+    return old is not None and old == cfg
+
+
+def reread_config(schema: type[T], text: str) -> T | None:
+    """A config written earlier (YAML ``text``) as ``schema`` reads it today: fields added since then take their
+    defaults; ``None`` when it no longer parses or validates."""
     try:
-        return type(cfg).model_validate(yaml.safe_load(text)) == cfg
+        return schema.model_validate(yaml.safe_load(text))
     except (yaml.YAMLError, pydantic.ValidationError):
-        return False
+        return None

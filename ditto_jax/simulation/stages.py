@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import pydantic
 import yaml
 
-from ditto_jax.config import ConfigError, dump_config
+from ditto_jax.config import ConfigError, dump_config, reread_config
 from ditto_jax.data.characters import load_characters
 from ditto_jax.data.corpus import build_corpus, parse_session, write_shards
 from ditto_jax.fileio import atomic_directory, atomic_write_json, atomic_write_jsonl, atomic_write_text
@@ -123,12 +122,9 @@ class Simulation:
         path = self.workdir / "config.yaml"
         current = _output_config(self.cfg.model_dump(mode="json"))
         if path.exists():
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            try:  # compared as a config: a file written before a field with a default was added still matches
-                data = type(self.cfg).model_validate(data).model_dump(mode="json")
-            except pydantic.ValidationError:
-                pass
-            stored = _output_config(data)
+            text = path.read_text(encoding="utf-8")
+            old = reread_config(type(self.cfg), text)  # a file written before a defaulted field was added matches
+            stored = _output_config(old.model_dump(mode="json") if old is not None else yaml.safe_load(text) or {})
             if stored != current:
                 diff = sorted(k for k in OUTPUT_SECTIONS if stored.get(k) != current.get(k))
                 raise ConfigError(f"{self.workdir} was simulated with a different config (sections {diff} differ); "
