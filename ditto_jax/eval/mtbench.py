@@ -104,7 +104,8 @@ def collect_judgements(questions: Sequence[MTBenchQuestion], tasks: Sequence[Jud
                     failures.append(reason)
                 if rows is not None:
                     row = {"item": f"mtbench/q{q.question_id:04d}/t{turn}", "metric": "mtbench", "sample": task.sample,
-                           "id": task.id, "lang": task.lang, "raw": text, "forced": bool(out and out.get("forced")), "verdict": value}
+                           "id": task.id, "lang": task.lang, "raw": text, "forced": bool(out and out.get("forced")),
+                           "verdict": value}
                     if reason is not None:
                         row["failure"] = reason
                     rows.append(row)

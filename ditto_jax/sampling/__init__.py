@@ -30,7 +30,8 @@ from ditto_jax.sampling.loaded import LoadedEngine, load_engine
 from ditto_jax.sampling.params import PaperSampling, Request, Result, SamplingParams
 
 __all__ = [
-    "Constraint", "EngineConfig", "LoadedEngine", "PaperSampling", "Request", "Result", "SamplingEngine", "SamplingParams",
+    "Constraint", "EngineConfig", "LoadedEngine", "PaperSampling", "Request", "Result", "SamplingEngine",
+    "SamplingParams",
     "choice_constraint", "engine_field", "integer_constraint", "json_schema_constraint", "json_schema_regex",
     "load_engine", "regex_constraint", "vocab_constraint",
 ]

@@ -407,7 +407,8 @@ class Sampler:
     def decode(self, tables, keep: np.ndarray):
         """One decode chunk; returns host ``(tokens [B, K], logprobs [B, K], finish [B], steps)``."""
         with _maybe_mesh(self.mesh):
-            self.state, tok, lp, steps = self._steps.decode(self.decode_weights, self.state, tables, jax.device_put(keep))
+            self.state, tok, lp, steps = self._steps.decode(self.decode_weights, self.state, tables,
+                                                            jax.device_put(keep))
         return np.asarray(tok), np.asarray(lp), np.asarray(self.state.finish), int(steps)
 
     def compile_count(self) -> int:
