@@ -1,8 +1,8 @@
 """Continuous batching: a host-side loop that keeps ``B`` device slots busy over any stream of requests.
 
-``SamplingEngine.generate(requests)`` pulls requests lazily from any iterable (``submit``/``step``/``cancel``
-drive the same loop incrementally). Free slots are filled at once: first every prompt prefix that two or more
-requests share and the prefix cache lacks is computed into a pool row (``prefix_cache.py``), then each prompt's
+``SamplingEngine.generate(requests)`` pulls requests lazily from any iterable, ``lookahead`` ahead of the free
+slots (``submit``/``step``/``cancel`` drive the same loop incrementally). Free slots are filled at once: first
+every prompt prefix that two or more requests (admitted, queued or seen) share and the prefix cache lacks is computed into a pool row (``prefix_cache.py``), then each prompt's
 remainder after its pooled prefix (the whole prompt when it has none) is prefilled, grouped by (prefix width,
 remainder bucket: powers of two from ``min_bucket`` up to ``max_len``) in groups of a power-of-two size
 (padding rows are dropped on device); then all slots decode together in chunks of ``chunk`` steps inside one
@@ -16,6 +16,7 @@ size; the persistent compilation cache (``compile_cache.py``) keeps them across 
 from __future__ import annotations
 
 import collections
+import itertools
 import dataclasses
 import threading
 import time
@@ -41,6 +42,7 @@ class _Live:
     on_token: Callable[[str, list[int]], None] | None = None
     delivered: int = 0  # output ids already passed to on_token
     prefilled: int | None = None  # chunked prefill under way: prompt tokens already in the slot's cache
+    names: list[int] | None = None  # the prompt's prefix-cache block names (computed once, when first needed)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -132,6 +134,11 @@ class SamplingEngine:
       prefix_block: granularity (tokens) of shared prefixes.
       prefix_bucket: prefixes are computed in widths of a multiple of this, and read in power-of-two widths
         (fewer compilations).
+      lookahead: how many queued requests beyond the free slots the prefix cache looks at: a prefix is pooled
+        when two or more requests share it, counting those admitted now, the next ``lookahead`` queued ones and
+        those seen before (so a character's first prompt, admitted alone, already pools the profile its later
+        prompts reuse); ``generate`` pulls that many requests ahead of the free slots. Default ``B`` with the
+        prefix cache, 0 without.
       prefill_chunk: a prompt whose remainder (after its pooled prefix) is longer than this many tokens is
         prefilled in chunks of this size, one chunk per ``step``, with a decode chunk of the running slots in
         between (a long prompt never stalls the others for its whole prefill); each chunk attends to the
@@ -142,7 +149,7 @@ class SamplingEngine:
                  *, chunk: int = 16, prefill_batch: int | None = None, min_bucket: int = 16, max_top_k: int = 64,
                  max_stop_ids: int = 8, default_params: SamplingParams | None = None, decode_path: str | None = None,
                  share_compiled: bool = True, prefix_cache_rows: int | None = None, prefix_block: int = 16,
-                 prefix_bucket: int = 64, prefill_chunk: int | None = 512):
+                 prefix_bucket: int = 64, prefill_chunk: int | None = 512, lookahead: int | None = None):
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
         self.tokenizer = tokenizer
@@ -156,6 +163,9 @@ class SamplingEngine:
                                  prefix_row_tokens=max_len if rows else 0)
         self.prefix = PrefixIndex(rows, max_len, prefix_block) if rows else None
         self.prefix_bucket = prefix_bucket
+        if lookahead is not None and lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        self.lookahead = (batch_size if rows else 0) if lookahead is None else lookahead
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
@@ -220,7 +230,7 @@ class SamplingEngine:
         exhausted = False
         try:
             while True:
-                while not exhausted and self._free_slots() > len(self._pending):
+                while not exhausted and self._free_slots() + self.lookahead > len(self._pending):
                     try:
                         self.submit(next(source))
                     except StopIteration:
@@ -391,13 +401,15 @@ class SamplingEngine:
 
     def _plan_prefixes(self, admitted: list[tuple[int, _Live]]) -> list[tuple[int, _Live, int, int]]:
         """``(slot, rec, pool row, prefix length)`` per admitted request, after computing into the pool every
-        prefix that two or more requests share (this batch or earlier ones) and the pool lacks."""
+        prefix that two or more requests share (this batch, the next queued ones or earlier ones) and the pool lacks."""
         index = self.prefix
         if index is None:
             return [(slot, rec, 0, 0) for slot, rec in admitted]
         ids = {slot: rec.request.input_ids for slot, rec in admitted}
-        names = {slot: index.names(ids[slot]) for slot, _ in admitted}
-        counts = collections.Counter(h for ns in names.values() for h in set(ns))
+        names = {slot: self._names(rec) for slot, rec in admitted}
+        with self._lock:
+            upcoming = list(itertools.islice(self._pending, self.lookahead))
+        counts = collections.Counter(h for ns in [*names.values(), *map(self._names, upcoming)] for h in set(ns))
         need: dict[int, Any] = {}
         pinned: set[int] = set()
         for slot, _ in admitted:
@@ -434,6 +446,11 @@ class SamplingEngine:
         stats.hits += sum(n - 1 for row, n in users.items() if row in fresh)
         stats.tokens_saved -= sum(len(t) for _, t in fills)  # computed once (for its first user)
         return plan
+
+    def _names(self, rec: _Live) -> list[int]:
+        if rec.names is None:
+            rec.names = self.prefix.names(rec.request.input_ids)
+        return rec.names
 
     def _fill_prefixes(self, fills: list[tuple[int, Any]]) -> None:
         """Compute prefixes into their pool rows, grouped by width bucket in power-of-two groups."""
