@@ -23,7 +23,8 @@ class EngineConfig(StrictModel):
     tokens (prompt + generated). Prompts are prefilled in power-of-two length buckets from ``min_bucket`` up to
     ``max_len`` (each bucket compiles once: a larger ``min_bucket`` means fewer compilations, more padding).
     Prompt prefixes shared by two or more requests are computed once into ``prefix_cache_rows`` rows of the
-    prefix cache (``null``: ``min(batch_size, 8)``; 0 switches it off), in blocks of ``prefix_block`` tokens.
+    prefix cache (``null``: ``min(batch_size, 8)``; 0 switches it off), in blocks of ``prefix_block`` tokens,
+    counting the next ``prefix_lookahead`` queued requests (``null``: ``batch_size``) among the sharers.
     A prompt remainder longer than ``prefill_chunk`` tokens is prefilled in chunks of that size with decode
     steps of the other slots in between (``null``: whole prompts). ``max_top_k``: the largest ``top_k`` a
     request may ask for. ``decode_path``: ``fused`` or ``model``
@@ -41,6 +42,7 @@ class EngineConfig(StrictModel):
     chunk: int = pydantic.Field(16, ge=1)
     prefix_cache_rows: int | None = pydantic.Field(None, ge=0)
     prefix_block: int = pydantic.Field(16, ge=1)
+    prefix_lookahead: int | None = pydantic.Field(None, ge=0)
     prefill_chunk: int | None = pydantic.Field(512, ge=1)
     max_top_k: int = pydantic.Field(64, ge=1)
     decode_path: Literal["fused", "model"] | None = None
@@ -56,7 +58,8 @@ class EngineConfig(StrictModel):
         return {"batch_size": self.batch_size, "max_len": self.max_len, "chunk": self.chunk,
                 "min_bucket": min(self.min_bucket, self.max_len), "max_top_k": self.max_top_k,
                 "decode_path": self.decode_path, "prefix_cache_rows": self.prefix_cache_rows,
-                "prefix_block": self.prefix_block, "prefill_chunk": self.prefill_chunk}
+                "prefix_block": self.prefix_block, "lookahead": self.prefix_lookahead,
+                "prefill_chunk": self.prefill_chunk}
 
 
 def engine_field(**defaults: Any) -> Any:

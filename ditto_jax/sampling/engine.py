@@ -16,8 +16,8 @@ size; the persistent compilation cache (``compile_cache.py``) keeps them across 
 from __future__ import annotations
 
 import collections
-import itertools
 import dataclasses
+import itertools
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
