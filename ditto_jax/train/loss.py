@@ -90,17 +90,20 @@ def _fwd(hidden, weight, targets, mask, vocab_major, chunk):
         p = p.astype(h.dtype)
         if vocab_major:
             dh = jnp.einsum("bcv,vh->bch", p, w, preferred_element_type=jnp.float32)
-            dw = dw + jnp.einsum("bcv,bch->vh", p, h, preferred_element_type=jnp.float32)
         else:
             dh = jnp.einsum("bcv,hv->bch", p, w, preferred_element_type=jnp.float32)
-            dw = dw + jnp.einsum("bch,bcv->hv", h, p, preferred_element_type=jnp.float32)
+        # the weight gradient is accumulated as [H, V] whatever the head's layout: "bcv,bch->vh" makes XLA
+        # transpose the [B, C, V] softmax gradient first (40M model, B=8, C=512, 2-core CPU: 1.05 s vs 0.68 s)
+        dw = dw + jnp.einsum("bch,bcv->hv", h, p, preferred_element_type=jnp.float32)
         return (loss_acc + loss, correct_acc + correct, dw), dh.astype(h.dtype)
 
     zero = jnp.zeros((), jnp.float32)
     xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(mask.astype(jnp.float32), chunk))
-    (loss, correct, dw), dh = jax.lax.scan(body, (zero, zero, jnp.zeros(w.shape, jnp.float32)), xs)
+    dw0 = jnp.zeros((hidden.shape[-1], vocab), jnp.float32)
+    (loss, correct, dw), dh = jax.lax.scan(body, (zero, zero, dw0), xs)
     b, t, h = hidden.shape
     dh = jnp.moveaxis(dh, 0, 1).reshape(b, t, h)
+    dw = dw.T if vocab_major else dw
     return (loss, correct), (dh, dw.astype(weight.dtype), targets, mask)
 
 
