@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from ditto_jax.mesh import MeshConfig, batch_sharding, make_mesh
-from ditto_jax.model import create_model, load_model_config
+from ditto_jax.model import create_model, load_model_config, transformer
+from ditto_jax.model.layers import linear
 from ditto_jax.train import step as steplib
 from ditto_jax.train.loss import chunked_cross_entropy, reference_cross_entropy
 from ditto_jax.train.optim import OptimConfig, decay_mask, lr_schedule, make_optimizer
@@ -48,6 +50,42 @@ def test_chunked_loss_and_grads_match_reference(vocab_major: bool) -> None:
     gf, gr = jax.grad(fused, argnums=(0, 1))(h, w), jax.grad(ref, argnums=(0, 1))(h, w)
     for a, b in zip(gf, gr):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_projection_gradients_equal_plain_matmul_gradients(monkeypatch) -> None:
+    """The CPU layout (fused q/k/v and gate/up projections through ``layers.linear``, whose weight gradient is
+    an explicit einsum) gives the parameter gradients of plain per-projection matmuls under autodiff."""
+    cfg = load_model_config("model/tiny").model_copy(update={"qkv_bias": True})
+    graphdef, params = nnx.split(create_model(cfg, seed=3))
+    batch = _batch(b=2, t=16, vocab=cfg.vocab_size, seed=5)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(batch["tokens"], segment_ids=batch["segment_ids"],
+                                        positions=batch["positions"])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * batch["loss_mask"])
+
+    grads = {}
+    for fused in (True, False):
+        monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", fused)
+        grads[fused] = jax.jit(jax.grad(loss))(params)
+    flat_fused, flat_plain = jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])
+    assert len(flat_fused) == len(flat_plain) > 0
+    for a, b in zip(flat_fused, flat_plain):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert any(float(jnp.max(jnp.abs(a))) > 0 for a in flat_fused)
+
+
+def test_linear_vjp_is_the_matmul_vjp() -> None:
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
+    w = jax.random.normal(jax.random.PRNGKey(2), (8, 12))
+    g = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 12))
+    out, vjp = jax.vjp(linear, x, w)
+    ref_out, ref_vjp = jax.vjp(jnp.matmul, x, w)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-6)
+    for a, b in zip(vjp(g), ref_vjp(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_chunk_must_divide_sequence() -> None:

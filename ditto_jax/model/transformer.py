@@ -18,7 +18,7 @@ from flax import nnx
 from ditto_jax.model.attention import cached_attention, full_attention
 from ditto_jax.model.cache import KVCache, LayerCache
 from ditto_jax.model.config import ModelConfig
-from ditto_jax.model.layers import StackedLinear, StackedNorm, apply_rope, param, rms_norm, rope_cos_sin, swiglu
+from ditto_jax.model.layers import StackedLinear, StackedNorm, apply_rope, linear, param, rms_norm, rope_cos_sin, swiglu
 
 REMAT_POLICIES = {
     "full": None,
@@ -176,7 +176,7 @@ def _qkv(x: jax.Array, w: dict[str, Any], cfg: ModelConfig, cos: jax.Array, sin:
             qkv = qkv + w["qkv_bias"]
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
     elif _fuse_projections():
-        qkv = h @ jnp.concatenate([w["q"], w["k"], w["v"]], axis=-1).astype(dt)
+        qkv = linear(h, jnp.concatenate([w["q"], w["k"], w["v"]], axis=-1).astype(dt))
         if "qb" in w:
             qkv = qkv + jnp.concatenate([w["qb"], w["kb"], w["vb"]], axis=-1).astype(dt)
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
@@ -195,7 +195,8 @@ def _qkv(x: jax.Array, w: dict[str, Any], cfg: ModelConfig, cos: jax.Array, sin:
 def _finish(x: jax.Array, attn: jax.Array, w: dict[str, Any], cfg: ModelConfig) -> jax.Array:
     dt = cfg.compute_dtype
     b, t = x.shape[:2]
-    x = x + attn.reshape(b, t, -1) @ w["o"].astype(dt)
+    mm = linear if _fuse_projections() else jnp.matmul
+    x = x + mm(attn.reshape(b, t, -1), w["o"].astype(dt))
     h = rms_norm(x, w["ln2"], cfg.rms_norm_eps)
     if "gate_up" in w:  # DecodeWeights
         gate_up = h @ w["gate_up"]
@@ -203,8 +204,8 @@ def _finish(x: jax.Array, attn: jax.Array, w: dict[str, Any], cfg: ModelConfig) 
         return x + (jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]) @ w["down"]
     if _fuse_projections():
         f = w["gate"].shape[-1]
-        gate_up = h @ jnp.concatenate([w["gate"], w["up"]], axis=-1).astype(dt)
-        return x + (jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]) @ w["down"].astype(dt)
+        gate_up = linear(h, jnp.concatenate([w["gate"], w["up"]], axis=-1).astype(dt))
+        return x + linear(jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:], w["down"].astype(dt))
     return x + swiglu(h, w["gate"].astype(dt), w["up"].astype(dt), w["down"].astype(dt))
 
 
@@ -213,8 +214,9 @@ FUSE_PROJECTIONS: bool | None = None  # None: fuse on CPU only
 
 def _fuse_projections() -> bool:
     """One ``[H, q+k+v]`` and one ``[H, 2F]`` matmul instead of three and two: larger matmuls run closer to the
-    CPU's peak and the input gradient becomes one product. Off on accelerators, where the concatenated weight
-    would cut across a tensor-parallel sharding."""
+    CPU's peak and the input gradient becomes one product; the projections' weight gradients contract the
+    activations first (``layers.linear``). Off on accelerators, where the concatenated weight would cut across a
+    tensor-parallel sharding and remat policies should see plain dots."""
     return jax.default_backend() == "cpu" if FUSE_PROJECTIONS is None else FUSE_PROJECTIONS
 
 
