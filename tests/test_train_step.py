@@ -52,25 +52,32 @@ def test_chunked_loss_and_grads_match_reference(vocab_major: bool) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_cpu_projection_gradients_equal_plain_matmul_gradients(monkeypatch) -> None:
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_cpu_projection_gradients_equal_plain_matmul_gradients(monkeypatch, remat: str) -> None:
     """The CPU layout (fused q/k/v and gate/up projections through ``layers.linear``, whose weight gradient is
-    an explicit einsum) gives the parameter gradients of plain per-projection matmuls under autodiff."""
+    an explicit einsum), with and without rematerialisation, gives the parameter gradients of plain
+    per-projection matmuls under autodiff."""
     cfg = load_model_config("model/tiny").model_copy(update={"qkv_bias": True})
-    graphdef, params = nnx.split(create_model(cfg, seed=3))
+    params = nnx.state(create_model(cfg, seed=3))
     batch = _batch(b=2, t=16, vocab=cfg.vocab_size, seed=5)
 
-    def loss(p):
-        logits = nnx.merge(graphdef, p)(batch["tokens"], segment_ids=batch["segment_ids"],
-                                        positions=batch["positions"])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-        return jnp.sum(nll * batch["loss_mask"])
+    def grad_of(model_cfg):
+        graphdef = nnx.graphdef(create_model(model_cfg, seed=0))
 
-    grads = {}
-    for fused in (True, False):
-        monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", fused)
-        grads[fused] = jax.jit(jax.grad(loss))(params)
-    flat_fused, flat_plain = jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(batch["tokens"], segment_ids=batch["segment_ids"],
+                                            positions=batch["positions"])
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+            return jnp.sum(nll * batch["loss_mask"])
+
+        return jax.jit(jax.grad(loss))(params)
+
+    monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", True)
+    fused = grad_of(cfg.model_copy(update={"remat": remat}))
+    monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", False)
+    plain = grad_of(cfg)
+    flat_fused, flat_plain = jax.tree.leaves(fused), jax.tree.leaves(plain)
     assert len(flat_fused) == len(flat_plain) > 0
     for a, b in zip(flat_fused, flat_plain):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
