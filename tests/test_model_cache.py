@@ -45,6 +45,25 @@ def test_cached_decoding_equals_full_recompute():
         model(prompts, segment_ids=np.ones_like(prompts), cache=cache)
 
 
+def test_decode_step_reads_only_the_width_it_is_given():
+    """A decode step reading only the first ``width`` cached positions gives the full read's logits to every row
+    below the width (the engine picks the width from its running slots' lengths)."""
+    cfg = ModelConfig(architecture="qwen2", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
+                      num_kv_heads=2, intermediate_size=64, max_position_embeddings=512)
+    weights = decode_weights(create_model(cfg, seed=4))
+    rng = np.random.RandomState(3)
+    cache = init_layer_cache(cfg, 3, 300, heads_first=True)
+    cache = cache.replace(k=tuple(jnp.asarray(rng.randn(*c.shape), jnp.float32) for c in cache.k),
+                          v=tuple(jnp.asarray(rng.randn(*c.shape), jnp.float32) for c in cache.v),
+                          lengths=jnp.asarray([10, 100, 250], jnp.int32))
+    tokens = jnp.asarray([5, 6, 7], jnp.int32)
+    full = np.asarray(decode_step(weights, cfg, tokens, cache)[0])
+    for width, below in ((128, 2), (256, 3), (300, 3)):
+        got = np.asarray(jax.jit(lambda c, w=width: decode_step(weights, cfg, tokens, c, width=w)[0])(cache))
+        np.testing.assert_allclose(got[:below], full[:below], atol=1e-5, rtol=0)
+    assert not np.allclose(np.asarray(decode_step(weights, cfg, tokens, cache, width=128)[0])[2], full[2], atol=1e-3)
+
+
 @pytest.mark.parametrize("heads_first", [True, False])
 def test_decode_step_equals_the_forward_in_both_layer_cache_layouts(heads_first):
     cfg = ModelConfig(architecture="qwen2", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from ditto_jax.kernels.reference import attention_reference
-from ditto_jax.model.xla_attention import blocked_causal_attention, heads_first_query_attention, single_query_attention
+from ditto_jax.model.xla_attention import (
+    blocked_causal_attention,
+    heads_first_query_attention,
+    read_widths,
+    single_query_attention,
+)
 
 
 @pytest.mark.parametrize("block, heads, kv_heads, packed", [(16, 4, 2, True), (32, 4, 1, False), (24, 2, 2, True)])
@@ -61,3 +66,23 @@ def test_single_query_attention_both_cache_layouts_match_reference(window) -> No
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
     got_hf = heads_first_query_attention(q, jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3)), pos, window)
     np.testing.assert_allclose(np.asarray(got_hf), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_heads_first_attention_reads_only_the_width_it_is_given(window) -> None:
+    """With ``width`` only the first ``width`` positions are read: rows below it get exactly what the full read
+    gives; a row beyond it does not (the width is not ignored)."""
+    rng = np.random.RandomState(2)
+    b, s, hq, hkv, d = 4, 300, 6, 2, 8
+    assert read_widths(s) == [128, 256, 300] and read_widths(128) == [128]
+    q = jnp.asarray(rng.randn(b, hq, d), jnp.float32)
+    k = jnp.asarray(rng.randn(b, hkv, d, s), jnp.float32)
+    v = jnp.asarray(rng.randn(b, hkv, s, d), jnp.float32)
+    pos = jnp.asarray([0, 100, 200, 299], jnp.int32)
+    full = np.asarray(heads_first_query_attention(q, k, v, pos, window))
+    for width in (128, 256, 300):
+        got = np.asarray(heads_first_query_attention(q, k, v, pos, window, width))
+        rows = np.asarray(pos) < width
+        np.testing.assert_allclose(got[rows], full[rows], atol=1e-6, rtol=0)
+        if not rows.all():
+            assert not np.allclose(got[~rows], full[~rows], atol=1e-3)

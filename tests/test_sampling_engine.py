@@ -67,6 +67,24 @@ def test_greedy_equals_transformers_generate(hf_pair, engine):
         assert res.finish_reason == ("stop" if want[-1] == 2 else "length")
 
 
+def test_decode_reads_a_narrow_cache_width_while_the_rows_are_short(hf_pair):
+    """With a 256-position cache the fused decode reads 128 positions while every running row is below that,
+    then all 256 (two executables): greedy outputs crossing the boundary still equal transformers'."""
+    hf_model, model = hf_pair
+    eng = SamplingEngine(model, None, batch_size=2, max_len=256, chunk=4, prefill_batch=1, share_compiled=False)
+    assert eng.sampler.read_width(100) == 128 and eng.sampler.read_width(129) == 256
+    rng = np.random.RandomState(4)
+    prompts = [rng.randint(3, 128, n).tolist() for n in (100, 118)]  # their decodes cross position 128
+    params = GREEDY.model_copy(update={"max_new_tokens": 24, "ignore_eos": True})
+    results = _run(eng, prompts, params)
+    for prompt, res in zip(prompts, results):
+        with torch.no_grad():
+            want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                     eos_token_id=2, pad_token_id=0)[0, len(prompt):].tolist()
+        assert res.output_ids == want
+    assert eng.sampler._steps.decode._cache_size() == 2
+
+
 def test_cached_decoding_equals_full_recompute(hf_pair, engine):
     model = hf_pair[1]
     prompts = _prompts(seed=1)

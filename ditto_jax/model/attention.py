@@ -65,9 +65,11 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, segme
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_offset: jax.Array, impl: str,
-                     sliding_window: int | None = None, heads_first: bool = False) -> jax.Array:
+                     sliding_window: int | None = None, heads_first: bool = False,
+                     width: int | None = None) -> jax.Array:
     """New tokens q ``[B,T,Hq,D]`` (at cache positions ``q_offset[b] + t``) against caches ``[B,S,Hkv,D]``
-    (``[B,Hkv,S,D]`` when ``heads_first``: one new token per row, plain-XLA path only).
+    (``[B,Hkv,S,D]`` when ``heads_first``: one new token per row, plain-XLA path only; ``width``: read only that
+    many positions, see ``heads_first_query_attention``).
 
     The cache already holds the new tokens' keys and values. One new token per row uses the split-K decode
     kernel under ``pallas``/``cudnn`` and ``single_query_attention`` under ``xla``; prefill chunks (and sliding
@@ -78,7 +80,7 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
         if q.shape[1] != 1 or impl != "xla":
             raise ValueError(f"a heads-first cache serves one new token per row on the xla path (got "
                              f"{q.shape[1]} tokens, attention {impl!r}); build the cache with heads_first=False")
-        return heads_first_query_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window)[:, None]
+        return heads_first_query_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window, width)[:, None]
     if q.shape[1] == 1 and impl in ("pallas", "cudnn") and sliding_window is None:
         o = shard_over_batch_and_heads(
             decode_attention, (q[:, 0], k_cache, v_cache, q_offset + 1), ("bhd", "bskd", "bskd", "b"), "bhd",

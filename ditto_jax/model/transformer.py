@@ -285,13 +285,14 @@ def _relayout(params: dict[str, Any], *, num_layers: int, dtype: Any) -> DecodeW
     return DecodeWeights(layers=layers, embed=params["embed"], head=head.astype(dtype), norm=params["norm"])
 
 
-def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: LayerCache
-                ) -> tuple[jax.Array, LayerCache]:
+def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: LayerCache,
+                width: int | None = None) -> tuple[jax.Array, LayerCache]:
     """Feed ``tokens [B]`` at positions ``cache.lengths``; returns ``(logits [B, V] float32, cache)`` with the new
     keys/values written into each layer's cache (in place inside jit) and ``lengths + 1``.
 
     The same computation as ``Transformer.__call__(tokens[:, None], cache=...)`` (same layer functions and
-    attention dispatch), over ``DecodeWeights`` and a ``LayerCache``."""
+    attention dispatch), over ``DecodeWeights`` and a ``LayerCache``. ``width`` (static, heads-first caches): read
+    only the first ``width`` cached positions; rows at or beyond it get garbage logits."""
     b = tokens.shape[0]
     lengths = cache.lengths
     x = jnp.take(w.embed, tokens, axis=0).astype(cfg.compute_dtype)[:, None]
@@ -308,7 +309,7 @@ def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: La
         k_out.append(kc)
         v_out.append(vc)
         attn = cached_attention(q, kc, vc, q_offset=lengths, impl=cfg.attention, sliding_window=cfg.sliding_window,
-                                heads_first=cache.heads_first)
+                                heads_first=cache.heads_first, width=width if cache.heads_first else None)
         x = _finish(x, attn.astype(x.dtype), lw, cfg)
     x = rms_norm(x[:, 0], w.norm, cfg.rms_norm_eps)
     logits = jnp.matmul(x, w.head, preferred_element_type=jnp.float32)

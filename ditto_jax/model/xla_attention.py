@@ -82,13 +82,37 @@ def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: 
     return o.reshape(b, hq, d).astype(q.dtype)
 
 
+READ_WIDTH_MIN = 128  # the narrowest key width a heads-first decode step reads
+
+
+def read_widths(s_len: int) -> list[int]:
+    """The key widths a heads-first decode step is compiled for, for a cache of ``s_len`` positions: powers of
+    two from ``READ_WIDTH_MIN`` below ``s_len``, then ``s_len``."""
+    out, w = [], READ_WIDTH_MIN
+    while w < s_len:
+        out.append(w)
+        w *= 2
+    return out + [s_len]
+
+
 def heads_first_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                                sliding_window: int | None = None) -> jax.Array:
+                                sliding_window: int | None = None, width: int | None = None) -> jax.Array:
     """``single_query_attention`` over a heads-first cache: q ``[B, Hq, D]`` against keys ``[B, Hkv, D, S]`` and
     values ``[B, Hkv, S, D]``.
 
     The query heads of each kv head form a ``[G, D]`` block, so both products are plain batched matmuls over
-    (row, kv head) with the cache read as stored: no repeated k/v, no transpose, no extra FLOPs."""
+    (row, kv head) with the cache read as stored: no repeated k/v, no transpose, no extra FLOPs.
+
+    ``width`` (static): read only the first ``width`` positions; every row whose output is used must sit below it
+    (the others get garbage). Short rows in a long cache then do not read all of it (SmolLM2-135M, B=16, 2-core
+    CPU, rows at 400 positions: 137 ms a step reading a 2048-position cache, 97 ms reading its first 512)."""
+    if width is not None and width < v.shape[2]:
+        k, v = k[..., :width], v[:, :, :width]
+    return _heads_first(q, k, v, positions, sliding_window)
+
+
+def _heads_first(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                 sliding_window: int | None) -> jax.Array:
     b, hq, d = q.shape
     hkv, s_len = v.shape[1], v.shape[2]
     hi = jax.lax.Precision.HIGHEST

@@ -301,8 +301,12 @@ class SamplingEngine:
         if all(x is None or x.prefilled is not None for x in live):
             return done
         keep = np.array([x is not None and x.prefilled is None for x in live])
+        # cache positions this chunk can reach: a slot feeds its last token at prompt + outputs - 1, then one more
+        # per step; the decode reads only that far (in a few static widths)
+        need = max(x.prompt_len + len(x.output_ids) - 1 + self.cfg.chunk for x, k in zip(live, keep) if k)
         t0, c0 = time.perf_counter(), time.process_time()
-        tokens, logprobs, finish, steps = self.sampler.decode(self._device_tables(), keep)
+        tokens, logprobs, finish, steps = self.sampler.decode(self._device_tables(), keep,
+                                                              self.sampler.read_width(need))
         self.timing.decode_s += time.perf_counter() - t0
         self.timing.decode_cpu_s += time.process_time() - c0
         self.timing.decode_calls += 1

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ditto_jax.mesh import logical_to_spec
-from ditto_jax.model import KVCache, LayerCache, decode_step, decode_weights, init_cache, init_layer_cache
+from ditto_jax.model import KVCache, LayerCache, decode_step, decode_weights, init_cache, init_layer_cache, read_widths
 from ditto_jax.sampling.logits import select_tokens
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
@@ -244,10 +244,12 @@ def _placeholders(g: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.zeros((g,), jnp.int32), jnp.zeros((g,), jnp.float32), jnp.full((g,), FINISH_NONE, jnp.int32)
 
 
-def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, *, cfg: SamplerConfig, mcfg: Any):
+def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, *, cfg: SamplerConfig, mcfg: Any,
+              width: int | None = None):
     """Up to ``cfg.chunk`` decode steps for every active slot; ``keep [B]`` deactivates slots first (host stops).
 
-    ``weights`` is the model's parameter state (``decode_path="model"``) or its ``DecodeWeights``.
+    ``weights`` is the model's parameter state (``decode_path="model"``) or its ``DecodeWeights``. ``width``
+    (static; fused path): the cache positions read, at least every active slot's length after the chunk.
     Returns ``(state, tokens [B, K] (-1 where nothing was emitted), logprobs [B, K], steps_run)``.
     """
     if cfg.decode_path == "model":
@@ -258,7 +260,7 @@ def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, *, c
             return logits[:, 0], cache.k, cache.v
     else:
         def forward(tokens, cache):
-            logits, cache = decode_step(weights, mcfg, tokens, cache)
+            logits, cache = decode_step(weights, mcfg, tokens, cache, width=width)
             return logits, cache.k, cache.v
 
     b, k_steps = state.last_token.shape[0], cfg.chunk
@@ -404,11 +406,22 @@ class Sampler:
                 from_slots=from_slots, final=final)
         return np.asarray(tok), np.asarray(lp), np.asarray(code)
 
-    def decode(self, tables, keep: np.ndarray):
-        """One decode chunk; returns host ``(tokens [B, K], logprobs [B, K], finish [B], steps)``."""
+    def read_width(self, need: int) -> int | None:
+        """The static cache width a decode chunk whose slots reach at most ``need`` positions reads: the narrowest
+        of ``model.read_widths(max_len)`` covering it on the fused path's heads-first cache (a few executables),
+        None (the whole cache, one executable) otherwise."""
+        cache = self.state.cache
+        if not isinstance(cache, LayerCache) or not cache.heads_first:
+            return None
+        widths = read_widths(self.cfg.max_len)
+        return next((w for w in widths if w >= need), widths[-1])
+
+    def decode(self, tables, keep: np.ndarray, width: int | None = None):
+        """One decode chunk reading ``width`` cache positions (``read_width``; None: all); returns host
+        ``(tokens [B, K], logprobs [B, K], finish [B], steps)``."""
         with _maybe_mesh(self.mesh):
             self.state, tok, lp, steps = self._steps.decode(self.decode_weights, self.state, tables,
-                                                            jax.device_put(keep))
+                                                            jax.device_put(keep), width=width)
         return np.asarray(tok), np.asarray(lp), np.asarray(self.state.finish), int(steps)
 
     def compile_count(self) -> int:
@@ -435,7 +448,8 @@ class StepFunctions:
         prefill = jax.jit(functools.partial(prefill_fn, graphdef, cfg=cfg), donate_argnums=(1,),
                           out_shardings=out_state, static_argnames=("from_slots", "final"))
         decode = jax.jit(functools.partial(decode_fn, graphdef, cfg=cfg, mcfg=mcfg), donate_argnums=(1,),
-                         out_shardings=out_state, compiler_options=decode_compiler_options())
+                         out_shardings=out_state, compiler_options=decode_compiler_options(),
+                         static_argnames=("width",))
         prefix_fill = jax.jit(functools.partial(prefix_fill_fn, graphdef), donate_argnums=(1,))
         return cls(prefill, decode, prefix_fill)
 
