@@ -87,9 +87,11 @@ READ_WIDTH_MIN = 128  # the narrowest key width a heads-first decode step reads
 
 def read_widths(s_len: int) -> list[int]:
     """The key widths a heads-first decode step is compiled for, for a cache of ``s_len`` positions: powers of
-    two from ``READ_WIDTH_MIN`` below ``s_len``, then ``s_len``."""
+    two from ``READ_WIDTH_MIN`` up to half the cache, then ``s_len``. A narrower read slices (copies) the cache
+    first, so it pays only well below the full width (40M model, 192-position cache: reading 128 made the step
+    slower, 21.0 vs 19.2 ms)."""
     out, w = [], READ_WIDTH_MIN
-    while w < s_len:
+    while 2 * w <= s_len:
         out.append(w)
         w *= 2
     return out + [s_len]
