@@ -309,7 +309,7 @@ def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: La
         k_out.append(kc)
         v_out.append(vc)
         attn = cached_attention(q, kc, vc, q_offset=lengths, impl=cfg.attention, sliding_window=cfg.sliding_window,
-                                heads_first=cache.heads_first, width=width if cache.heads_first else None)
+                                heads_first=cache.heads_first, width=width)
         x = _finish(x, attn.astype(x.dtype), lw, cfg)
     x = rms_norm(x[:, 0], w.norm, cfg.rms_norm_eps)
     logits = jnp.matmul(x, w.head, preferred_element_type=jnp.float32)

@@ -8,9 +8,9 @@ can serve wrong keys/values). A prompt always keeps at least one token out of th
 
 Which prefixes are pooled: those shared by at least two requests (in the batch being admitted, among the next
 queued ones — the engine's ``lookahead`` — or seen before in this engine's life): a prompt that shares nothing
-costs nothing extra, and the first prompt of a group already pools the prefix the others will reuse. Rows are evicted least recently used,
-never while the batch being admitted reads them. Counters: ``lookups``, ``hits``, ``tokens_saved`` (prompt
-tokens not recomputed), ``inserted``, ``evicted``.
+costs nothing extra, and the first prompt of a group already pools the prefix the others will reuse. Rows are
+evicted least recently used, never while the batch being admitted reads them. Counters: ``lookups``, ``hits``,
+``tokens_saved`` (prompt tokens not recomputed), ``inserted``, ``evicted``.
 """
 
 from __future__ import annotations
