@@ -1,16 +1,16 @@
 """Continuous batching: a host-side loop that keeps ``B`` device slots busy over any stream of requests.
 
-``SamplingEngine.generate(requests)`` pulls requests lazily from any iterable, ``lookahead`` ahead of the free
-slots (``submit``/``step``/``cancel`` drive the same loop incrementally). Free slots are filled at once: first
-every prompt prefix that two or more requests (admitted, queued or seen) share and the prefix cache lacks is
-computed into a pool row (``prefix_cache.py``), then each prompt's remainder after its pooled prefix (the whole
-prompt when it has none) is prefilled, grouped by (prefix width, remainder bucket: powers of two from
-``min_bucket`` up to ``max_len``) in groups of a power-of-two size (padding rows are dropped on device); then all
-slots decode together in chunks of ``chunk`` steps inside one jitted ``while_loop``. Between chunks the host
-appends the new tokens, applies stop strings (exact: the output is cut before the first occurrence, token ids up
-to the token that completes it), yields finished ``Result``s (in completion order) and refills their slots. Compilations: one decode, one prefill per (prefix width, bucket,
-group size) seen, one prefix fill per (width, group size), one more of each when a constraint table doubles in
-size; the persistent compilation cache (``compile_cache.py``) keeps them across runs.
+``SamplingEngine.generate(requests)`` pulls requests lazily from any iterable, ``lookahead`` ahead of the free slots
+(``submit``/``step``/``cancel`` drive the same loop incrementally). Free slots are filled at once: first every
+prompt prefix that two or more requests (admitted, queued or seen) share and the prefix cache lacks is computed into
+a pool row (``prefix_cache.py``), then each prompt's remainder after its pooled prefix (the whole prompt when it has
+none) is prefilled, grouped by (prefix width, remainder bucket: powers of two from ``min_bucket`` up to ``max_len``)
+in groups of a power-of-two size (padding rows are dropped on device); then all slots decode together in chunks of
+``chunk`` steps inside one jitted ``while_loop``. Between chunks the host appends the new tokens, applies stop
+strings (exact: the output is cut before the first occurrence, token ids up to the token that completes it), yields
+finished ``Result``s (in completion order) and refills their slots. Compilations: one decode, one prefill per
+(prefix width, bucket, group size) seen, one prefix fill per (width, group size), one more of each when a constraint
+table doubles in size; the persistent compilation cache (``compile_cache.py``) keeps them across runs.
 """
 
 from __future__ import annotations
