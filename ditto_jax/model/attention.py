@@ -25,7 +25,12 @@ from ditto_jax.kernels import decode_attention, flash_attention
 from ditto_jax.kernels.reference import attention_reference
 from ditto_jax.kernels.sharding import shard_over_batch_and_heads
 from ditto_jax.mesh import DEFAULT_RULES
-from ditto_jax.model.xla_attention import blocked_causal_attention, heads_first_query_attention, single_query_attention
+from ditto_jax.model.xla_attention import (
+    blocked_causal_attention,
+    cached_chunk_attention,
+    heads_first_query_attention,
+    single_query_attention,
+)
 
 
 def resolve_impl(impl: str) -> str:
@@ -72,8 +77,8 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
     many positions, see ``heads_first_query_attention``).
 
     The cache already holds the new tokens' keys and values. One new token per row uses the split-K decode
-    kernel under ``pallas``/``cudnn`` and ``single_query_attention`` under ``xla``; prefill chunks (and sliding
-    windows on the kernel paths) use the masked reference.
+    kernel under ``pallas``/``cudnn`` and ``single_query_attention`` under ``xla``; prefill chunks use
+    ``cached_chunk_attention`` under ``xla`` and the masked reference otherwise (and for sliding windows).
     """
     impl = resolve_impl(impl)
     if heads_first:
@@ -89,4 +94,6 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
         return o[:, None]
     if q.shape[1] == 1 and impl == "xla":
         return single_query_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window)[:, None]
+    if impl == "xla" and sliding_window is None:
+        return cached_chunk_attention(q, k_cache, v_cache, q_offset)
     return attention_reference(q, k_cache, v_cache, causal=True, q_offset=q_offset, sliding_window=sliding_window)

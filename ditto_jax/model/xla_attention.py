@@ -1,7 +1,8 @@
 """Plain-XLA attention laid out for CPU speed: causal (packed) self-attention that skips the masked upper
 triangle block by block (``blocked_causal_attention``), and one new token per row against a KV cache
 (``single_query_attention`` over a ``[B, S, Hkv, D]`` cache, ``heads_first_query_attention`` over keys
-``[B, Hkv, D, S]`` and values ``[B, Hkv, S, D]``).
+``[B, Hkv, D, S]`` and values ``[B, Hkv, S, D]``), and a prefill chunk of new tokens per row against a cache
+(``cached_chunk_attention``).
 
 Same semantics as ``ditto_jax.kernels.reference.attention_reference(causal=True, segment_ids=...)`` for full
 sequences (Sq == Sk) where every query sees at least itself -- always true for causal self-attention, padding
@@ -50,6 +51,30 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_i
         outs.append(jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vh[:, :, :hi], preferred_element_type=acc))
     o = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]  # [B, Hkv, G, S, D]
     return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, s, hq, d).astype(q.dtype)
+
+
+def cached_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array) -> jax.Array:
+    """``T`` new tokens per row (prefill with a cached prefix, or a prompt chunk): q ``[B, T, Hq, D]`` at positions
+    ``q_offset[b] + t`` against k/v ``[B, S, Hkv, D]`` that already hold them; causal, float32 softmax.
+
+    The reference's semantics (``attention_reference(causal=True, q_offset=...)``) laid out for CPU: the query
+    heads of each kv head and the ``T`` tokens form one ``[G * T, D]`` block per (row, kv head), so both products
+    are one batched matmul each with no repeated k/v. Profiled on the 2-core CPU (SmolLM2-135M, 8 rows of 32 new
+    tokens after a 435-position prefix, 30 layers): 180 ms against the reference's 248; one 320-token prompt from
+    scratch, 2 rows: 228 against 327."""
+    b, t, hq, d = q.shape
+    s_len, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    hi = jax.lax.Precision.HIGHEST
+    qh = jnp.transpose(q.reshape(b, t, hkv, g, d), (0, 2, 3, 1, 4)).reshape(b, hkv, g * t, d).astype(jnp.float32)
+    kh = jnp.transpose(k, (0, 2, 1, 3)).astype(jnp.float32)  # [B, Hkv, S, D]
+    vh = jnp.transpose(v, (0, 2, 1, 3)).astype(jnp.float32)
+    scores = jnp.einsum("bhmd,bhsd->bhms", qh * (1.0 / d**0.5), kh, precision=hi).reshape(b, hkv, g, t, s_len)
+    q_pos = q_offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    valid = jnp.arange(s_len, dtype=jnp.int32)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    p = jax.nn.softmax(jnp.where(valid[:, None, None], scores, -jnp.inf), axis=-1)
+    o = jnp.einsum("bhms,bhsd->bhmd", p.reshape(b, hkv, g * t, s_len), vh, precision=hi)
+    return jnp.transpose(o.reshape(b, hkv, g, t, d), (0, 3, 1, 2, 4)).reshape(b, t, hq, d).astype(q.dtype)
 
 
 def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
