@@ -243,8 +243,9 @@ def _write_slots(state: SlotState, small: KVCache, slots: jax.Array, lengths: ja
 def _select_rows_heads_first(cache: LayerCache, small: KVCache, slots: jax.Array):
     """Rows ``small [L, G, W, Hkv, D]`` written over ``slots [G]`` (``>= B``: dropped) of a heads-first cache, whole
     rows (positions from ``W`` on zeroed): each slot gathers its row of ``small`` and a select keeps the slots not
-    written. On CPU a scatter into the heads-first layout moves one element at a time (SmolLM2-135M, 8 rows of 467
-    positions, donated cache: 76 ms against 18 for this)."""
+    written. On CPU a scatter into the heads-first layout moves one element at a time; this is faster even where
+    few rows go into a long cache (2-core CPU, 30 layers, donated cache: 8 rows of 467 positions into 8 x 435,
+    69 vs 17 ms; 3 rows of 512 into 16 x 2048, 123 vs 18 ms; 1 row, 12 vs 7 ms)."""
     b, s_len = cache.batch, cache.max_len
     w = min(small.k.shape[2], s_len)
     hit = slots[None, :] == jnp.arange(b, dtype=slots.dtype)[:, None]  # [B, G]
