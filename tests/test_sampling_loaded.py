@@ -4,6 +4,7 @@ built by hand on the same random weights; ``stats()`` carries timing, compile an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pydantic
@@ -101,3 +102,24 @@ def test_caller_defaults_fill_missing_keys():
     with pytest.raises(pydantic.ValidationError, match="bogus"):
         _Caller.model_validate({"engine": {"bogus": 1}})
     assert EngineConfig().max_len == 4096 and EngineConfig().min_bucket == 16
+
+
+def test_engine_timing_keeps_compilation_apart(monkeypatch):
+    """The phases exclude the tracing/lowering/compiling inside their calls, which ``compile_s`` holds: a first
+    run on a new shape compiles (counted there, as the process-wide meter saw it), a second identical run does
+    not (``compile_s`` stays put while the phases grow)."""
+    from ditto_jax.sampling.compile_cache import compile_stats
+
+    monkeypatch.setenv("DITTO_JAX_COMPILATION_CACHE", "off")
+    model, _, tokenizer = load_model_source(ModelSource(config="model/tiny", seed=4))
+    engine = SamplingEngine(model, tokenizer, batch_size=2, max_len=40, chunk=3, min_bucket=8)  # a shape of its own
+    requests = [Request(str(i), list(range(5, 12 + i)), GREEDY) for i in range(3)]
+    before = compile_stats()["compile_s"]
+    assert len(list(engine.generate(requests))) == 3
+    first = dataclasses.replace(engine.timing)
+    assert first.compile_s > 0 and first.compile_s == pytest.approx(compile_stats()["compile_s"] - before, abs=0.01)
+    assert first.decode_s > 0 and first.prefill_s > 0
+    assert len(list(engine.generate(requests))) == 3
+    second = engine.timing
+    assert second.compile_s == pytest.approx(first.compile_s, abs=0.005)
+    assert second.decode_s > first.decode_s and second.prefill_s > first.prefill_s

@@ -16,6 +16,7 @@ table doubles in size; the persistent compilation cache (``compile_cache.py``) k
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
+from ditto_jax.sampling.compile_cache import compile_stats, start_compile_meter
 from ditto_jax.sampling.constraints import ConstraintTables
 from ditto_jax.sampling.params import Request, Result, SamplingParams, request_key_data
 from ditto_jax.sampling.prefix_cache import PrefixIndex
@@ -58,13 +60,19 @@ def _pow2(n: int) -> int:
 
 @dataclasses.dataclass
 class EngineTiming:
-    """Where an engine's time went (host wall seconds around device calls; the first call of each shape
-    includes its compilation or its load from the persistent compilation cache)."""
+    """Where an engine's time went: host wall seconds around its device calls, by phase, with the time those
+    calls spent tracing, lowering and compiling (or loading from the persistent compilation cache: the first call
+    of each shape) taken out into ``compile_s``, so the phases and ``compile_s`` add up to the calls' time.
+
+    The compile meter is process-wide: another engine compiling on another thread during a call is counted here
+    too. The ``*_cpu_s`` (process CPU time, all threads; steadier on a shared machine) exclude compilation as
+    well, taking its CPU time equal to its wall time (tracing and lowering run on the calling thread)."""
 
     prefill_s: float = 0.0
     prefix_fill_s: float = 0.0
     decode_s: float = 0.0
-    prefill_cpu_s: float = 0.0  # process CPU time (all threads) of the same calls: steadier on a shared machine
+    compile_s: float = 0.0
+    prefill_cpu_s: float = 0.0
     prefix_fill_cpu_s: float = 0.0
     decode_cpu_s: float = 0.0
     prefill_calls: int = 0
@@ -74,6 +82,20 @@ class EngineTiming:
     decode_steps: int = 0
     prompt_tokens: int = 0  # prompt tokens of the prefilled requests
     prompt_tokens_computed: int = 0  # run through the model (shared prefixes once)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time one device call of phase ``name`` (``prefill``, ``prefix_fill`` or ``decode``): adds its wall and
+        CPU seconds, less the compilation inside it, to ``{name}_s``/``{name}_cpu_s`` and that to ``compile_s``."""
+        t0, c0, k0 = time.perf_counter(), time.process_time(), compile_stats()["compile_s"]
+        try:
+            yield
+        finally:
+            compiled = compile_stats()["compile_s"] - k0
+            self.compile_s += compiled
+            setattr(self, f"{name}_s", getattr(self, f"{name}_s") + max(time.perf_counter() - t0 - compiled, 0.0))
+            setattr(self, f"{name}_cpu_s",
+                    getattr(self, f"{name}_cpu_s") + max(time.process_time() - c0 - compiled, 0.0))
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict, seconds rounded."""
@@ -183,6 +205,7 @@ class SamplingEngine:
         self._tables_version = -1
         self.generated_tokens = 0  # running count of tokens produced (for progress bars)
         self.timing = EngineTiming()
+        start_compile_meter()  # so the timing can keep compilation apart (once per process)
         self._lock = threading.RLock()
         self._live: list[_Live | None] = [None] * batch_size
         self._pending: collections.deque[_Live] = collections.deque()
@@ -304,11 +327,9 @@ class SamplingEngine:
         # cache positions this chunk can reach: a slot feeds its last token at prompt + outputs - 1, then one more
         # per step; the decode reads only that far (in a few static widths)
         need = max(x.prompt_len + len(x.output_ids) - 1 + self.cfg.chunk for x, k in zip(live, keep) if k)
-        t0, c0 = time.perf_counter(), time.process_time()
-        tokens, logprobs, finish, steps = self.sampler.decode(self._device_tables(), keep,
-                                                              self.sampler.read_width(need))
-        self.timing.decode_s += time.perf_counter() - t0
-        self.timing.decode_cpu_s += time.process_time() - c0
+        with self.timing.phase("decode"):
+            tokens, logprobs, finish, steps = self.sampler.decode(self._device_tables(), keep,
+                                                                  self.sampler.read_width(need))
         self.timing.decode_calls += 1
         self.timing.decode_steps += steps
         for slot, rec in enumerate(live):
@@ -471,10 +492,8 @@ class SamplingEngine:
                 for i, (row, toks) in enumerate(part):
                     rows[i] = row
                     tokens[i, :len(toks)] = np.asarray(toks, np.int32)
-                t0, c0 = time.perf_counter(), time.process_time()
-                self.sampler.prefix_fill(rows, tokens)
-                self.timing.prefix_fill_s += time.perf_counter() - t0
-                self.timing.prefix_fill_cpu_s += time.process_time() - c0
+                with self.timing.phase("prefix_fill"):
+                    self.sampler.prefix_fill(rows, tokens)
                 self.timing.prefix_fill_calls += 1
                 self.timing.prompt_tokens_computed += sum(len(t) for _, t in part)
 
@@ -525,16 +544,14 @@ class SamplingEngine:
                 ccon[i], cstate[i] = self.constraints.register(req.constraint)
         rows = jax.device_put(RowParams(key=key, temperature=temp, top_k=top_k, top_p=top_p, repetition_penalty=rep,
                                         max_new=max_new, stop_ids=stop_ids, cstate=cstate, ccon=ccon))
-        t0, c0 = time.perf_counter(), time.process_time()
         final = upto is None
-        if pp == 0:
-            tok, lp, code = self.sampler.prefill(self._device_tables(), slots, suffix, lengths, rows, final=final)
-        else:
-            tok, lp, code = self.sampler.prefill(self._device_tables(), slots, prompts, lengths, rows,
-                                                 src_rows=src_rows, prefix_len=prefix_len, suffix=suffix,
-                                                 from_slots=from_slots, final=final)
-        self.timing.prefill_s += time.perf_counter() - t0
-        self.timing.prefill_cpu_s += time.process_time() - c0
+        with self.timing.phase("prefill"):
+            if pp == 0:
+                tok, lp, code = self.sampler.prefill(self._device_tables(), slots, suffix, lengths, rows, final=final)
+            else:
+                tok, lp, code = self.sampler.prefill(self._device_tables(), slots, prompts, lengths, rows,
+                                                     src_rows=src_rows, prefix_len=prefix_len, suffix=suffix,
+                                                     from_slots=from_slots, final=final)
         self.timing.prefill_calls += 1
         self.timing.prefill_chunks += not final
         if not from_slots:  # a prompt is counted once, when its prefill starts
