@@ -90,20 +90,21 @@ def test_heads_first_attention_reads_only_the_width_it_is_given(window) -> None:
             assert not np.allclose(got[~rows], full[~rows], atol=1e-3)
 
 
-@pytest.mark.parametrize("heads, kv_heads", [(6, 2), (4, 4)])
-def test_cached_chunk_attention_matches_reference(heads: int, kv_heads: int) -> None:
-    """T new tokens per row at ragged offsets against a cache holding them: the reference's values, and the
-    dispatch (``cached_attention`` under ``xla``) takes this path for T > 1."""
+@pytest.mark.parametrize("heads, kv_heads, window", [(6, 2, None), (4, 4, None), (6, 2, 4)])
+def test_cached_chunk_attention_matches_reference(heads: int, kv_heads: int, window: int | None) -> None:
+    """T new tokens per row at ragged offsets against a cache holding them (with or without a sliding window):
+    the reference's values, and the dispatch (``cached_attention`` under ``xla``) takes this path for T > 1."""
     rng = np.random.RandomState(3)
     b, t, s, d = 3, 5, 24, 8
     q = jnp.asarray(rng.randn(b, t, heads, d), jnp.float32)
     k = jnp.asarray(rng.randn(b, s, kv_heads, d), jnp.float32)
     v = jnp.asarray(rng.randn(b, s, kv_heads, d), jnp.float32)
     off = jnp.asarray([0, 7, 19], jnp.int32)  # the last row's chunk ends exactly at the cache's end
-    want = np.asarray(attention_reference(q, k, v, causal=True, q_offset=off))
-    np.testing.assert_allclose(np.asarray(cached_chunk_attention(q, k, v, off)), want, atol=1e-5, rtol=0)
-    got = jax.jit(lambda *a: cached_attention(*a[:3], q_offset=a[3], impl="xla"))(q, k, v, off)
+    want = np.asarray(attention_reference(q, k, v, causal=True, q_offset=off, sliding_window=window))
+    np.testing.assert_allclose(np.asarray(cached_chunk_attention(q, k, v, off, window)), want, atol=1e-5, rtol=0)
+    got = jax.jit(lambda *a: cached_attention(*a[:3], q_offset=a[3], impl="xla", sliding_window=window))(q, k, v, off)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
     # positions past a row's last query are never read: changing them changes nothing
     k2 = k.at[0, t:].set(100.0)
-    np.testing.assert_allclose(np.asarray(cached_chunk_attention(q, k2, v, off))[0], want[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(cached_chunk_attention(q, k2, v, off, window))[0], want[0], atol=1e-5,
+                               rtol=0)

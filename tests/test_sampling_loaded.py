@@ -14,6 +14,7 @@ from ditto_jax import cli
 from ditto_jax.checkpoints import ModelSource, load_model_source
 from ditto_jax.config import StrictModel
 from ditto_jax.sampling import EngineConfig, Request, SamplingEngine, SamplingParams, engine_field, load_engine
+from ditto_jax.sampling.compile_cache import compile_stats
 from ditto_jax.sampling.inputs import encode_prompt_record
 from ditto_jax.sampling.runner import read_outputs
 
@@ -108,8 +109,6 @@ def test_engine_timing_keeps_compilation_apart(monkeypatch):
     """The phases exclude the tracing/lowering/compiling inside their calls, which ``compile_s`` holds: a first
     run on a new shape compiles (counted there, as the process-wide meter saw it), a second identical run does
     not (``compile_s`` stays put while the phases grow)."""
-    from ditto_jax.sampling.compile_cache import compile_stats
-
     monkeypatch.setenv("DITTO_JAX_COMPILATION_CACHE", "off")
     model, _, tokenizer = load_model_source(ModelSource(config="model/tiny", seed=4))
     engine = SamplingEngine(model, tokenizer, batch_size=2, max_len=40, chunk=3, min_bucket=8)  # a shape of its own

@@ -78,7 +78,8 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
 
     The cache already holds the new tokens' keys and values. One new token per row uses the split-K decode
     kernel under ``pallas``/``cudnn`` and ``single_query_attention`` under ``xla``; prefill chunks use
-    ``cached_chunk_attention`` under ``xla`` and the masked reference otherwise (and for sliding windows).
+    ``cached_chunk_attention`` under ``xla`` and the masked reference otherwise (and for sliding windows on the
+    kernel paths).
     """
     impl = resolve_impl(impl)
     if heads_first:
@@ -94,6 +95,6 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
         return o[:, None]
     if q.shape[1] == 1 and impl == "xla":
         return single_query_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window)[:, None]
-    if impl == "xla" and sliding_window is None:
-        return cached_chunk_attention(q, k_cache, v_cache, q_offset)
+    if impl == "xla":
+        return cached_chunk_attention(q, k_cache, v_cache, q_offset, sliding_window)
     return attention_reference(q, k_cache, v_cache, causal=True, q_offset=q_offset, sliding_window=sliding_window)
