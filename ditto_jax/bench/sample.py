@@ -6,8 +6,10 @@ matmul weights + the KV cache read at the run's mean length, FLOPs = ``cfg.flops
 included) x batch; bandwidth and matmul rate are measured in this run (``roofline_probes``: on CPU a 128 MiB
 float32 sum and a 1024^3 float32 matmul, the better of XLA and torch; on GPU/TPU a 2 GiB read and a 2 GiB copy
 and an 8192^3 matmul in the model's compute dtype; the JSON names the probes used). Timings alternate
-ours/theirs and report medians; ``*_per_cpu_s`` figures divide by process CPU time, which a machine shared with
-other jobs disturbs less than wall time (``load_avg_1m`` says how shared).
+ours/theirs and report medians; every run (the warm-up too) gets fresh prompts, the same for both sides, and the
+JSON says whether a timed run compiled or reused a cached prompt prefix (``warning`` when one did). The
+``*_per_cpu_s`` figures divide by process CPU time, which a machine shared with other jobs disturbs less than wall
+time (``load_avg_1m`` says how shared).
 """
 
 from __future__ import annotations
@@ -185,21 +187,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_engine(source, engine_cfg, max_len=lambda *_: p + n)
     described, model, cfg, engine = source.describe(), loaded.model, loaded.model_cfg, loaded.engine
     rng = np.random.RandomState(0)
-    prompts = rng.randint(3, min(cfg.vocab_size, 30000), (b, p)).astype(np.int32)
+    # Fresh prompts for every run (the same for both sides): a repeated prompt would hit the engine's prefix cache,
+    # skipping its prefill and compiling that path inside the first timed run.
+    prompt_sets = [rng.randint(3, min(cfg.vocab_size, 30000), (b, p)).astype(np.int32) for _ in range(args.repeats + 1)]
+    timed_compile_s, timed_prefix_saved = [], []
 
-    def ours(tag: str) -> tuple[float, float, int]:
+    def prefix_saved() -> int:
+        return engine.prefix.stats.tokens_saved if engine.prefix is not None else 0
+
+    def ours(tag: str, prompts: np.ndarray) -> tuple[float, float, int]:
         reqs = [Request(f"{tag}-{i}", prompts[i].tolist(), params) for i in range(b)]
+        k0, h0 = engine.timing.compile_s, prefix_saved()
         c0, t0 = time.process_time(), time.perf_counter()
         tokens = sum(len(r.output_ids) for r in engine.generate(reqs))
-        return time.perf_counter() - t0, time.process_time() - c0, tokens
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        timed_compile_s.append(engine.timing.compile_s - k0)
+        timed_prefix_saved.append(prefix_saved() - h0)
+        return wall, cpu, tokens
 
-    compile_s = ours("warmup")[0]
+    compile_s = ours("warmup", prompt_sets[0])[0]
+    del timed_compile_s[:], timed_prefix_saved[:]  # the warm-up's own
     hf_model = _hf_model(args, model, cfg) if args.compare_hf else None
     if hf_model is not None:
-        _hf_generate(hf_model, prompts[:, :8], params, 4)  # warm-up
+        _hf_generate(hf_model, prompt_sets[0][:, :8], params, 4)  # warm-up
     runs, hf_runs = [], []
-    for r in range(args.repeats):
-        runs.append(ours(f"r{r}"))
+    for r, prompts in enumerate(prompt_sets[1:]):
+        runs.append(ours(f"r{r}", prompts))
         if hf_model is not None:
             c0, t0 = time.process_time(), time.perf_counter()
             tokens = _hf_generate(hf_model, prompts, params, n)
@@ -227,7 +240,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # for shared machines, where wall time mostly measures the other jobs.
         "pct_of_roofline_cpu_time": round(100 * tokens / cpu * cores / roof["roofline_tokens_per_s"], 1),
         "cores": cores, "load_avg_1m": round(os.getloadavg()[0], 2),
+        # The instrument's own check: the timed runs must neither compile nor reuse cached prompt prefixes.
+        "timed_runs_compile_s": [round(x, 3) for x in timed_compile_s],
+        "timed_runs_prefix_tokens_saved": timed_prefix_saved,
     }
+    if any(x > 0.01 for x in timed_compile_s) or any(timed_prefix_saved):
+        result["warning"] = ("timed runs compiled or hit the prefix cache: tokens/s understates (compilation) or "
+                             "overstates (skipped prefill) the engine")
     if hf_runs:
         hf_wall = statistics.median(x[0] for x in hf_runs)
         hf_cpu = statistics.median(x[1] for x in hf_runs)
