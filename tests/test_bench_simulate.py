@@ -13,7 +13,7 @@ def test_bench_simulate_tiny_against_transformers(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("XLA_FLAGS", "")
     work = tmp_path / "work"
     code = cli.main(["bench", "simulate", "--config", "model/tiny", "--characters", "2", "--questions", "2",
-                     "--new-tokens", "3", "--batch", "2", "--repeats", "1", "--compare-hf", "--json",
+                     "--new-tokens", "3", "--batch", "2", "--repeats", "2", "--compare-hf", "--json",
                      "--profile-intro-chars", "0", "--profile-claims", "1", "--workdir", str(work),
                      "--out", str(tmp_path / "result.json")])
     assert code == 0
@@ -25,14 +25,19 @@ def test_bench_simulate_tiny_against_transformers(tmp_path, monkeypatch, capsys)
     # a character's prompts share its profile: identical up to the question
     shared = next(i for i, (a, b) in enumerate(zip(prompts[0]["input_ids"], prompts[1]["input_ids"])) if a != b)
     assert shared > 100 and result["prompts"] == 4
-    (ours,) = result["ours_runs"]
+    ours, again = result["ours_runs"]
+    # the first run compiled into the empty cache, the second loaded everything: the warm figures are its own
+    assert (ours["compilation_cache"], again["compilation_cache"]) == ("cold", "warm")
+    assert again["compile"]["cache_misses"] == 0 and again["compile"]["cache_hits"] > 0
+    assert result["ours_cold_runs"] == 1 and result["ours_warm_wall_s"] == again["wall_s"] and "note" in result
+    assert result["speedup_vs_hf_warm"] == round(result["hf_wall_s"] / again["wall_s"], 2)
     assert ours["generated"] == 4 and ours["cpu_s"] > 0 and ours["wall_s"] >= ours["total_s"]
     assert ours["engine"]["prompt_tokens"] == result["prompt_tokens"]
     # each character's two prompts arrive together: its profile is computed once and reused by the other prompt
     assert ours["prefix_cache"]["inserted"] == 2 and ours["prefix_cache"]["hits"] == 2
     assert ours["engine"]["prompt_tokens_computed"] == result["prompt_tokens"] - ours["prefix_cache"]["tokens_saved"]
     assert ours["compile"]["cache_dir"] == str(tmp_path / "jax-cache") and ours["compile"]["compile_s"] > 0
-    (theirs,) = result["hf_runs"]
+    theirs = result["hf_runs"][0]
     assert theirs["generated_tokens"] > 0 and result["speedup_vs_hf"] > 0 and result["speedup_vs_hf_cpu_time"] > 0
     hf_ids = [json.loads(line)["id"] for line in (work / "hf-0.jsonl").read_text().splitlines()]
     assert hf_ids == [p["id"] for p in prompts]
