@@ -17,7 +17,8 @@ def test_bench_simulate_tiny_against_transformers(tmp_path, monkeypatch, capsys)
                      "--profile-intro-chars", "0", "--profile-claims", "1", "--workdir", str(work),
                      "--out", str(tmp_path / "result.json")])
     assert code == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
     assert result == json.loads((tmp_path / "result.json").read_text())
     prompts = [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()]
     assert [p["id"] for p in prompts] == ["en-socrates/q0", "en-socrates/q1", "en-julius-caesar/q0",
@@ -41,3 +42,9 @@ def test_bench_simulate_tiny_against_transformers(tmp_path, monkeypatch, capsys)
     assert theirs["generated_tokens"] > 0 and result["speedup_vs_hf"] > 0 and result["speedup_vs_hf_cpu_time"] > 0
     hf_ids = [json.loads(line)["id"] for line in (work / "hf-0.jsonl").read_text().splitlines()]
     assert hf_ids == [p["id"] for p in prompts]
+    # the markdown table on stderr quotes the same figures, one row per run of ours with its phases
+    assert f"| **{result['speedup_vs_hf']:.2f}x** |" in captured.err
+    assert f"| {result['ours_warm_wall_s']:.1f} | {result['hf_wall_s']:.1f} | {result['speedup_vs_hf_warm']:.2f}x |" in captured.err
+    rows = [line for line in captured.err.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert [r.split(" | ")[1] for r in rows] == ["cold", "warm"]
+    assert rows[1].split(" | ")[6].startswith(f"{again['engine']['decode_s']:.1f} ({again['engine']['decode_steps']},")

@@ -137,6 +137,26 @@ def _roofline(cfg: Any, batch: int, prompt_len: int, new_tokens: int, bandwidth:
             "roofline_tokens_per_s": batch / step_s, "bound": "memory" if step_bytes / bandwidth > step_flops / rate else "compute"}
 
 
+def table(result: dict[str, Any]) -> str:
+    """The result as markdown: throughput of both sides, the step time and roofline, the timed runs' own check."""
+    hf = "hf_tokens_per_s" in result
+    lines = ["| | ours | transformers `generate` | ratio |", "|---|---:|---:|---:|",
+             f"| generated tokens/s (median of {len(result['runs_s'])} runs) | {result['tokens_per_s']:.1f} | "
+             + (f"{result['hf_tokens_per_s']:.1f} | **{result['speedup_vs_hf']:.2f}x** |" if hf else "| |"),
+             f"| tokens per CPU-second | {result['tokens_per_cpu_s']:.1f} | "
+             + (f"{result['hf_tokens_per_cpu_s']:.1f} | {result['speedup_vs_hf_cpu_time']:.2f}x |" if hf else "| |"),
+             "| runs (s) | " + ", ".join(f"{x:.2f}" for x in result["runs_s"]) + " | "
+             + (", ".join(f"{x:.2f}" for x in result["hf_runs_s"]) if hf else "") + " | |",
+             f"| step (ms), % of roofline ({result['roofline_bound']}-bound) | {result['step_ms']:.2f}, "
+             f"{result['pct_of_roofline']:.1f}% | | |",
+             "| timed runs: compilation s, prefix-cache tokens saved | "
+             + ", ".join(f"{x:.2f}" for x in result["timed_runs_compile_s"]) + "; "
+             + ", ".join(str(x) for x in result["timed_runs_prefix_tokens_saved"]) + " | | |"]
+    if result.get("warning"):
+        lines += ["", f"WARNING: {result['warning']}."]
+    return "\n".join(lines)
+
+
 def _hf_model(args: argparse.Namespace, model: Any, cfg: Any):
     import tempfile
 

@@ -207,6 +207,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def table(result: dict[str, Any]) -> str:
+    """The result as markdown: the two sides' whole-process times and ratios, then each of our runs split by
+    phase (the phases come from ``ditto-jax sample``'s own summary; ``other`` is the rest of the process:
+    interpreter start-up, imports, writing the output)."""
+    hf = result.get("hf_runs") or []
+
+    def runs(rs: list[dict[str, Any]], key: str) -> str:
+        return ", ".join(f"{r[key]:.1f}" for r in rs)
+
+    lines = ["| | ours (`ditto-jax sample`) | transformers `generate` | ratio |", "|---|---:|---:|---:|",
+             f"| wall s, median (runs) | {result['ours_wall_s']:.1f} ({runs(result['ours_runs'], 'wall_s')}) | "
+             + (f"{result['hf_wall_s']:.1f} ({runs(hf, 'wall_s')}) | **{result['speedup_vs_hf']:.2f}x** |" if hf
+                else "| |")]
+    if result.get("ours_warm_wall_s") is not None:
+        lines.append(f"| wall s, warm runs only | {result['ours_warm_wall_s']:.1f} | "
+                     + (f"{result['hf_wall_s']:.1f} | {result['speedup_vs_hf_warm']:.2f}x |" if hf else "| |"))
+    lines.append(f"| CPU s, median | {result['ours_cpu_s']:.1f} | "
+                 + (f"{result['hf_cpu_s']:.1f} | {result['speedup_vs_hf_cpu_time']:.2f}x |" if hf else "| |"))
+    lines += ["", "| our run | compilation cache | load | compile | prefix fill | prefill | decode (steps, ms a step) "
+              "| other | wall | prompt tokens from the prefix cache |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(result["ours_runs"]):
+        e = r["engine"]
+        phases = r["load_s"] + e["compile_s"] + e["prefix_fill_s"] + e["prefill_s"] + e["decode_s"]
+        step = 1e3 * e["decode_s"] / e["decode_steps"] if e["decode_steps"] else 0.0
+        hit = f"{100 * r['prefix_cache']['token_hit_rate']:.0f}%" if r.get("prefix_cache") else "off"
+        lines.append(f"| {i} | {r['compilation_cache']} | {r['load_s']:.1f} | {e['compile_s']:.1f} | "
+                     f"{e['prefix_fill_s']:.1f} | {e['prefill_s']:.1f} | {e['decode_s']:.1f} ({e['decode_steps']}, "
+                     f"{step:.0f}) | {r['wall_s'] - phases:.1f} | {r['wall_s']:.1f} | {hit} |")
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}."]
+    return "\n".join(lines)
+
+
 def _cache_state(run: dict[str, Any]) -> str:
     """``warm`` (every executable loaded from the persistent compilation cache), ``cold`` (some compiled) or
     ``off`` (no persistent cache): read from the run's own compile counters."""

@@ -1,7 +1,8 @@
 """``ditto-jax bench {model,kernels,sample,train,data,simulate} ... --json``.
 
 Each benchmark lives in ``ditto_jax/bench/<name>.py`` with ``add_arguments(parser)`` and ``run(args) -> dict``;
-this command prints the result as one JSON object (``--json``) or as ``key: value`` lines.
+this command prints the result on stdout as one JSON object (``--json``: one line; otherwise indented). A
+benchmark with ``table(result) -> str`` also prints that markdown table on stderr, for people and notes.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 
 BENCHES = {
     "model": "forward and train-step tokens/s for a model (optionally against transformers)",
@@ -45,5 +47,8 @@ def _run(args: argparse.Namespace) -> int:
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    table = getattr(module, "table", None)
+    if table is not None:
+        print(table(result), file=sys.stderr, flush=True)
     print(text)
     return 0
