@@ -48,3 +48,4 @@ def test_bench_simulate_tiny_against_transformers(tmp_path, monkeypatch, capsys)
     rows = [line for line in captured.err.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert [r.split(" | ")[1] for r in rows] == ["cold", "warm"]
     assert rows[1].split(" | ")[6].startswith(f"{again['engine']['decode_s']:.1f} ({again['engine']['decode_steps']},")
+    assert f"| generated tokens (runs) | {ours['generated_tokens']}, {again['generated_tokens']} |" in captured.err

@@ -225,6 +225,9 @@ def table(result: dict[str, Any]) -> str:
                      + (f"{result['hf_wall_s']:.1f} | {result['speedup_vs_hf_warm']:.2f}x |" if hf else "| |"))
     lines.append(f"| CPU s, median | {result['ours_cpu_s']:.1f} | "
                  + (f"{result['hf_cpu_s']:.1f} | {result['speedup_vs_hf_cpu_time']:.2f}x |" if hf else "| |"))
+    # the same prompts and decoding, but each side samples its own tokens: their lengths differ
+    lines.append("| generated tokens (runs) | " + ", ".join(str(r["generated_tokens"]) for r in result["ours_runs"])
+                 + " | " + ", ".join(str(r["generated_tokens"]) for r in hf) + " | |")
     lines += ["", "| our run | compilation cache | load | compile | prefix fill | prefill | decode (steps, ms a step) "
               "| other | wall | prompt tokens from the prefix cache |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(result["ours_runs"]):
