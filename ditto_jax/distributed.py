@@ -21,14 +21,6 @@ from jax.sharding import Mesh
 from ditto_jax.mesh import batch_sharding
 
 
-def add_process_arguments(parser: Any) -> None:
-    """The ``--coordinator/--num-processes/--process-id`` flags shared by ``train``, ``simulate`` and ``sample``."""
-    group = parser.add_argument_group("multi-process")
-    group.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process runs)")
-    group.add_argument("--num-processes", type=int, default=None, help="number of processes in the run")
-    group.add_argument("--process-id", type=int, default=None, help="this process's index")
-
-
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else None

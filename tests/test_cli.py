@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
@@ -53,3 +55,13 @@ def test_object_store_output_folders_are_refused_by_name(argv: list[str], capsys
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert argv[2] in err and "object-store URLs are not supported" in err
+
+
+@pytest.mark.parametrize("command", ["sample", "simulate", "train", "eval", "demo", "serve"])
+def test_help_of_the_pipeline_commands_imports_no_jax(command: str) -> None:
+    # a fresh interpreter: this one has imported JAX already
+    code = ("import sys\nfrom ditto_jax.cli import main\ntry:\n    main([%r, '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('JAX' if 'jax' in sys.modules else 'no JAX')" % command)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "no JAX"

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ditto_jax.commands import output_dir
+from ditto_jax.commands import add_process_arguments, output_dir
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,8 +69,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent compilation cache folder (default $DITTO_JAX_COMPILATION_CACHE, else "
                         "$XDG_CACHE_HOME/ditto-jax/jax-cache; 'off' = none)")
-    from ditto_jax.distributed import add_process_arguments
-
     add_process_arguments(p)
     p.set_defaults(func=run)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ditto_jax.commands import output_dir
+from ditto_jax.commands import add_process_arguments, output_dir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,8 +22,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. partners.strategy=far characters.limit_per_lang=10")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object instead of a summary")
-    from ditto_jax.distributed import add_process_arguments
-
     add_process_arguments(p)
     p.set_defaults(func=run)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ditto_jax.commands import output_dir
+from ditto_jax.commands import add_process_arguments, output_dir
 
 EXIT_STATUS = ("exit status: 0 trained to train.steps (or already complete: nothing to do); 1 training failed "
                "(the message says why); 2 invalid config; 143 stopped by SIGTERM (preemption) after saving a "
@@ -24,8 +24,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", type=output_dir, required=True,
                    help="run folder: checkpoints, metrics.jsonl, tensorboard, export")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 optim.peak_lr=1e-5")
-    from ditto_jax.distributed import add_process_arguments
-
     add_process_arguments(p)
     p.set_defaults(func=run)
 
