@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -57,6 +55,8 @@ class Timer:
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
+    import jax
+
     cpu = ""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -98,6 +98,8 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict
 def jax_timers(model: Any, cfg: Any, mesh: Any, batch: dict[str, np.ndarray], *, accum: int, loss_chunk: int,
                forward: bool) -> tuple[list[Timer], dict[str, float]]:
     """Timers for the real (compiled-once, donated) train step and, optionally, the logits forward."""
+    import jax
+
     from ditto_jax.distributed import global_batch
     from ditto_jax.train import step as steplib
     from ditto_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
@@ -169,6 +171,9 @@ def torch_timers(model: Any, cfg: Any, batch: dict[str, np.ndarray], *, accum: i
 
 def matmul_timer(dtype: str, size: int = 2048) -> Timer:
     """A jitted ``[size, size] @ [size, size]`` matmul (the FLOP/s reference for MFU on CPU)."""
+    import jax
+    import jax.numpy as jnp
+
     a = jnp.ones((size, size), dtype)
     f = jax.jit(lambda x, y: x @ y)
     f(a, a).block_until_ready()
@@ -177,6 +182,8 @@ def matmul_timer(dtype: str, size: int = 2048) -> Timer:
 
 def measure(args: argparse.Namespace, accum: int = 1, forward: bool = True) -> dict[str, Any]:
     """The shared measurement of ``bench model`` and ``bench train``."""
+    import jax
+
     from ditto_jax.mesh import MeshConfig, make_mesh
     from ditto_jax.train.metrics import device_peak_flops
 
