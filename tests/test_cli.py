@@ -57,8 +57,8 @@ def test_object_store_output_folders_are_refused_by_name(argv: list[str], capsys
     assert argv[2] in err and "object-store URLs are not supported" in err
 
 
-@pytest.mark.parametrize("command", ["sample", "simulate", "train", "eval", "demo", "serve", "bench"])
-def test_help_of_the_pipeline_commands_imports_no_jax(command: str) -> None:
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_of_every_command_imports_no_jax(command: str) -> None:
     # a fresh interpreter: this one has imported JAX already
     code = ("import sys\nfrom ditto_jax.cli import main\ntry:\n    main([%r, '--help'])\nexcept SystemExit:\n    pass\n"
             "print('JAX' if 'jax' in sys.modules else 'no JAX')" % command)
