@@ -245,10 +245,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """``bench model``: forward + train step."""
     result = measure(args, accum=1, forward=not args.no_forward)
     result["command"] = "ditto-jax bench model " + " ".join(_argv(args))
-    if args.compare_hf:
-        print(f"train step: {result['train_ratio_vs_hf']:.2f}x transformers; "
-              f"forward: {result.get('forward_ratio_vs_hf', float('nan')):.2f}x", file=sys.stderr, flush=True)
     return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """The ratios against transformers in one line (empty without ``--compare-hf``)."""
+    if "train_ratio_vs_hf" not in result:
+        return ""
+    return (f"train step: {result['train_ratio_vs_hf']:.2f}x transformers; "
+            f"forward: {result.get('forward_ratio_vs_hf', float('nan')):.2f}x")
 
 
 def _argv(args: argparse.Namespace) -> list[str]:

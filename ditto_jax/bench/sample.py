@@ -210,23 +210,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Fresh prompts for every run (the same for both sides): a repeated prompt would hit the engine's prefix cache,
     # skipping its prefill and compiling that path inside the first timed run.
     prompt_sets = [rng.randint(3, min(cfg.vocab_size, 30000), (b, p)).astype(np.int32) for _ in range(args.repeats + 1)]
-    timed_compile_s, timed_prefix_saved = [], []
 
     def prefix_saved() -> int:
         return engine.prefix.stats.tokens_saved if engine.prefix is not None else 0
 
-    def ours(tag: str, prompts: np.ndarray) -> tuple[float, float, int]:
+    def ours(tag: str, prompts: np.ndarray) -> tuple[float, float, int, float, int]:
+        """``(wall s, CPU s, tokens, s spent compiling, prompt tokens taken from the prefix cache)``."""
         reqs = [Request(f"{tag}-{i}", prompts[i].tolist(), params) for i in range(b)]
         k0, h0 = engine.timing.compile_s, prefix_saved()
         c0, t0 = time.process_time(), time.perf_counter()
         tokens = sum(len(r.output_ids) for r in engine.generate(reqs))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        timed_compile_s.append(engine.timing.compile_s - k0)
-        timed_prefix_saved.append(prefix_saved() - h0)
-        return wall, cpu, tokens
+        return wall, cpu, tokens, engine.timing.compile_s - k0, prefix_saved() - h0
 
     compile_s = ours("warmup", prompt_sets[0])[0]
-    del timed_compile_s[:], timed_prefix_saved[:]  # the warm-up's own
     hf_model = _hf_model(args, model, cfg) if args.compare_hf else None
     if hf_model is not None:
         _hf_generate(hf_model, prompt_sets[0][:, :8], params, 4)  # warm-up
@@ -261,10 +258,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "pct_of_roofline_cpu_time": round(100 * tokens / cpu * cores / roof["roofline_tokens_per_s"], 1),
         "cores": cores, "load_avg_1m": round(os.getloadavg()[0], 2),
         # The instrument's own check: the timed runs must neither compile nor reuse cached prompt prefixes.
-        "timed_runs_compile_s": [round(x, 3) for x in timed_compile_s],
-        "timed_runs_prefix_tokens_saved": timed_prefix_saved,
+        "timed_runs_compile_s": [round(x[3], 3) for x in runs],
+        "timed_runs_prefix_tokens_saved": [x[4] for x in runs],
     }
-    if any(x > 0.01 for x in timed_compile_s) or any(timed_prefix_saved):
+    if any(x[3] > 0.01 for x in runs) or any(x[4] for x in runs):
         result["warning"] = ("timed runs compiled or hit the prefix cache: tokens/s understates (compilation) or "
                              "overstates (skipped prefill) the engine")
     if hf_runs:

@@ -4,7 +4,6 @@ a torch AdamW step of transformers on the same weights; the measurement is ``ben
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from ditto_jax.bench import model as bench_model
@@ -20,7 +19,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Time the real train step (fused loss, AdamW, donation) and report tokens/s and MFU."""
     result = bench_model.measure(args, accum=args.grad_accum, forward=False)
     result["command"] = "ditto-jax bench train " + " ".join(bench_model._argv(args))
-    if args.compare_hf:
-        print(f"train step: {result['train_ratio_vs_hf']:.2f}x transformers (torch AdamW)", file=sys.stderr,
-              flush=True)
     return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """The ratio against a torch AdamW step in one line (empty without ``--compare-hf``)."""
+    if "train_ratio_vs_hf" not in result:
+        return ""
+    return f"train step: {result['train_ratio_vs_hf']:.2f}x transformers (torch AdamW)"

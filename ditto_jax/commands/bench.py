@@ -2,7 +2,8 @@
 
 Each benchmark lives in ``ditto_jax/bench/<name>.py`` with ``add_arguments(parser)`` and ``run(args) -> dict``;
 this command prints the result on stdout as one JSON object (``--json``: one line; otherwise indented). A
-benchmark with ``table(result) -> str`` also prints that markdown table on stderr, for people and notes.
+benchmark with ``table(result) -> str`` also prints that summary (a markdown table or a line) on stderr,
+for people and notes.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def _run(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     table = getattr(module, "table", None)
-    if table is not None:
-        print(table(result), file=sys.stderr, flush=True)
+    summary = table(result) if table is not None else ""
+    if summary:
+        print(summary, file=sys.stderr, flush=True)
     print(text)
     return 0
