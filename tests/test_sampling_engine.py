@@ -67,6 +67,23 @@ def test_greedy_equals_transformers_generate(hf_pair, engine):
         assert res.finish_reason == ("stop" if want[-1] == 2 else "length")
 
 
+def test_the_cache_is_aligned_but_a_request_still_ends_at_max_len(hf_pair, engine):
+    """``max_len`` 48 allocates 64 positions a slot (a multiple of ``CACHE_ALIGN``); a prompt that would run past
+    48 still stops there ("length": 48 positions, the ninth token never needs one), with transformers' greedy tokens up to that point."""
+    hf_model, _ = hf_pair
+    assert engine.cfg.cache_len == 64 and engine.sampler.state.cache.max_len == 64
+    prompt = np.random.RandomState(5).randint(3, 128, 40).tolist()
+    [res] = _run(engine, [prompt], SamplingParams(temperature=0.0, max_new_tokens=30, stop_token_ids=[]), tag="long")
+    with torch.no_grad():
+        want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+    if 2 in want[:9]:  # the engine stops at the end-of-sequence id 2 (the config's); compare up to it
+        n = want.index(2) + 1
+        assert res.output_ids == want[:n] and res.finish_reason == "stop"
+    else:
+        assert res.output_ids == want[:9] and res.finish_reason == "length"
+
+
 def test_decode_reads_a_narrow_cache_width_while_the_rows_are_short(hf_pair):
     """With a 256-position cache the fused decode reads 128 positions while every running row is below that,
     then all 256 (two executables): greedy outputs crossing the boundary still equal transformers'."""

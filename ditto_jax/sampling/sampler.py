@@ -76,6 +76,12 @@ class RowParams:
     ccon: jax.Array
 
 
+CACHE_ALIGN = 64
+"""The slot cache's width is a multiple of this. XLA's CPU dots over the keys run ~15% faster per position at
+such widths (SmolLM2-135M decode attention, B=8, 30 layers: 8.2 ms at 435 positions, 7.1 ms at 448; the real
+decode step 54.3 -> 51.3 ms, median of 7 chunks alternating in one process, 2-core CPU, 2026-12-06)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     """Static shape knobs: slots, cache length, decode chunk, stop-id width, top-k bound, rejection rounds."""
@@ -89,6 +95,12 @@ class SamplerConfig:
     decode_path: str = "fused"  # "fused": model.decode_step over DecodeWeights; "model": the model's forward
     prefix_rows: int = 0  # rows of the prefix-cache pool (0: no prefix cache)
     prefix_row_tokens: int = 0  # tokens per pool row
+
+    @property
+    def cache_len(self) -> int:
+        """Positions the slot cache holds: ``max_len`` rounded up to a multiple of ``CACHE_ALIGN``. A request still
+        ends at ``max_len``; the positions past it are never written, and decode reads the whole aligned width."""
+        return -(-self.max_len // CACHE_ALIGN) * CACHE_ALIGN
 
 
 def _constraint_mask(tables: tuple[jax.Array, jax.Array], cstate: jax.Array, ccon: jax.Array,
@@ -365,7 +377,7 @@ class Sampler:
 
     def _init_cache(self) -> KVCache | LayerCache:
         make = init_cache if self.cfg.decode_path == "model" else init_layer_cache
-        return make(self.model_cfg, self.cfg.batch_size, self.cfg.max_len)
+        return make(self.model_cfg, self.cfg.batch_size, self.cfg.cache_len)
 
     def _state_shardings(self) -> SlotState:
         mesh = self.mesh
@@ -427,12 +439,12 @@ class Sampler:
 
     def read_width(self, need: int) -> int | None:
         """The static cache width a decode chunk whose slots reach at most ``need`` positions reads: the narrowest
-        of ``model.read_widths(max_len)`` covering it on the fused path's heads-first cache (a few executables),
+        of ``model.read_widths(cache_len)`` covering it on the fused path's heads-first cache (a few executables),
         None (the whole cache, one executable) otherwise."""
         cache = self.state.cache
         if not isinstance(cache, LayerCache) or not cache.heads_first:
             return None
-        widths = read_widths(self.cfg.max_len)
+        widths = read_widths(self.cfg.cache_len)
         return next((w for w in widths if w >= need), widths[-1])
 
     def decode(self, tables, keep: np.ndarray, width: int | None = None):
