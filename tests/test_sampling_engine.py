@@ -68,8 +68,8 @@ def test_greedy_equals_transformers_generate(hf_pair, engine):
 
 
 def test_the_cache_is_aligned_but_a_request_still_ends_at_max_len(hf_pair, engine):
-    """``max_len`` 48 allocates 64 positions a slot (a multiple of ``CACHE_ALIGN``); a prompt that would run past
-    48 still stops there ("length": 48 positions, the ninth token never needs one), with transformers' greedy tokens up to that point."""
+    """``max_len`` 48 allocates 64 positions a slot (a multiple of ``CACHE_ALIGN``); a 40-token prompt still stops at
+    48 ("length" after 9 tokens: the last one needs no position), with transformers' greedy tokens up to there."""
     hf_model, _ = hf_pair
     assert engine.cfg.cache_len == 64 and engine.sampler.state.cache.max_len == 64
     prompt = np.random.RandomState(5).randint(3, 128, 40).tolist()
