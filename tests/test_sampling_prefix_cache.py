@@ -8,6 +8,7 @@ import pytest
 
 from ditto_jax.model import ModelConfig, create_model
 from ditto_jax.sampling import Request, SamplingEngine, SamplingParams
+from ditto_jax.sampling.engine import _pack
 from ditto_jax.sampling.prefix_cache import PrefixIndex
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6)
@@ -81,6 +82,34 @@ def test_small_pool_evicts_and_stays_exact(model):
     on = SamplingEngine(model, None, batch_size=4, max_len=64, chunk=4, **FEW, prefix_cache_rows=4)
     assert _run(on, prompts, GREEDY) == _run(off, prompts, GREEDY)
     assert on.prefix.stats.inserted == 6 and on.prefix.stats.evicted == 2
+
+
+def test_pack_fills_a_groups_padding_rows_with_narrower_rows():
+    rows = [(448, 32, f"a{i}") for i in range(7)] + [(448, 16, "b0"), (0, 16, "c0"), (512, 16, "d0")]
+    # seven 32-token rows run as eight: the eighth is the 16-token row under the same prefix width (the wider
+    # prefix d0 cannot ride there); the row without a prefix could, but the group is full
+    assert _pack(rows, 8) == [(448, 32, [f"a{i}" for i in range(7)] + ["b0"]), (512, 16, ["d0"]), (0, 16, ["c0"])]
+    # three rows run as four: the fourth carries the prefix-less row; groups never exceed the limit
+    assert _pack([(64, 32, "x"), (64, 32, "y"), (64, 32, "z"), (0, 16, "c"), (64, 64, "w")], 4) == [
+        (64, 64, ["w"]), (64, 32, ["x", "y", "z", "c"])]
+    five = [(0, 16, i) for i in range(5)]
+    assert _pack(five, 4) == [(0, 16, [0, 1, 2, 3]), (0, 16, [4])]
+    assert _pack(five, 3) == [(0, 16, [0, 1, 2]), (0, 16, [3, 4])]
+
+
+def test_packed_prefill_groups_equal_groups_of_one(model):
+    """An admission mixing pooled and unpooled prompts with remainders in two buckets: prefilled in packed groups
+    (narrower rows in wider groups' padding rows) it gives the greedy and seeded outputs of one prompt per call,
+    in fewer calls."""
+    rng = np.random.RandomState(4)
+    prompts = _workload(characters=2, questions=3, seed=4) + [(f"u{i}", rng.randint(3, 96, n).tolist())
+                                                              for i, n in enumerate((10, 25, 12))]
+    single = SamplingEngine(model, None, batch_size=4, max_len=64, chunk=4, prefill_batch=1, prefix_cache_rows=4)
+    packed = SamplingEngine(model, None, batch_size=4, max_len=64, chunk=4, prefill_batch=4, prefix_cache_rows=4)
+    for params in (GREEDY, NUCLEUS):
+        assert _run(packed, prompts, params) == _run(single, prompts, params)
+    assert packed.timing.prefill_calls < single.timing.prefill_calls
+    assert packed.timing.prompt_tokens_computed == single.timing.prompt_tokens_computed
 
 
 def test_index_verifies_tokens_and_evicts_least_recently_used():

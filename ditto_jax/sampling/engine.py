@@ -5,7 +5,8 @@
 prompt prefix that two or more requests (admitted, queued or seen) share and the prefix cache lacks is computed into
 a pool row (``prefix_cache.py``), then each prompt's remainder after its pooled prefix (the whole prompt when it has
 none) is prefilled, grouped by (prefix width, remainder bucket: powers of two from ``min_bucket`` up to ``max_len``)
-in groups of a power-of-two size (padding rows are dropped on device); then all slots decode together in chunks of
+in groups of a power-of-two size whose padding rows carry narrower remainders where there are any (other padding
+rows are dropped on device); then all slots decode together in chunks of
 ``chunk`` steps inside one jitted ``while_loop``. Between chunks the host appends the new tokens, applies stop
 strings (exact: the output is cut before the first occurrence, token ids up to the token that completes it), yields
 finished ``Result``s (in completion order) and refills their slots. Compilations: one decode, one prefill per
@@ -100,6 +101,29 @@ class EngineTiming:
     def to_json(self) -> dict[str, Any]:
         """Plain dict, seconds rounded."""
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _pack(rows: list[tuple[int, int, Any]], limit: int) -> list[tuple[int, int, list[Any]]]:
+    """Prefill groups ``(prefix width, bucket, items)`` for ``rows`` ``(prefix width, bucket, item)``.
+
+    A group runs ``_pow2(len)`` rows of its widths, so its padding rows are free: each group takes up to ``limit``
+    rows of the widest (bucket, prefix width) left, then fills its padding rows with the widest rows left that
+    fit (bucket and prefix width no larger; a row's own prefix length masks the rest of the group's prefix).
+    The rows' compute never grows, and calls and compiled variants become fewer: the real workload's first
+    admission of 8 prompts was one row in a 16-token bucket and seven in a 32-token bucket padded to eight, two
+    calls where one holds them all."""
+    left = sorted(rows, key=lambda r: (r[1], r[0]), reverse=True)
+    groups = []
+    while left:
+        pp, ps = left[0][0], left[0][1]
+        take = [i for i, r in enumerate(left) if r[:2] == (pp, ps)][:limit]
+        free = min(_pow2(len(take)), limit) - len(take)
+        taken = set(take)
+        take += [i for i, r in enumerate(left) if i not in taken and r[0] <= pp and r[1] <= ps][:free]
+        groups.append((pp, ps, [left[i][2] for i in take]))
+        taken = set(take)
+        left = [r for i, r in enumerate(left) if i not in taken]
+    return groups
 
 
 def length_buckets(max_len: int, min_bucket: int = 16) -> list[int]:
@@ -382,25 +406,22 @@ class SamplingEngine:
 
     def _prefill(self, admitted: list[tuple[int, _Live]]) -> list[tuple[int, _Live, int]]:
         """Prefill the admitted requests: shared prefixes first (into the prefix cache), then every prompt's
-        remainder, grouped by (prefix width, remainder bucket) in power-of-two groups."""
+        remainder, in power-of-two groups (``_pack``)."""
         plan = self._plan_prefixes(admitted)
-        groups: dict[tuple[int, int], list[tuple[int, _Live, int, int]]] = collections.defaultdict(list)
+        whole: list[tuple[int, int, tuple[int, _Live, int, int]]] = []
         first_chunks: dict[tuple[int, int], list[tuple[int, _Live, int, int]]] = collections.defaultdict(list)
         for slot, rec, row, m in plan:
             rest = rec.prompt_len - m
-            if self.prefill_chunk is not None and rest > self.prefill_chunk:
-                pp = 0 if m == 0 else min(_pow2(max(m, self.prefix_bucket)), self.cfg.prefix_row_tokens)
-                first_chunks[pp, self.prefill_chunk].append((slot, rec, row, m))
-                continue
-            ps = next(x for x in self.buckets if x >= rest)
             # the prefix is only read (gathered and attended to), never recomputed: a coarse width keeps
             # the compiled variants few at little cost
             pp = 0 if m == 0 else min(_pow2(max(m, self.prefix_bucket)), self.cfg.prefix_row_tokens)
-            groups[pp, ps].append((slot, rec, row, m))
+            if self.prefill_chunk is not None and rest > self.prefill_chunk:
+                first_chunks[pp, self.prefill_chunk].append((slot, rec, row, m))
+                continue
+            whole.append((pp, next(x for x in self.buckets if x >= rest), (slot, rec, row, m)))
         out = []
-        for (pp, ps), items in sorted(groups.items()):
-            for start in range(0, len(items), self.prefill_batch):
-                out.extend(self._prefill_group(pp, ps, items[start:start + self.prefill_batch]))
+        for pp, ps, items in _pack(whole, self.prefill_batch):
+            out.extend(self._prefill_group(pp, ps, items))
         for (pp, ps), items in sorted(first_chunks.items()):
             for start in range(0, len(items), self.prefill_batch):
                 self._prefill_group(pp, ps, items[start:start + self.prefill_batch], upto=self.prefill_chunk)
