@@ -8,7 +8,9 @@ Modules are imported lazily so ``ditto-jax --help`` stays fast and one broken co
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, str] = {
@@ -78,5 +80,43 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def run() -> None:
+    """The ``ditto-jax`` program: ``main()``, then an exit that skips the interpreter's teardown.
+
+    Once a command has returned, its outputs are written (renamed into place, closed) and nothing is left to do
+    but free memory: tearing down jax, XLA and the loaded modules object by object took 0.6-0.7 s of a 27 s
+    ``ditto-jax sample`` run (2-core CPU). The exit still joins non-daemon threads and runs every ``atexit``
+    handler (jax's, ``multiprocessing``'s, logging's: registered after this one, they run before it), flushes
+    the standard streams, then leaves with the command's exit code. ``DITTO_JAX_FULL_EXIT=1`` keeps the full
+    teardown (for tools that act at interpreter shutdown, e.g. coverage started before this process)."""
+    if os.environ.get("DITTO_JAX_FULL_EXIT", "0") != "1":
+        atexit.register(_exit_now)  # first registered, so it runs last among atexit handlers
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse and the commands' own exits: their code (a message is printed first)
+        _exit_code[0] = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        raise
+    except KeyboardInterrupt:
+        _exit_code[0] = 130
+        raise
+    except BaseException:  # the traceback is printed before the atexit handlers run
+        _exit_code[0] = 1
+        raise
+    _exit_code[0] = code
+    sys.exit(code)
+
+
+_exit_code = [1]
+
+
+def _exit_now() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(_exit_code[0])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -65,3 +66,51 @@ def test_help_of_every_command_imports_no_jax(command: str) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "no JAX"
+
+
+_EXIT_PROBE = """
+import atexit, os, sys, threading, time
+import ditto_jax.cli as cli
+out = sys.argv[1]
+
+class Finalised:
+    def __del__(self, path=os.path.join(out, "teardown"), opener=os.open, closer=os.close, flags=os.O_CREAT | os.O_WRONLY):
+        closer(opener(path, flags))  # the module's globals may be gone by then: everything comes bound
+
+keep = Finalised()  # collected only by the interpreter's teardown
+
+def command(argv=None):
+    atexit.register(lambda: open(os.path.join(out, "atexit"), "w").close())
+    def late():
+        time.sleep(0.3)
+        open(os.path.join(out, "thread"), "w").close()
+    threading.Thread(target=late).start()  # not a daemon: the exit waits for it
+    sys.stdout.write("x" * 200000)  # buffered when piped: flushed before the exit
+    return 3
+
+cli.main = command
+sys.argv = ["ditto-jax"]
+cli.run()
+"""
+
+
+@pytest.mark.parametrize("full", ["0", "1"])
+def test_the_program_exits_without_teardown_but_keeps_code_output_threads_and_atexit(tmp_path, full):
+    """``ditto-jax`` (``cli.run``) skips the interpreter's teardown after the command: the exit code, the whole
+    standard output, non-daemon threads and atexit handlers registered by the command are kept; an object that
+    only the teardown would finalise is not (``DITTO_JAX_FULL_EXIT=1``: it is)."""
+    env = {**os.environ, "DITTO_JAX_FULL_EXIT": full}
+    proc = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "x" * 200000
+    assert (tmp_path / "atexit").exists() and (tmp_path / "thread").exists()
+    assert (tmp_path / "teardown").exists() == (full == "1")
+
+
+def test_the_program_keeps_argparse_and_error_exit_codes(tmp_path):
+    run = [sys.executable, "-m", "ditto_jax.cli"]
+    assert subprocess.run([*run, "sample", "--bogus"], capture_output=True).returncode == 2
+    proc = subprocess.run([*run, "characters", "validate", str(tmp_path / "missing.jsonl")], capture_output=True,
+                          text=True)
+    assert proc.returncode == main(["characters", "validate", str(tmp_path / "missing.jsonl")]) != 0
+    assert "missing.jsonl" in proc.stderr
