@@ -115,14 +115,12 @@ def _pack(rows: list[tuple[int, int, Any]], limit: int) -> list[tuple[int, int, 
     left = sorted(rows, key=lambda r: (r[1], r[0]), reverse=True)
     groups = []
     while left:
-        pp, ps = left[0][0], left[0][1]
+        pp, ps = left[0][:2]
         take = [i for i, r in enumerate(left) if r[:2] == (pp, ps)][:limit]
         free = min(_pow2(len(take)), limit) - len(take)
-        taken = set(take)
-        take += [i for i, r in enumerate(left) if i not in taken and r[0] <= pp and r[1] <= ps][:free]
+        take += [i for i, r in enumerate(left) if r[0] <= pp and r[1] <= ps and i not in take][:free]
         groups.append((pp, ps, [left[i][2] for i in take]))
-        taken = set(take)
-        left = [r for i, r in enumerate(left) if i not in taken]
+        left = [r for i, r in enumerate(left) if i not in take]
     return groups
 
 
