@@ -20,6 +20,8 @@ def test_bench_simulate_tiny_against_transformers(tmp_path, monkeypatch, capsys)
     captured = capsys.readouterr()
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert result == json.loads((tmp_path / "result.json").read_text())
+    # the runs-so-far sidecar kept while it ran is gone once the result is written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jax-cache", "result.json", "work"]
     prompts = [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()]
     assert [p["id"] for p in prompts] == ["en-socrates/q0", "en-socrates/q1", "en-julius-caesar/q0",
                                           "en-julius-caesar/q1"]

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ditto_jax.fileio import atomic_write_json
+
 QUESTIONS = (
     "What was the hardest decision you ever had to make?",
     "Who do you trust the most, and why?",
@@ -128,8 +130,7 @@ def _last_json(stdout: str) -> dict[str, Any]:
 def _save_partial(args: argparse.Namespace, ours: list, hf: list) -> None:
     """The runs so far, next to the final result (a long benchmark on a busy machine can be read mid-way)."""
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(str(args.out) + ".partial").write_text(json.dumps({"ours_runs": ours, "hf_runs": hf}, indent=1))
+        atomic_write_json(str(args.out) + ".partial", {"ours_runs": ours, "hf_runs": hf}, indent=1)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """``ditto-jax bench {model,kernels,sample,train,data,simulate} ... --json``.
 
 Each benchmark lives in ``ditto_jax/bench/<name>.py`` with ``add_arguments(parser)`` and ``run(args) -> dict``;
-this command prints the result on stdout as one JSON object (``--json``: one line; otherwise indented). A
+this command prints the result on stdout as one JSON object (``--json``: one line; otherwise indented) and with
+``--out`` writes it to a file (atomically; a ``FILE.partial`` the benchmark kept of its runs so far is removed). A
 benchmark with ``table(result) -> str`` also prints that summary (a markdown table or a line) on stderr,
 for people and notes.
 """
@@ -46,8 +47,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.out:
         from pathlib import Path
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        from ditto_jax.fileio import atomic_write_json
+
+        atomic_write_json(args.out, result)
+        Path(str(args.out) + ".partial").unlink(missing_ok=True)  # a benchmark's runs so far, now superseded
     table = getattr(module, "table", None)
     summary = table(result) if table is not None else ""
     if summary:
