@@ -112,6 +112,26 @@ def test_packed_prefill_groups_equal_groups_of_one(model):
     assert packed.timing.prompt_tokens_computed == single.timing.prompt_tokens_computed
 
 
+def test_wide_prefixes_are_filled_one_per_call():
+    """Prefixes of ``FILL_TOKENS`` positions or more are computed one per call (fewer compiled variants, the same
+    compute); narrow ones still share a call. Outputs equal those without the prefix cache."""
+    cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=512)
+    wide_model = create_model(cfg, seed=6)
+    rng = np.random.RandomState(6)
+    prompts = []
+    for c, n in enumerate((270, 270, 40, 40)):  # two wide profiles, then two narrow ones
+        profile = rng.randint(3, 96, n).tolist()
+        prompts += [(f"c{c}/q{q}", profile + rng.randint(3, 96, 3 + 3 * q).tolist()) for q in range(2)]
+    kw = dict(batch_size=4, max_len=300, chunk=4, min_bucket=64, prefill_batch=4)
+    on = SamplingEngine(wide_model, None, **kw, prefix_cache_rows=4)
+    off = SamplingEngine(wide_model, None, **kw, prefix_cache_rows=0)
+    assert _run(on, prompts, GREEDY) == _run(off, prompts, GREEDY)
+    assert on.prefix.stats.inserted == 4
+    # the first admission fills both wide profiles (two calls), the second both narrow ones (one call)
+    assert on.timing.prefix_fill_calls == 3
+
+
 def test_index_verifies_tokens_and_evicts_least_recently_used():
     index = PrefixIndex(rows=2, row_tokens=64, block=4)
     a = list(range(10, 30))  # 20 tokens

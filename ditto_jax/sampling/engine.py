@@ -103,6 +103,12 @@ class EngineTiming:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
 
 
+FILL_TOKENS = 256
+"""A prefix fill computes at most this many positions at once (whole prefixes, at least one): one prefix of 256
+positions already keeps the CPU's dots near their peak, and calls of one wide prefix each keep the compiled
+variants few (the real workload: two fill executables instead of three, the same compute)."""
+
+
 def _pack(rows: list[tuple[int, int, Any]], limit: int) -> list[tuple[int, int, list[Any]]]:
     """Prefill groups ``(prefix width, bucket, items)`` for ``rows`` ``(prefix width, bucket, item)``.
 
@@ -498,13 +504,15 @@ class SamplingEngine:
         return rec.names
 
     def _fill_prefixes(self, fills: list[tuple[int, Any]]) -> None:
-        """Compute prefixes into their pool rows, grouped by width bucket in power-of-two groups."""
+        """Compute prefixes into their pool rows, grouped by width bucket in power-of-two groups of at most
+        ``FILL_TOKENS`` positions (at least one prefix)."""
         groups: dict[int, list[tuple[int, Any]]] = collections.defaultdict(list)
         for row, tokens in fills:
             groups[min(_round_up(len(tokens), self.prefix_bucket), self.cfg.prefix_row_tokens)].append((row, tokens))
         for width, items in sorted(groups.items()):
-            for start in range(0, len(items), self.prefill_batch):
-                part = items[start:start + self.prefill_batch]
+            per_call = max(1, min(self.prefill_batch, FILL_TOKENS // width))
+            for start in range(0, len(items), per_call):
+                part = items[start:start + per_call]
                 g = _pow2(len(part))
                 rows = np.full((g,), self.cfg.prefix_rows, np.int32)  # >= rows: padding, dropped on device
                 tokens = np.zeros((g, width), np.int32)
