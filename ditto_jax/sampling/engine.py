@@ -31,7 +31,15 @@ from ditto_jax.sampling.compile_cache import compile_stats, start_compile_meter
 from ditto_jax.sampling.constraints import ConstraintTables
 from ditto_jax.sampling.params import Request, Result, SamplingParams, request_key_data
 from ditto_jax.sampling.prefix_cache import PrefixIndex
-from ditto_jax.sampling.sampler import FINISH_NAMES, FINISH_NONE, FINISH_STOP, RowParams, Sampler, SamplerConfig
+from ditto_jax.sampling.sampler import (
+    FINISH_NAMES,
+    FINISH_NONE,
+    FINISH_STOP,
+    RowParams,
+    Sampler,
+    SamplerConfig,
+    round_up,
+)
 
 
 @dataclasses.dataclass
@@ -46,10 +54,6 @@ class _Live:
     delivered: int = 0  # output ids already passed to on_token
     prefilled: int | None = None  # chunked prefill under way: prompt tokens already in the slot's cache
     names: list[int] | None = None  # the prompt's prefix-cache block names (computed once, when first needed)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _pow2(n: int) -> int:
@@ -440,7 +444,7 @@ class SamplingEngine:
             rest = rec.prompt_len - m
             final = rest <= self.prefill_chunk
             ps = next(x for x in self.buckets if x >= rest) if final else self.prefill_chunk
-            groups[min(_round_up(m, self.prefill_chunk), self.cfg.max_len), ps, final].append((slot, rec, slot, m))
+            groups[min(round_up(m, self.prefill_chunk), self.cfg.max_len), ps, final].append((slot, rec, slot, m))
         out = []
         for (pp, ps, final), items in sorted(groups.items()):
             for start in range(0, len(items), self.prefill_batch):
@@ -508,7 +512,7 @@ class SamplingEngine:
         ``FILL_TOKENS`` positions (at least one prefix)."""
         groups: dict[int, list[tuple[int, Any]]] = collections.defaultdict(list)
         for row, tokens in fills:
-            groups[min(_round_up(len(tokens), self.prefix_bucket), self.cfg.prefix_row_tokens)].append((row, tokens))
+            groups[min(round_up(len(tokens), self.prefix_bucket), self.cfg.prefix_row_tokens)].append((row, tokens))
         for width, items in sorted(groups.items()):
             per_call = max(1, min(self.prefill_batch, FILL_TOKENS // width))
             for start in range(0, len(items), per_call):
