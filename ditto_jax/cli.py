@@ -89,33 +89,30 @@ def run() -> None:
     handler (jax's, ``multiprocessing``'s, logging's: registered after this one, they run before it), flushes
     the standard streams, then leaves with the command's exit code. ``DITTO_JAX_FULL_EXIT=1`` keeps the full
     teardown (for tools that act at interpreter shutdown, e.g. coverage started before this process)."""
+    code = [1]  # the exit code, known once main() returns or raises
     if os.environ.get("DITTO_JAX_FULL_EXIT", "0") != "1":
-        atexit.register(_exit_now)  # first registered, so it runs last among atexit handlers
+        atexit.register(_exit_now, code)  # first registered, so it runs last among atexit handlers
     try:
-        code = main()
+        code[0] = main()
     except SystemExit as exc:  # argparse and the commands' own exits: their code (a message is printed first)
-        _exit_code[0] = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code[0] = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         raise
     except KeyboardInterrupt:
-        _exit_code[0] = 130
+        code[0] = 130
         raise
     except BaseException:  # the traceback is printed before the atexit handlers run
-        _exit_code[0] = 1
+        code[0] = 1
         raise
-    _exit_code[0] = code
-    sys.exit(code)
+    sys.exit(code[0])
 
 
-_exit_code = [1]
-
-
-def _exit_now() -> None:
+def _exit_now(code: list[int]) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
-    os._exit(_exit_code[0])
+    os._exit(code[0])
 
 
 if __name__ == "__main__":
