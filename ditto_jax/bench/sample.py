@@ -245,6 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "bench": "sample", "model": described,
         "device": jax.devices()[0].device_kind, "batch": b, "prompt_len": p, "new_tokens": n,
+        "decode_matmul": loaded.stats()["decode_matmul"],
         "sampling": params.model_dump(include={"temperature", "top_p", "top_k", "repetition_penalty"}),
         "tokens_per_s": round(tokens / wall, 1), "tokens_per_cpu_s": round(tokens / cpu, 1),
         "step_ms": round(wall / n * 1e3, 2), "first_run_s_with_compile": round(compile_s, 2),

@@ -15,10 +15,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ditto_jax.kernels import cpu_matmul
 from ditto_jax.model.attention import cached_attention, full_attention
 from ditto_jax.model.cache import KVCache, LayerCache
 from ditto_jax.model.config import ModelConfig
-from ditto_jax.model.layers import StackedLinear, StackedNorm, apply_rope, linear, param, rms_norm, rope_cos_sin, swiglu
+from ditto_jax.model.layers import (
+    StackedLinear,
+    StackedNorm,
+    apply_rope,
+    decode_matmul,
+    linear,
+    param,
+    rms_norm,
+    rope_cos_sin,
+    swiglu,
+)
 
 REMAT_POLICIES = {
     "full": None,
@@ -171,7 +182,7 @@ def _qkv(x: jax.Array, w: dict[str, Any], cfg: ModelConfig, cos: jax.Array, sin:
     h = rms_norm(x, w["ln1"], cfg.rms_norm_eps)
     nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
     if "qkv" in w:  # DecodeWeights: fused once, outside the step
-        qkv = h @ w["qkv"]
+        qkv = decode_matmul(h, w["qkv"])
         if "qkv_bias" in w:
             qkv = qkv + w["qkv_bias"]
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
@@ -195,13 +206,15 @@ def _qkv(x: jax.Array, w: dict[str, Any], cfg: ModelConfig, cos: jax.Array, sin:
 def _finish(x: jax.Array, attn: jax.Array, w: dict[str, Any], cfg: ModelConfig) -> jax.Array:
     dt = cfg.compute_dtype
     b, t = x.shape[:2]
+    if "gate_up" in w:  # DecodeWeights
+        x = x + decode_matmul(attn.reshape(b, t, -1), w["o"])
+        h = rms_norm(x, w["ln2"], cfg.rms_norm_eps)
+        gate_up = decode_matmul(h, w["gate_up"])
+        f = gate_up.shape[-1] // 2
+        return x + decode_matmul(jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:], w["down"])
     mm = linear if _fuse_projections() else jnp.matmul
     x = x + mm(attn.reshape(b, t, -1), w["o"].astype(dt))
     h = rms_norm(x, w["ln2"], cfg.rms_norm_eps)
-    if "gate_up" in w:  # DecodeWeights
-        gate_up = h @ w["gate_up"]
-        f = gate_up.shape[-1] // 2
-        return x + (jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]) @ w["down"]
     if _fuse_projections():
         f = w["gate"].shape[-1]
         gate_up = linear(h, jnp.concatenate([w["gate"], w["up"]], axis=-1).astype(dt))
@@ -247,7 +260,8 @@ class DecodeWeights:
     The scanned forward slices stacked weights (on CPU every ``lax.scan`` step copies its slice), the tied head
     multiplies by the transposed embedding, and each step concatenates q/k/v: for one token per row that is
     ~25% of a decode step. ``decode_step`` runs the same layer code (``_qkv``, ``_finish``) over these arrays in
-    a Python-unrolled loop (static slices only). Costs one extra copy of the weights.
+    a Python-unrolled loop (static slices only). Costs one extra copy of the weights. On a CPU in float32 the
+    matrices are packed ``[N/32, K, 32]`` for the few-row kernel (``decode_weights(cpu_kernel=...)``).
     """
 
     layers: list[dict[str, jax.Array]]
@@ -256,16 +270,40 @@ class DecodeWeights:
     norm: jax.Array
 
 
-def decode_weights(model: Transformer) -> DecodeWeights:
-    """Rearrange ``model``'s parameters (once, outside the decode loop); keeps each array's sharding family."""
+PACKED = ("qkv", "o", "gate_up", "down")  # the per-layer matrices ``decode_weights`` may pack for the CPU kernel
+
+
+def decode_weights(model: Transformer, *, cpu_kernel: bool | None = None) -> DecodeWeights:
+    """Rearrange ``model``'s parameters (once, outside the decode loop); keeps each array's sharding family.
+
+    ``cpu_kernel``: store the ``PACKED`` matrices and the head packed for ``kernels.cpu_matmul`` (those whose
+    width is a multiple of 32), so ``decode_step`` runs them through the few-row CPU kernel. ``None``: when the
+    compute dtype is float32, the weights live on one CPU device and the kernel is available."""
+    embed = model.embed_tokens[...]
+    if cpu_kernel is None:
+        cpu_kernel = (model.cfg.compute_dtype == jnp.float32 and len(embed.sharding.device_set) == 1
+                      and next(iter(embed.sharding.device_set)).platform == "cpu" and cpu_matmul.available())
     params = _layer_weights(model.layers) | {
-        "embed": model.embed_tokens[...], "norm": model.norm[...],
-        "head": None if model.lm_head is None else model.lm_head[...]}
-    return _relayout(params, num_layers=model.cfg.num_layers, dtype=model.cfg.compute_dtype)
+        "embed": embed, "norm": model.norm[...], "head": None if model.lm_head is None else model.lm_head[...]}
+    return _relayout(params, num_layers=model.cfg.num_layers, dtype=model.cfg.compute_dtype, pack=cpu_kernel)
 
 
-@functools.partial(jax.jit, static_argnames=("num_layers", "dtype"))
-def _relayout(params: dict[str, Any], *, num_layers: int, dtype: Any) -> DecodeWeights:
+def decode_matmul_kind(weights: Any) -> str:
+    """How ``decode_step`` multiplies by ``weights``' matrices, for run summaries: ``"cpu kernel"`` (packed for
+    ``kernels.cpu_matmul``), else ``"xla"`` and, where the kernel cannot run, why."""
+    if isinstance(weights, DecodeWeights) and (
+            weights.head.ndim == 3 or any(layer[n].ndim == 3 for layer in weights.layers for n in PACKED)):
+        return "cpu kernel"
+    why = cpu_matmul.reason()
+    return "xla" if why is None else f"xla (cpu kernel: {why})"
+
+
+def _packed(w: jax.Array, pack: bool) -> jax.Array:
+    return cpu_matmul.pack(w) if pack and cpu_matmul.packable(w) else w
+
+
+@functools.partial(jax.jit, static_argnames=("num_layers", "dtype", "pack"))
+def _relayout(params: dict[str, Any], *, num_layers: int, dtype: Any, pack: bool = False) -> DecodeWeights:
     """``DecodeWeights`` from the stacked parameters (module level: same-shaped models share its compilation)."""
     layers = []
     for i in range(num_layers):
@@ -280,9 +318,10 @@ def _relayout(params: dict[str, Any], *, num_layers: int, dtype: Any) -> DecodeW
             w["qkv_bias"] = jnp.concatenate([params["qb"][i], params["kb"][i], params["vb"][i]], -1).astype(dtype)
         if "qn" in params:
             w["qn"], w["kn"] = params["qn"][i], params["kn"][i]
-        layers.append(w)
+        layers.append(w | {name: _packed(w[name], pack) for name in PACKED})
     head = params["embed"].T if params["head"] is None else params["head"]
-    return DecodeWeights(layers=layers, embed=params["embed"], head=head.astype(dtype), norm=params["norm"])
+    return DecodeWeights(layers=layers, embed=params["embed"], head=_packed(head.astype(dtype), pack),
+                         norm=params["norm"])
 
 
 def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: LayerCache,
@@ -312,5 +351,6 @@ def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: La
                                 heads_first=cache.heads_first, width=width)
         x = _finish(x, attn.astype(x.dtype), lw, cfg)
     x = rms_norm(x[:, 0], w.norm, cfg.rms_norm_eps)
-    logits = jnp.matmul(x, w.head, preferred_element_type=jnp.float32)
+    logits = (decode_matmul(x, w.head) if w.head.ndim == 3
+              else jnp.matmul(x, w.head, preferred_element_type=jnp.float32))
     return logits, cache.replace(k=tuple(k_out), v=tuple(v_out), lengths=lengths + 1)

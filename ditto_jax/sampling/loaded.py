@@ -26,6 +26,7 @@ import jax
 
 from ditto_jax.checkpoints import ModelSource, load_model_source
 from ditto_jax.mesh import make_mesh
+from ditto_jax.model import decode_matmul_kind
 from ditto_jax.sampling.compile_cache import compile_stats, enable_compilation_cache
 from ditto_jax.sampling.config import EngineConfig
 from ditto_jax.sampling.constraints import Constraint, json_schema_constraint, vocab_constraint
@@ -92,10 +93,12 @@ class LoadedEngine:
     def stats(self) -> dict[str, Any]:
         """For run summaries: ``load_s``, ``engine`` (prefill / prefix fill / decode seconds and counts,
         ``EngineTiming``), ``compile`` (process-wide compile seconds and persistent-cache hits,
-        ``compile_cache.compile_stats``) and ``prefix_cache`` (hits, tokens saved; None when off)."""
+        ``compile_cache.compile_stats``), ``prefix_cache`` (hits, tokens saved; None when off) and
+        ``decode_matmul`` (``model.decode_matmul_kind``: the CPU few-row kernel or XLA's dot, and why)."""
         prefix = self.engine.prefix
         return {"load_s": round(self.load_s, 3), "engine": self.engine.timing.to_json(), "compile": compile_stats(),
-                "prefix_cache": prefix.stats.to_json() if prefix is not None else None}
+                "prefix_cache": prefix.stats.to_json() if prefix is not None else None,
+                "decode_matmul": decode_matmul_kind(self.engine.sampler.decode_weights)}
 
 
 def engine_mesh(cfg: EngineConfig) -> Any:
