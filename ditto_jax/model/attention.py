@@ -20,7 +20,9 @@ Sliding-window attention is not in the kernels: it always takes the ``xla`` path
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
+from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.kernels import decode_attention, flash_attention
 from ditto_jax.kernels.reference import attention_reference
 from ditto_jax.kernels.sharding import shard_over_batch_and_heads
@@ -71,7 +73,7 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, segme
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_offset: jax.Array, impl: str,
                      sliding_window: int | None = None, heads_first: bool = False,
-                     width: int | None = None) -> jax.Array:
+                     width: int | None = None, cpu_kernel: bool = False) -> jax.Array:
     """New tokens q ``[B,T,Hq,D]`` (at cache positions ``q_offset[b] + t``) against caches ``[B,S,Hkv,D]``
     (``[B,Hkv,S,D]`` when ``heads_first``: one new token per row, plain-XLA path only; ``width``: read only that
     many positions, see ``heads_first_query_attention``).
@@ -79,13 +81,18 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
     The cache already holds the new tokens' keys and values. One new token per row uses the split-K decode
     kernel under ``pallas``/``cudnn`` and ``single_query_attention`` under ``xla``; prefill chunks use
     ``cached_chunk_attention`` under ``xla`` and the masked reference otherwise (and for sliding windows on the
-    kernel paths).
+    kernel paths). ``cpu_kernel`` (the caller vouches for one CPU device and ``kernels.cpu.available()``): a
+    heads-first float32 cache runs ``kernels.cpu.decode_attention``, which reads each row only up to its
+    position (``width`` is then moot).
     """
     impl = resolve_impl(impl)
     if heads_first:
         if q.shape[1] != 1 or impl != "xla":
             raise ValueError(f"a heads-first cache serves one new token per row on the xla path (got "
                              f"{q.shape[1]} tokens, attention {impl!r}); build the cache with heads_first=False")
+        if cpu_kernel and k_cache.dtype == v_cache.dtype == jnp.float32:
+            o = cpu_kernels.decode_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window)
+            return o.astype(q.dtype)[:, None]
         return heads_first_query_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window, width)[:, None]
     if q.shape[1] == 1 and impl in ("pallas", "cudnn") and sliding_window is None:
         o = shard_over_batch_and_heads(

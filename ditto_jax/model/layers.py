@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ditto_jax.kernels import cpu_matmul
+from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.model.config import ModelConfig, RopeScaling
 
 
@@ -112,8 +112,8 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 
 def decode_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w`` for a ``DecodeWeights`` matrix: a packed ``[N/32, K, 32]`` weight (CPU, float32; see
-    ``kernels.cpu_matmul``) runs the few-row kernel, a ``[K, N]`` one XLA's dot."""
-    return cpu_matmul.small_matmul(x, w) if w.ndim == 3 else x @ w
+    ``kernels.cpu``) runs the few-row kernel, a ``[K, N]`` one XLA's dot."""
+    return cpu_kernels.small_matmul(x, w) if w.ndim == 3 else x @ w
 
 
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ditto_jax.kernels import cpu_matmul
+from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.model.attention import cached_attention, full_attention
 from ditto_jax.model.cache import KVCache, LayerCache
 from ditto_jax.model.config import ModelConfig
@@ -260,14 +260,16 @@ class DecodeWeights:
     The scanned forward slices stacked weights (on CPU every ``lax.scan`` step copies its slice), the tied head
     multiplies by the transposed embedding, and each step concatenates q/k/v: for one token per row that is
     ~25% of a decode step. ``decode_step`` runs the same layer code (``_qkv``, ``_finish``) over these arrays in
-    a Python-unrolled loop (static slices only). Costs one extra copy of the weights. On a CPU in float32 the
-    matrices are packed ``[N/32, K, 32]`` for the few-row kernel (``decode_weights(cpu_kernel=...)``).
+    a Python-unrolled loop (static slices only). Costs one extra copy of the weights. With ``cpu_kernels`` (one
+    CPU device, float32; ``decode_weights(cpu_kernel=...)``) the matrices are packed ``[N/32, K, 32]`` for the
+    few-row matmul and the attention over a heads-first cache runs ``kernels.cpu.decode_attention``.
     """
 
     layers: list[dict[str, jax.Array]]
     embed: jax.Array
     head: jax.Array
     norm: jax.Array
+    cpu_kernels: bool = flax.struct.field(pytree_node=False, default=False)  # packed; attention by kernels.cpu
 
 
 PACKED = ("qkv", "o", "gate_up", "down")  # the per-layer matrices ``decode_weights`` may pack for the CPU kernel
@@ -276,30 +278,30 @@ PACKED = ("qkv", "o", "gate_up", "down")  # the per-layer matrices ``decode_weig
 def decode_weights(model: Transformer, *, cpu_kernel: bool | None = None) -> DecodeWeights:
     """Rearrange ``model``'s parameters (once, outside the decode loop); keeps each array's sharding family.
 
-    ``cpu_kernel``: store the ``PACKED`` matrices and the head packed for ``kernels.cpu_matmul`` (those whose
-    width is a multiple of 32), so ``decode_step`` runs them through the few-row CPU kernel. ``None``: when the
-    compute dtype is float32, the weights live on one CPU device and the kernel is available."""
+    ``cpu_kernel``: store the ``PACKED`` matrices and the head packed for ``kernels.cpu`` (those whose
+    width is a multiple of 32), so ``decode_step`` runs them through the few-row CPU matmul, and its attention
+    over a heads-first float32 cache through the CPU decode attention. ``None``: when the compute dtype is
+    float32, the weights live on one CPU device and the kernels are available."""
     embed = model.embed_tokens[...]
     if cpu_kernel is None:
         cpu_kernel = (model.cfg.compute_dtype == jnp.float32 and len(embed.sharding.device_set) == 1
-                      and next(iter(embed.sharding.device_set)).platform == "cpu" and cpu_matmul.available())
+                      and next(iter(embed.sharding.device_set)).platform == "cpu" and cpu_kernels.available())
     params = _layer_weights(model.layers) | {
         "embed": embed, "norm": model.norm[...], "head": None if model.lm_head is None else model.lm_head[...]}
     return _relayout(params, num_layers=model.cfg.num_layers, dtype=model.cfg.compute_dtype, pack=cpu_kernel)
 
 
 def decode_matmul_kind(weights: Any) -> str:
-    """How ``decode_step`` multiplies by ``weights``' matrices, for run summaries: ``"cpu kernel"`` (packed for
-    ``kernels.cpu_matmul``), else ``"xla"`` and, where the kernel cannot run, why."""
-    if isinstance(weights, DecodeWeights) and (
-            weights.head.ndim == 3 or any(layer[n].ndim == 3 for layer in weights.layers for n in PACKED)):
-        return "cpu kernel"
-    why = cpu_matmul.reason()
-    return "xla" if why is None else f"xla (cpu kernel: {why})"
+    """How ``decode_step`` runs its matmuls and attention over ``weights``, for run summaries: ``"cpu kernels"``
+    (``kernels.cpu``), else ``"xla"`` and, where the kernels cannot run, why."""
+    if isinstance(weights, DecodeWeights) and weights.cpu_kernels:
+        return "cpu kernels"
+    why = cpu_kernels.reason()
+    return "xla" if why is None else f"xla (cpu kernels: {why})"
 
 
 def _packed(w: jax.Array, pack: bool) -> jax.Array:
-    return cpu_matmul.pack(w) if pack and cpu_matmul.packable(w) else w
+    return cpu_kernels.pack(w) if pack and cpu_kernels.packable(w) else w
 
 
 @functools.partial(jax.jit, static_argnames=("num_layers", "dtype", "pack"))
@@ -321,7 +323,7 @@ def _relayout(params: dict[str, Any], *, num_layers: int, dtype: Any, pack: bool
         layers.append(w | {name: _packed(w[name], pack) for name in PACKED})
     head = params["embed"].T if params["head"] is None else params["head"]
     return DecodeWeights(layers=layers, embed=params["embed"], head=_packed(head.astype(dtype), pack),
-                         norm=params["norm"])
+                         norm=params["norm"], cpu_kernels=pack)
 
 
 def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: LayerCache,
@@ -348,7 +350,7 @@ def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: La
         k_out.append(kc)
         v_out.append(vc)
         attn = cached_attention(q, kc, vc, q_offset=lengths, impl=cfg.attention, sliding_window=cfg.sliding_window,
-                                heads_first=cache.heads_first, width=width)
+                                heads_first=cache.heads_first, width=width, cpu_kernel=w.cpu_kernels)
         x = _finish(x, attn.astype(x.dtype), lw, cfg)
     x = rms_norm(x[:, 0], w.norm, cfg.rms_norm_eps)
     logits = (decode_matmul(x, w.head) if w.head.ndim == 3

@@ -1,0 +1,141 @@
+// Shared by the CPU kernels (kernels/cpu.py compiles every .cc in this folder into one library).
+#pragma once
+
+#include <sched.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ditto {
+
+// 16 floats: GCC/Clang vector extensions, so the compiler picks AVX-512, AVX2 or NEON from -march=native.
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+inline v16 splat(float x) { return v16{} + x; }
+
+// The kernels' worker threads: one fewer than the CPUs this process may run on (DITTO_CPU_KERNEL_THREADS
+// overrides), started on first use. A decode step calls the kernels ~150 times, 0.05-0.3 ms each; waking a
+// sleeping thread (or one of XLA's pool) for each call costs about as much as the call, so a worker spins for a
+// short while after each job (SPIN_US) and only then sleeps. One job at a time: a call that finds the workers
+// busy (another thread's kernel) runs alone on its own thread.
+class Workers {
+ public:
+  static Workers& get() {
+    static Workers* workers = new Workers();  // never destroyed: its threads outlive static destruction
+    return *workers;
+  }
+
+  // Run fn(i) for i in [0, n), `grab` indices at a time, on the calling thread and the workers.
+  template <typename Fn>
+  void run(int64_t n, int64_t grab, const Fn& fn) {
+    std::unique_lock<std::mutex> job_lock(job_mu_, std::try_to_lock);
+    if (!job_lock.owns_lock() || threads_.empty() || n <= grab) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    // generation_ is odd while the job's fields are written: no worker enters then, and none is left inside.
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+    while (busy_.load(std::memory_order_acquire) > 0) pause();
+    task_ = [](const void* ctx, int64_t i) { (*static_cast<const Fn*>(ctx))(i); };
+    ctx_ = &fn;
+    n_ = n;
+    grab_ = grab;
+    next_.store(0, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(sleep_mu_);
+      generation_.fetch_add(1, std::memory_order_acq_rel);
+    }
+    if (sleepers_.load(std::memory_order_acquire) > 0) wake_.notify_all();
+    work();
+    while (done_.load(std::memory_order_acquire) < n) pause();
+    while (busy_.load(std::memory_order_acquire) > 0) pause();  // nobody still reads fn
+  }
+
+ private:
+  static constexpr int64_t SPIN_US = 300;
+
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  Workers() {
+    int64_t count = static_cast<int64_t>(std::thread::hardware_concurrency());
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) count = CPU_COUNT(&set);
+#endif
+    if (const char* env = std::getenv("DITTO_CPU_KERNEL_THREADS")) count = std::atoll(env);
+    for (int64_t i = 0; i + 1 < count; ++i) threads_.emplace_back([this] { loop(); }).detach();
+  }
+
+  void work() {
+    for (;;) {
+      const int64_t i0 = next_.fetch_add(grab_, std::memory_order_relaxed);
+      if (i0 >= n_) return;
+      const int64_t i1 = i0 + grab_ < n_ ? i0 + grab_ : n_;
+      for (int64_t i = i0; i < i1; ++i) task_(ctx_, i);
+      done_.fetch_add(i1 - i0, std::memory_order_release);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    auto fresh = [&](uint64_t g) { return g != seen && g % 2 == 0; };  // a job ready to join
+    for (;;) {
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(SPIN_US);
+      uint64_t now = generation_.load(std::memory_order_acquire);
+      while (!fresh(now) && std::chrono::steady_clock::now() < deadline) {
+        for (int i = 0; i < 64; ++i) pause();
+        now = generation_.load(std::memory_order_acquire);
+      }
+      if (!fresh(now)) {
+        std::unique_lock<std::mutex> lock(sleep_mu_);
+        sleepers_.fetch_add(1, std::memory_order_acq_rel);
+        wake_.wait(lock, [&] { return fresh(generation_.load(std::memory_order_acquire)); });
+        sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+        now = generation_.load(std::memory_order_acquire);
+        if (!fresh(now)) continue;
+      }
+      busy_.fetch_add(1, std::memory_order_acq_rel);
+      if (generation_.load(std::memory_order_acquire) == now) {  // still that job: its fields are stable
+        work();
+        seen = now;
+      }
+      busy_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex job_mu_, sleep_mu_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> sleepers_{0}, busy_{0}, next_{0}, done_{0};
+  void (*task_)(const void*, int64_t) = nullptr;
+  const void* ctx_ = nullptr;
+  int64_t n_ = 0, grab_ = 1;
+};
+
+// Run fn(i) for i in [0, n) on the calling thread and the kernels' workers, `grab` indices at a time.
+template <typename Fn>
+void parallel_for(int64_t n, int64_t grab, const Fn& fn) {
+  Workers::get().run(n, grab, fn);
+}
+
+}  // namespace ditto

@@ -1,0 +1,168 @@
+"""The CPU decode kernels (``kernels.cpu``): the few-row matmul against numpy, the decode attention against the
+plain-XLA heads-first attention, their build cache, and the decode step with them against the step without (and so
+against the model's forward)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ditto_jax.kernels import cpu as cpu_kernels
+from ditto_jax.model import ModelConfig, create_model, decode_step, decode_weights, init_layer_cache
+from ditto_jax.model.xla_attention import heads_first_query_attention
+
+pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler on this machine")
+
+
+def test_the_kernel_builds_and_loads_here():
+    assert cpu_kernels.available(), cpu_kernels.reason()
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("k,n", [(5, 32), (64, 96), (300, 1024), (576, 8192)])
+def test_small_matmul_equals_numpy(m, k, n):
+    rng = np.random.RandomState(m * 1000 + k + n)
+    x, w = rng.randn(m, k).astype(np.float32), rng.randn(k, n).astype(np.float32)
+    got = np.asarray(jax.jit(cpu_kernels.small_matmul)(jnp.asarray(x), cpu_kernels.pack(jnp.asarray(w))))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    assert got.shape == (m, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+def test_small_matmul_keeps_leading_axes_and_runs_inside_loops():
+    rng = np.random.RandomState(0)
+    w = jnp.asarray(rng.randn(48, 64).astype(np.float32) / 7)
+    wp = cpu_kernels.pack(w)
+    x = jnp.asarray(rng.randn(4, 1, 48).astype(np.float32))
+    assert cpu_kernels.small_matmul(x, wp).shape == (4, 1, 64)
+
+    def body(i, h):  # the decode loop's shape: the packed weight a loop constant
+        return jnp.tanh(cpu_kernels.small_matmul(h, wp)[..., :48])
+
+    got = jax.jit(lambda h: jax.lax.fori_loop(0, 5, body, h))(x)
+    want = jax.jit(lambda h: jax.lax.fori_loop(0, 5, lambda i, h: jnp.tanh((h @ w)[..., :48]), h))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_concurrent_callers_get_their_own_results():
+    """The kernels' workers take one job at a time; a call that finds them busy runs on its own thread."""
+    rng = np.random.RandomState(5)
+    cases = [(jnp.asarray(rng.randn(8, 256).astype(np.float32)), jnp.asarray(rng.randn(256, 2048).astype(np.float32)))
+             for _ in range(4)]
+    fn = jax.jit(cpu_kernels.small_matmul)
+    want = [np.asarray(x) @ np.asarray(w) for x, w in cases]
+    packed = [(x, cpu_kernels.pack(w)) for x, w in cases]
+    errors = []
+
+    def worker(i):
+        for _ in range(25):
+            got = np.asarray(fn(*packed[i]))
+            if not np.allclose(got, want[i], rtol=1e-4, atol=1e-3):
+                errors.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_pack_is_a_relayout_and_refuses_what_it_cannot_pack():
+    w = jnp.arange(6 * 64, dtype=jnp.float32).reshape(6, 64)
+    wp = cpu_kernels.pack(w)
+    assert wp.shape == (2, 6, 32)
+    np.testing.assert_array_equal(np.asarray(wp[1, 2]), np.asarray(w[2, 32:]))
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.unpack(wp)), np.asarray(w))
+    assert not cpu_kernels.packable(jnp.zeros((6, 40), jnp.float32))
+    assert not cpu_kernels.packable(jnp.zeros((6, 64), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"multiple of 32, got float32\(6, 40\)"):
+        cpu_kernels.pack(jnp.zeros((6, 40), jnp.float32))
+    with pytest.raises(ValueError, match="packed weight"):
+        cpu_kernels.small_matmul(jnp.zeros((2, 5)), wp)
+
+
+@pytest.mark.parametrize("d", [64, 20])
+@pytest.mark.parametrize("s_len", [37, 448])
+@pytest.mark.parametrize("window", [None, 5, 100])
+def test_decode_attention_equals_the_xla_heads_first_attention(d, s_len, window):
+    b, hkv, g = 4, 2, 3
+    rng = np.random.RandomState(d + s_len + (window or 0))
+    q = jnp.asarray(rng.randn(b, hkv * g, d).astype(np.float32))
+    k = jnp.asarray(rng.randn(b, hkv, d, s_len).astype(np.float32))
+    v = jnp.asarray(rng.randn(b, hkv, s_len, d).astype(np.float32))
+    positions = jnp.asarray([0, 3, s_len // 2, s_len - 1], jnp.int32)  # a row at its first and its last position
+    got = np.asarray(jax.jit(cpu_kernels.decode_attention, static_argnums=4)(q, k, v, positions, window))
+    want = np.asarray(heads_first_query_attention(q, k, v, positions, window))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    # Nothing past a row's position is read: garbage there changes nothing.
+    junk = jnp.arange(s_len)[None, None, None, :] > positions[:, None, None, None]
+    k2 = jnp.where(junk, jnp.nan, k)
+    v2 = jnp.where(jnp.swapaxes(junk, 2, 3), jnp.nan, v)
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.decode_attention(q, k2, v2, positions, window)), got)
+
+
+def test_decode_attention_refuses_mismatched_shapes():
+    q, k, v = jnp.zeros((2, 4, 8)), jnp.zeros((2, 2, 8, 16)), jnp.zeros((2, 2, 16, 8))
+    with pytest.raises(ValueError, match="want float32 k"):
+        cpu_kernels.decode_attention(q, k, v[:, :, :8], jnp.zeros((2,), jnp.int32))
+    with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
+        cpu_kernels.decode_attention(jnp.zeros((2, 3, 8)), k, v, jnp.zeros((2,), jnp.int32))
+
+
+def test_build_is_cached_by_content_and_failures_say_why(tmp_path, monkeypatch):
+    first = cpu_kernels.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernels.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
+
+    broken = tmp_path / "broken"
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(cpu_kernels.BuildError, match="failed"):
+        cpu_kernels.build(broken)
+    assert list(broken.iterdir()) == []  # the temporary output is removed
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(cpu_kernels.BuildError, match="no C\\+\\+ compiler found"):
+        cpu_kernels.build(broken)
+
+
+def test_switched_off_the_decode_weights_stay_unpacked():
+    code = ("from ditto_jax.kernels import cpu as cpu_kernels; from ditto_jax.model import ModelConfig, create_model, "
+            "decode_weights; cfg = ModelConfig(architecture='qwen2', vocab_size=128, hidden_size=32, num_layers=1, "
+            "num_heads=4, num_kv_heads=2, intermediate_size=64); w = decode_weights(create_model(cfg, seed=0)); "
+            "print(cpu_kernels.available(), cpu_kernels.reason(), w.layers[0]['qkv'].ndim)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "DITTO_CPU_KERNELS": "0"}).stdout
+    assert out.strip() == "False switched off (DITTO_CPU_KERNELS=0) 2"
+
+
+def test_decode_step_over_packed_weights_equals_the_unpacked_one_and_the_forward():
+    # hidden 40: q/k/v 40+20+20 = 80 and o 40 are not multiples of 32 (XLA's dot), gate/up 128, down 40 (XLA),
+    # the tied head 160 (packed): both kinds in one step.
+    cfg = ModelConfig(architecture="qwen2", vocab_size=160, hidden_size=40, num_layers=2, num_heads=4,
+                      num_kv_heads=2, intermediate_size=64, qkv_bias=True, max_position_embeddings=64)
+    model = create_model(cfg, seed=7)
+    packed, plain = decode_weights(model), decode_weights(model, cpu_kernel=False)
+    assert packed.cpu_kernels and not plain.cpu_kernels
+    assert [packed.layers[0][n].ndim for n in ("qkv", "o", "gate_up", "down")] == [2, 2, 3, 2]
+    assert packed.head.ndim == 3 and plain.head.ndim == 2 and plain.layers[0]["gate_up"].ndim == 2
+    rng = np.random.RandomState(2)
+    seq = rng.randint(0, 160, (3, 6)).astype(np.int32)
+    reference = np.asarray(nnx.jit(lambda m, ids: m(ids))(model, seq))
+    step = jax.jit(lambda w, t, c: decode_step(w, cfg, t, c))
+    caches = {"packed": init_layer_cache(cfg, 3, 16, heads_first=True)}
+    caches["plain"] = caches["packed"]
+    for t in range(seq.shape[1]):
+        got = {}
+        for name, w in (("packed", packed), ("plain", plain)):
+            got[name], caches[name] = step(w, jnp.asarray(seq[:, t]), caches[name])
+        np.testing.assert_allclose(np.asarray(got["packed"]), np.asarray(got["plain"]), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(np.asarray(got["packed"]), reference[:, t], atol=1e-5, rtol=0)
