@@ -326,6 +326,13 @@ def _relayout(params: dict[str, Any], *, num_layers: int, dtype: Any, pack: bool
                          norm=params["norm"], cpu_kernels=pack)
 
 
+def decode_logits(w: DecodeWeights, hidden: jax.Array) -> jax.Array:
+    """float32 logits of final hidden states ``[..., H]`` (``Transformer.logits`` over ``DecodeWeights``)."""
+    if w.head.ndim == 3:
+        return decode_matmul(hidden, w.head)
+    return jnp.matmul(hidden, w.head, preferred_element_type=jnp.float32)
+
+
 def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: LayerCache,
                 width: int | None = None) -> tuple[jax.Array, LayerCache]:
     """Feed ``tokens [B]`` at positions ``cache.lengths``; returns ``(logits [B, V] float32, cache)`` with the new
@@ -353,6 +360,5 @@ def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: La
                                 heads_first=cache.heads_first, width=width, cpu_kernel=w.cpu_kernels)
         x = _finish(x, attn.astype(x.dtype), lw, cfg)
     x = rms_norm(x[:, 0], w.norm, cfg.rms_norm_eps)
-    logits = (decode_matmul(x, w.head) if w.head.ndim == 3
-              else jnp.matmul(x, w.head, preferred_element_type=jnp.float32))
+    logits = decode_logits(w, x)
     return logits, cache.replace(k=tuple(k_out), v=tuple(v_out), lengths=lengths + 1)

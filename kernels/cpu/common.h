@@ -37,6 +37,9 @@ class Workers {
     return *workers;
   }
 
+  // The calling thread and the workers.
+  int64_t size() const { return static_cast<int64_t>(threads_.size()) + 1; }
+
   // Run fn(i) for i in [0, n), `grab` indices at a time, on the calling thread and the workers.
   template <typename Fn>
   void run(int64_t n, int64_t grab, const Fn& fn) {
@@ -131,6 +134,8 @@ class Workers {
   const void* ctx_ = nullptr;
   int64_t n_ = 0, grab_ = 1;
 };
+
+inline int64_t thread_count() { return Workers::get().size(); }
 
 // Run fn(i) for i in [0, n) on the calling thread and the kernels' workers, `grab` indices at a time.
 template <typename Fn>

@@ -56,8 +56,10 @@ ffi::Error SmallMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     return ffi::Error::InvalidArgument("small_matmul: shapes disagree (x [M, K], w [N/32, K, 32], y [M, N])");
   const float *xp = x.typed_data(), *wp = w.typed_data();
   float* yp = y->typed_data();
-  // Small grabs balance the threads; several tiles a grab keep the shared counter cold on wide weights.
-  const int64_t grab = tiles >= 256 ? 4 : 1;
+  // Each thread streams a few long contiguous runs of tiles (one tile at a time measured 10-20% slower: the
+  // prefetchers see short runs); two runs per thread still balance a late starter.
+  const int64_t runs = 2 * ditto::thread_count();
+  const int64_t grab = (tiles + runs - 1) / runs;
   ditto::parallel_for(tiles, grab, [=](int64_t t) { tile_all_rows(xp, wp, yp, m, k, n, t); });
   return ffi::Error::Success();
 }
