@@ -105,7 +105,7 @@ class Workers {
       const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(SPIN_US);
       uint64_t now = generation_.load(std::memory_order_acquire);
       while (!fresh(now) && std::chrono::steady_clock::now() < deadline) {
-        for (int i = 0; i < 64; ++i) pause();
+        std::this_thread::yield();  // a runnable XLA thread gets this core; otherwise back at once
         now = generation_.load(std::memory_order_acquire);
       }
       if (!fresh(now)) {
