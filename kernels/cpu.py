@@ -8,8 +8,11 @@
   ``[B, Hkv, D, S]``, values ``[B, Hkv, S, D]``), reading each row's keys and values once and only up to its
   position.
 
-Both run on XLA's intra-op threads. The sources are compiled with the system C++ compiler (``$CXX``, else
-``c++``/``g++``/``clang++``) for this machine (``-march=native``) into ``$XDG_CACHE_HOME/ditto-jax/kernels``
+Both split their work between the calling thread and the kernels' own worker threads (one fewer than the CPUs,
+``DITTO_CPU_KERNEL_THREADS`` overrides), which spin briefly after each job and then sleep; one job runs at a time and a
+call that finds the workers busy runs alone on its thread.
+
+The sources are compiled with the system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) for this machine (``-march=native``) into ``$XDG_CACHE_HOME/ditto-jax/kernels``
 (``~/.cache`` when unset), named by a hash of the sources, the compiler, the flags, jaxlib's FFI headers and the
 CPU; a later process loads the library without compiling. Written to a temporary name, then renamed.
 ``available()`` says whether the kernels can run; when they cannot (no compiler, a failed build, a non-CPU
