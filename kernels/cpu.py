@@ -12,11 +12,12 @@ Both split their work between the calling thread and the kernels' own worker thr
 ``DITTO_CPU_KERNEL_THREADS`` overrides), which spin briefly after each job and then sleep; one job runs at a time and a
 call that finds the workers busy runs alone on its thread.
 
-The sources are compiled with the system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) for this machine (``-march=native``) into ``$XDG_CACHE_HOME/ditto-jax/kernels``
-(``~/.cache`` when unset), named by a hash of the sources, the compiler, the flags, jaxlib's FFI headers and the
-CPU; a later process loads the library without compiling. Written to a temporary name, then renamed.
-``available()`` says whether the kernels can run; when they cannot (no compiler, a failed build, a non-CPU
-backend, ``DITTO_CPU_KERNELS=0``), ``reason()`` says why, a warning is logged once, and callers keep XLA's ops.
+The sources are compiled with the system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) for this machine
+(``-march=native``) into ``$XDG_CACHE_HOME/ditto-jax/kernels`` (``~/.cache`` when unset), named by a hash of the
+sources, the compiler, the flags, jaxlib's FFI headers and the CPU; a later process loads the library without
+compiling. Written to a temporary name, then renamed. ``available()`` says whether the kernels can run; when they
+cannot (no compiler, a failed build, a non-CPU backend, ``DITTO_CPU_KERNELS=0``), ``reason()`` says why, a warning
+is logged once, and callers keep XLA's ops.
 """
 
 from __future__ import annotations
