@@ -47,6 +47,9 @@ void scores_block(const float* q, const float* k, int64_t d_len, int64_t s_len, 
       for (int j = 0; j < V; ++j) acc[g][j] = v16{};
     const float* kr = k + start + s;
     for (int64_t d = 0; d < d_len; ++d, kr += s_len) {
+      // The next block's keys: d_len rows at a stride are too many streams for the hardware prefetchers.
+      ditto::prefetch(kr + 16 * V);
+      ditto::prefetch(kr + 16 * V + 16);
       v16 kv[V];
       for (int j = 0; j < V; ++j) kv[j] = ditto::load16(kr + 16 * j);
       for (int g = 0; g < G; ++g) {
@@ -76,6 +79,8 @@ void values_block(const float* p, const float* v, int64_t d_len, int64_t start, 
       for (int j = 0; j < V; ++j) acc[g][j] = v16{};
     const float* vr = v + start * d_len + d;
     for (int64_t s = 0; s < n; ++s, vr += d_len) {
+      ditto::prefetch(vr + 8 * d_len);
+      ditto::prefetch(vr + 8 * d_len + 16);
       v16 vv[V];
       for (int j = 0; j < V; ++j) vv[j] = ditto::load16(vr + 16 * j);
       for (int g = 0; g < G; ++g) {

@@ -11,6 +11,9 @@ using ditto::v16;
 namespace {
 
 constexpr int64_t kTile = 32;  // columns per packed tile
+// Rows of the tile requested this far ahead of use (2 KiB): the hardware prefetchers alone kept one thread at 7.6
+// GB/s of a 12.5 GB/s read rate on a 2-core Xeon VM (sapphire rapids class), 10.5 with this; no change on Zen 4.
+constexpr int64_t kAhead = 16;
 
 // Rows [0, R) of x against one packed tile wt [K, 32]; R <= 8 (a template, so the accumulators stay in registers).
 template <int R>
@@ -18,6 +21,8 @@ void tile_rows(const float* x, int64_t ldx, const float* wt, int64_t k_len, floa
   v16 acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) { acc0[r] = v16{}; acc1[r] = v16{}; }
   for (int64_t k = 0; k < k_len; ++k) {
+    ditto::prefetch(wt + (k + kAhead) * kTile);  // past the tile's end: the next tile, or harmless
+    ditto::prefetch(wt + (k + kAhead) * kTile + 16);
     const v16 w0 = ditto::load16(wt + k * kTile), w1 = ditto::load16(wt + k * kTile + 16);
     for (int r = 0; r < R; ++r) {
       const float xv = x[r * ldx + k];
