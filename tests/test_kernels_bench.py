@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from ditto_jax.bench import cpu_kernels as bench_cpu_kernels
 from ditto_jax.bench import kernels as bench_kernels
+from ditto_jax.kernels import cpu as cpu_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,3 +124,22 @@ def test_gpu_check_script_passes_arrays_as_arguments_not_constants():
         big = [line for line in text.splitlines() if "constant" in line and "64x2x32" in line]
         assert not big, big[:2]
         assert "tensor<1x64x2x32xf32>" in text.splitlines()[1] or "1x64x2x32" in text
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels unavailable: {cpu_kernels.reason()}")
+def test_bench_cpu_kernels_checks_and_times_both_paths():
+    parser = argparse.ArgumentParser()
+    bench_cpu_kernels.add_arguments(parser)
+    args = parser.parse_args(["--config", "model/tiny", "--layers", "2", "--batch", "3", "9", "--cache-len", "80",
+                              "--rounds", "1", "--iters", "1"])
+    result = bench_cpu_kernels.run(args)
+    assert result["errors"] == 0, result["rows"]
+    assert [(r["case"], r["batch"]) for r in result["rows"]] == [
+        (case, b) for b in (3, 9) for case in ("matmul chain", "head", "attention")]
+    for r in result["rows"]:
+        assert r["xla_ms"] > 0 and r["kernel_ms"] > 0 and r["speedup"] > 0 and r["max_abs_diff"] < 1e-4
+    chain = result["rows"][0]
+    assert chain["matrices"] == 2 * 4 + 1  # q/k/v, o, gate/up, down per layer, then the head
+    assert 0.9 * 80 * 0.8 - 1 <= result["rows"][2]["positions"][0] <= result["rows"][2]["positions"][1] < 80
+    text = bench_cpu_kernels.table(result)
+    assert text.count("| matmul chain |") == 2 and "ERROR" not in text

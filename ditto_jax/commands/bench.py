@@ -1,6 +1,6 @@
-"""``ditto-jax bench {model,kernels,sample,train,data,simulate} ... --json``.
+"""``ditto-jax bench {model,kernels,sample,train,data,simulate,cpu-kernels} ... --json``.
 
-Each benchmark lives in ``ditto_jax/bench/<name>.py`` with ``add_arguments(parser)`` and ``run(args) -> dict``;
+Each benchmark lives in ``ditto_jax/bench/<name>.py`` (``-`` in a name is ``_`` in the module's) with ``add_arguments(parser)`` and ``run(args) -> dict``;
 this command prints the result on stdout as one JSON object (``--json``: one line; otherwise indented) and with
 ``--out`` writes it to a file (atomically; a ``FILE.partial`` the benchmark kept of its runs so far is removed). A
 benchmark with ``table(result) -> str`` also prints that summary (a markdown table or a line) on stderr,
@@ -21,7 +21,12 @@ BENCHES = {
     "train": "SFT train-step tokens/s and MFU (optionally against a torch AdamW step)",
     "data": "input pipeline tokens/s against the SFT step's consumption",
     "simulate": "the real workload (characters x questions, shared profiles), whole-process vs transformers",
+    "cpu-kernels": "the CPU decode kernels (few-row matmul, decode attention) against XLA on a model's shapes",
 }
+
+
+def _module(name: str) -> str:
+    return f"ditto_jax.bench.{name.replace('-', '_')}"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,14 +39,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--out", default=None, help="also write the JSON result to this file")
         p.set_defaults(func=_run, _bench=name)
         try:
-            importlib.import_module(f"ditto_jax.bench.{name}").add_arguments(p)
+            importlib.import_module(_module(name)).add_arguments(p)
         except ModuleNotFoundError as exc:
-            if exc.name != f"ditto_jax.bench.{name}":
+            if exc.name != _module(name):
                 raise
 
 
 def _run(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"ditto_jax.bench.{args._bench}")
+    module = importlib.import_module(_module(args._bench))
     result = module.run(args)
     text = json.dumps(result, indent=None if args.json else 2, sort_keys=False)
     if args.out:

@@ -1,0 +1,166 @@
+"""``ditto-jax bench cpu-kernels``: the CPU decode kernels (``kernels.cpu``) against XLA's ops on one model's
+decode shapes, in the model's own code paths (``model.layers.decode_matmul`` over a packed or a plain weight,
+``model.attention.cached_attention`` with ``cpu_kernel`` on or off).
+
+- matmul chain: the decode step's weight matmuls for ``B`` rows (per layer q/k/v, o, gate/up, down; then the
+  head), every weight read from memory once per pass (the whole model's weights, as in decoding);
+- head: the head alone (one wide weight);
+- attention: one new token per row against every layer's heads-first float32 cache, rows at
+  ``--fill`` of ``--cache-len`` (spread by +-10%).
+
+The two implementations alternate round by round in one process (these machines drift); each figure is the
+median over rounds, GB/s counts the bytes each read must touch (weights; keys and values up to each row's
+position). Every case is also checked: the kernel's output against XLA's (``max_abs_diff``); a case that
+disagrees beyond float32 rounding is an error in the result, not a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ditto_jax.kernels import cpu as cpu_kernels
+from ditto_jax.model import load_model_config
+from ditto_jax.model.attention import cached_attention
+from ditto_jax.model.layers import decode_matmul
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Benchmark options."""
+    parser.add_argument("--config", default="model/smollm2-135m", help="model preset whose shapes are used")
+    parser.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="rows (decoding sequences)")
+    parser.add_argument("--cache-len", type=int, default=448, help="cache positions per row")
+    parser.add_argument("--fill", type=float, default=0.8, help="rows' positions as a fraction of --cache-len")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (the median is reported)")
+    parser.add_argument("--iters", type=int, default=10, help="calls per round")
+    parser.add_argument("--layers", type=int, default=None, help="use this many layers (default: the model's)")
+
+
+def _weights(cfg: Any, layers: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The decode step's matrices in call order (float32, std 0.02)."""
+    d, hd = cfg.hidden_size, cfg.dim_per_head
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
+    shapes = [(d, qkv), (cfg.num_heads * hd, d), (d, 2 * cfg.intermediate_size), (cfg.intermediate_size, d)]
+    out = [rng.standard_normal(s, dtype=np.float32) * 0.02 for _ in range(layers) for s in shapes]
+    return out + [rng.standard_normal((d, cfg.vocab_size), dtype=np.float32) * 0.02]
+
+
+def _rounds(fns: dict[str, Callable[[], Any]], rounds: int, iters: int) -> dict[str, float]:
+    """Median seconds per call of each function, the functions alternating round by round."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                jax.block_until_ready(fn())
+            times[name].append((time.perf_counter() - start) / iters)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _matmul_case(name: str, weights: list[np.ndarray], batch: int, args: argparse.Namespace,
+                 rng: np.random.Generator) -> dict[str, Any]:
+    plain = [jnp.asarray(w) for w in weights]
+    packed = [cpu_kernels.pack(w) if cpu_kernels.packable(w) else w for w in plain]
+    xs = {k: jnp.asarray(rng.standard_normal((batch, k), dtype=np.float32)) for k in {w.shape[0] for w in weights}}
+
+    @jax.jit
+    def chain(xs, ws):  # every product kept alive (a column of each), so none is skipped
+        return jnp.concatenate([decode_matmul(xs[w.shape[-2]], w)[:, :1] for w in ws], axis=1)
+
+    xla, kernel = chain(xs, plain), chain(xs, packed)
+    diff = float(jnp.max(jnp.abs(xla - kernel)))
+    scale = float(jnp.max(jnp.abs(xla)))
+    t = _rounds({"xla": lambda: chain(xs, plain), "kernel": lambda: chain(xs, packed)}, args.rounds, args.iters)
+    nbytes = sum(w.nbytes for w in weights)
+    row = {"case": name, "batch": batch, "matrices": len(weights), "mbytes": round(nbytes / 1e6, 1),
+           "xla_ms": round(t["xla"] * 1e3, 3), "kernel_ms": round(t["kernel"] * 1e3, 3),
+           "xla_gbs": round(nbytes / t["xla"] / 1e9, 1), "kernel_gbs": round(nbytes / t["kernel"] / 1e9, 1),
+           "speedup": round(t["xla"] / t["kernel"], 2), "max_abs_diff": diff}
+    if not diff <= 1e-4 * max(scale, 1.0):
+        row["error"] = f"kernel and XLA disagree: max |diff| {diff:.3g} (outputs up to {scale:.3g})"
+    return row
+
+
+def _attention_case(cfg: Any, layers: int, batch: int, args: argparse.Namespace,
+                    rng: np.random.Generator) -> dict[str, Any]:
+    hkv, hq, hd, s = cfg.num_kv_heads, cfg.num_heads, cfg.dim_per_head, args.cache_len
+    ks = [jnp.asarray(rng.standard_normal((batch, hkv, hd, s), dtype=np.float32)) for _ in range(layers)]
+    vs = [jnp.asarray(rng.standard_normal((batch, hkv, s, hd), dtype=np.float32)) for _ in range(layers)]
+    q = jnp.asarray(rng.standard_normal((batch, 1, hq, hd), dtype=np.float32))
+    centre = args.fill * s
+    pos = np.clip(rng.uniform(0.9 * centre, 1.1 * centre, batch).astype(np.int32), 0, s - 1)
+    window = cfg.sliding_window
+
+    def step(kernel: bool):
+        @jax.jit
+        def run(q, ks, vs, pos):
+            return jnp.stack([cached_attention(q, k, v, q_offset=pos, impl="xla", heads_first=True,
+                                               sliding_window=window, cpu_kernel=kernel) for k, v in zip(ks, vs)])
+        return run
+
+    xla_fn, kernel_fn = step(False), step(True)
+    posj = jnp.asarray(pos)
+    diff = float(jnp.max(jnp.abs(xla_fn(q, ks, vs, posj) - kernel_fn(q, ks, vs, posj))))
+    t = _rounds({"xla": lambda: xla_fn(q, ks, vs, posj), "kernel": lambda: kernel_fn(q, ks, vs, posj)},
+                args.rounds, args.iters)
+    read = sum(int(p) + 1 for p in pos) * hkv * hd * 2 * 4 * layers  # keys and values up to each row's position
+    row = {"case": "attention", "batch": batch, "layers": layers, "cache_len": s,
+           "positions": [int(pos.min()), int(pos.max())], "mbytes": round(read / 1e6, 1),
+           "xla_ms": round(t["xla"] * 1e3, 3), "kernel_ms": round(t["kernel"] * 1e3, 3),
+           "xla_gbs": round(read / t["xla"] / 1e9, 1), "kernel_gbs": round(read / t["kernel"] / 1e9, 1),
+           "speedup": round(t["xla"] / t["kernel"], 2), "max_abs_diff": diff}
+    if not diff <= 1e-4:
+        row["error"] = f"kernel and XLA disagree: max |diff| {diff:.3g}"
+    return row
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every case for every ``--batch``; returns the result dict (``rows``, one per case and batch)."""
+    if jax.default_backend() != "cpu":
+        raise SystemExit(f"error: bench cpu-kernels measures the CPU kernels; the backend is {jax.default_backend()}")
+    if not cpu_kernels.available():
+        raise SystemExit(f"error: the CPU kernels cannot run here: {cpu_kernels.reason()}")
+    cfg = load_model_config(args.config)
+    layers = args.layers or cfg.num_layers
+    rng = np.random.default_rng(0)
+    weights = _weights(cfg, layers, rng)
+    rows = []
+    for batch in args.batch:
+        rows.append(_matmul_case("matmul chain", weights, batch, args, rng))
+        rows.append(_matmul_case("head", weights[-1:], batch, args, rng))
+        rows.append(_attention_case(cfg, layers, batch, args, rng))
+    return {"bench": "cpu-kernels", "config": args.config, "layers": layers, "cpu": _cpu_name(),
+            "cores": len(os.sched_getaffinity(0)), "kernel_threads": os.environ.get("DITTO_CPU_KERNEL_THREADS"),
+            "rounds": args.rounds, "iters": args.iters, "rows": rows, "errors": sum("error" in r for r in rows)}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: one line per case and batch."""
+    lines = [f"CPU decode kernels against XLA ({result['config']}, {result['layers']} layers, {result['cores']} "
+             f"cores, {result['rounds']} alternating rounds, medians)", "",
+             "| case | B | MB read | XLA ms | kernel ms | XLA GB/s | kernel GB/s | speed-up | max abs diff |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['case']} | {r['batch']} | {r['mbytes']} | {r['xla_ms']} | {r['kernel_ms']} | "
+                     f"{r['xla_gbs']} | {r['kernel_gbs']} | **{r['speedup']}x** | {r['max_abs_diff']:.2g} |")
+        if "error" in r:
+            lines.append(f"| ERROR: {r['error']} |")
+    return "\n".join(lines)
