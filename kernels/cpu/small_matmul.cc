@@ -16,13 +16,15 @@ constexpr int64_t kTile = 32;  // columns per packed tile
 constexpr int64_t kAhead = 16;
 
 // Rows [0, R) of x against one packed tile wt [K, 32]; R <= 8 (a template, so the accumulators stay in registers).
+// Row k of the loop prefetches pf + k * 32 (never faults: it may point past the end of the weight).
 template <int R>
-void tile_rows(const float* x, int64_t ldx, const float* wt, int64_t k_len, float* y, int64_t ldy) {
+void tile_rows(const float* x, int64_t ldx, const float* wt, int64_t k_len, float* y, int64_t ldy,
+               const float* pf) {
   v16 acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) { acc0[r] = v16{}; acc1[r] = v16{}; }
   for (int64_t k = 0; k < k_len; ++k) {
-    ditto::prefetch(wt + (k + kAhead) * kTile);  // past the tile's end: the next tile, or harmless
-    ditto::prefetch(wt + (k + kAhead) * kTile + 16);
+    ditto::prefetch(pf + k * kTile);
+    ditto::prefetch(pf + k * kTile + 16);
     const v16 w0 = ditto::load16(wt + k * kTile), w1 = ditto::load16(wt + k * kTile + 16);
     for (int r = 0; r < R; ++r) {
       const float xv = x[r * ldx + k];
@@ -38,15 +40,19 @@ void tile_all_rows(const float* x, const float* w, float* y, int64_t m, int64_t 
   for (int64_t r0 = 0; r0 < m; r0 += 8) {
     const float* xr = x + r0 * k_len;
     float* yr = y + r0 * n + t * kTile;
+    // The first pass streams the tile from memory, kAhead rows ahead; later passes (more than 8 rows) find it in
+    // L2, so the last one fetches the next tile meanwhile (else memory idles while they compute: 16 rows ran
+    // 23% slower than 8) and the middle ones prefetch nothing new (the tile itself).
+    const float* pf = r0 == 0 ? wt + kAhead * kTile : r0 + 8 >= m ? wt + k_len * kTile : wt;
     switch (m - r0 < 8 ? m - r0 : 8) {
-      case 1: tile_rows<1>(xr, k_len, wt, k_len, yr, n); break;
-      case 2: tile_rows<2>(xr, k_len, wt, k_len, yr, n); break;
-      case 3: tile_rows<3>(xr, k_len, wt, k_len, yr, n); break;
-      case 4: tile_rows<4>(xr, k_len, wt, k_len, yr, n); break;
-      case 5: tile_rows<5>(xr, k_len, wt, k_len, yr, n); break;
-      case 6: tile_rows<6>(xr, k_len, wt, k_len, yr, n); break;
-      case 7: tile_rows<7>(xr, k_len, wt, k_len, yr, n); break;
-      default: tile_rows<8>(xr, k_len, wt, k_len, yr, n); break;
+      case 1: tile_rows<1>(xr, k_len, wt, k_len, yr, n, pf); break;
+      case 2: tile_rows<2>(xr, k_len, wt, k_len, yr, n, pf); break;
+      case 3: tile_rows<3>(xr, k_len, wt, k_len, yr, n, pf); break;
+      case 4: tile_rows<4>(xr, k_len, wt, k_len, yr, n, pf); break;
+      case 5: tile_rows<5>(xr, k_len, wt, k_len, yr, n, pf); break;
+      case 6: tile_rows<6>(xr, k_len, wt, k_len, yr, n, pf); break;
+      case 7: tile_rows<7>(xr, k_len, wt, k_len, yr, n, pf); break;
+      default: tile_rows<8>(xr, k_len, wt, k_len, yr, n, pf); break;
     }
   }
 }
