@@ -26,7 +26,7 @@ def test_the_kernel_builds_and_loads_here():
     assert cpu_kernels.available(), cpu_kernels.reason()
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 20])
 @pytest.mark.parametrize("k,n", [(5, 32), (64, 96), (300, 1024), (576, 8192)])
 def test_small_matmul_equals_numpy(m, k, n):
     rng = np.random.RandomState(m * 1000 + k + n)
