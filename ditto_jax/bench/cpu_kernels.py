@@ -23,14 +23,8 @@ import statistics
 import time
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from ditto_jax.kernels import cpu as cpu_kernels
-from ditto_jax.model import load_model_config
-from ditto_jax.model.attention import cached_attention
-from ditto_jax.model.layers import decode_matmul
+# JAX, numpy and the model are imported in the functions that use them: `ditto-jax bench cpu-kernels --help`
+# imports only this module's add_arguments (the CLI's rule for bench modules).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None, help="use this many layers (default: the model's)")
 
 
-def _weights(cfg: Any, layers: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _weights(cfg: Any, layers: int, rng: Any) -> list[Any]:
     """The decode step's matrices in call order (float32, std 0.02)."""
+    import numpy as np
+
     d, hd = cfg.hidden_size, cfg.dim_per_head
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
     shapes = [(d, qkv), (cfg.num_heads * hd, d), (d, 2 * cfg.intermediate_size), (cfg.intermediate_size, d)]
@@ -55,6 +51,8 @@ def _weights(cfg: Any, layers: int, rng: np.random.Generator) -> list[np.ndarray
 
 def _rounds(fns: dict[str, Callable[[], Any]], rounds: int, iters: int) -> dict[str, float]:
     """Median seconds per call of each function, the functions alternating round by round."""
+    import jax
+
     for fn in fns.values():
         jax.block_until_ready(fn())
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -67,8 +65,14 @@ def _rounds(fns: dict[str, Callable[[], Any]], rounds: int, iters: int) -> dict[
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _matmul_case(name: str, weights: list[np.ndarray], batch: int, args: argparse.Namespace,
-                 rng: np.random.Generator) -> dict[str, Any]:
+def _matmul_case(name: str, weights: list[Any], batch: int, args: argparse.Namespace, rng: Any) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ditto_jax.kernels import cpu as cpu_kernels
+    from ditto_jax.model.layers import decode_matmul
+
     plain = [jnp.asarray(w) for w in weights]
     packed = [cpu_kernels.pack(w) if cpu_kernels.packable(w) else w for w in plain]
     xs = {k: jnp.asarray(rng.standard_normal((batch, k), dtype=np.float32)) for k in {w.shape[0] for w in weights}}
@@ -91,8 +95,13 @@ def _matmul_case(name: str, weights: list[np.ndarray], batch: int, args: argpars
     return row
 
 
-def _attention_case(cfg: Any, layers: int, batch: int, args: argparse.Namespace,
-                    rng: np.random.Generator) -> dict[str, Any]:
+def _attention_case(cfg: Any, layers: int, batch: int, args: argparse.Namespace, rng: Any) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ditto_jax.model.attention import cached_attention
+
     hkv, hq, hd, s = cfg.num_kv_heads, cfg.num_heads, cfg.dim_per_head, args.cache_len
     ks = [jnp.asarray(rng.standard_normal((batch, hkv, hd, s), dtype=np.float32)) for _ in range(layers)]
     vs = [jnp.asarray(rng.standard_normal((batch, hkv, s, hd), dtype=np.float32)) for _ in range(layers)]
@@ -126,6 +135,12 @@ def _attention_case(cfg: Any, layers: int, batch: int, args: argparse.Namespace,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every case for every ``--batch``; returns the result dict (``rows``, one per case and batch)."""
+    import jax
+    import numpy as np
+
+    from ditto_jax.kernels import cpu as cpu_kernels
+    from ditto_jax.model import load_model_config
+
     if jax.default_backend() != "cpu":
         raise SystemExit(f"error: bench cpu-kernels measures the CPU kernels; the backend is {jax.default_backend()}")
     if not cpu_kernels.available():
