@@ -4,6 +4,10 @@
   13-18 GB/s when ``x`` has 8-16 rows, and decoding is that case (one token per running row); the kernel streams
   the weight, packed once as ``[N/32, K, 32]``, at close to the memory bandwidth (SmolLM2-135M's 30 layers and
   head, 8 rows, 2-core AMD EPYC: 19-20 ms instead of 35 ms).
+- ``small_matmul(x, wq)`` with ``wq = pack_gguf(kind, blocks)``: the same loop over a weight kept in its GGUF blocks
+  (Q4_0, Q4_1, Q8_0: 0.75 or 1.25 bytes a weight instead of 4), decoded in registers to exactly the float32 values
+  their dequantisation gives (``q * d`` is exact in float32), so the sums, and the result, equal the float kernel's
+  over the dequantised weight bit for bit.
 - ``decode_attention(q, k, v, positions, window)``: one new token per row against a heads-first cache (keys
   ``[B, Hkv, D, S]``, values ``[B, Hkv, S, D]``), reading each row's keys and values once and only up to its
   position.
@@ -23,6 +27,7 @@ is logged once, and callers keep XLA's ops.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -32,6 +37,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +46,7 @@ import numpy as np
 
 TILE = 32
 MATMUL, ATTENTION = "ditto_small_matmul", "ditto_decode_attention"
+QUANT_MATMUL = {4: "ditto_small_matmul_q4", 8: "ditto_small_matmul_q8"}
 FOLDER = Path(__file__).resolve().parent / "cpu"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _log = logging.getLogger(__name__)
@@ -113,7 +120,8 @@ def _load() -> str | None:
         return f"the default backend is {jax.default_backend()}, not cpu"
     try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
-        for target, symbol in ((MATMUL, lib.DittoSmallMatmul), (ATTENTION, lib.DittoDecodeAttention)):
+        for target, symbol in ((MATMUL, lib.DittoSmallMatmul), (ATTENTION, lib.DittoDecodeAttention),
+                               (QUANT_MATMUL[4], lib.DittoSmallMatmulQ4), (QUANT_MATMUL[8], lib.DittoSmallMatmulQ8)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (BuildError, OSError, AttributeError) as e:
         _log.warning("CPU decode kernels unavailable, decoding keeps XLA's ops: %s", e)
@@ -155,18 +163,114 @@ def unpack(wp: jax.Array) -> jax.Array:
     return wp.transpose(1, 0, 2).reshape(k, t * tile)
 
 
-def small_matmul(x: jax.Array, wp: jax.Array) -> jax.Array:
-    """``x [..., K] @ unpack(wp)`` in float32 for a packed weight ``wp [N/32, K, 32]`` (``available()`` must hold).
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantWeight:
+    """A ``[K, N]`` weight kept in GGUF-style blocks of 32 along K, tiled like ``pack``: ``q`` ``[N/32, K, 16]``
+    uint8 (4 bits: byte j holds column j in its low nibble, column j + 16 in its high one) or ``[N/32, K, 32]`` int8
+    (8 bits); ``d``, ``m`` ``[N/32, K/32, 32]`` float32. Weight ``(k, n)`` is ``q * d + m`` of its block."""
+
+    q: jax.Array
+    d: jax.Array
+    m: jax.Array
+    bits: int = dataclasses.field(metadata={"static": True}, default=4)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(K, N)``, the weight's shape."""
+        return self.q.shape[1], self.q.shape[0] * TILE
+
+    def astype(self, dtype: Any) -> "QuantWeight":
+        if jnp.dtype(dtype) != jnp.float32:
+            raise ValueError(f"a GGUF-quantised decode weight computes in float32, not {dtype}")
+        return self
+
+
+# GGUF block layouts kept for decoding: bytes a block of 32, and where d, m (float16) and the 32 values lie.
+GGUF_KINDS = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def pack_gguf(kind: str, blocks: np.ndarray) -> dict[str, np.ndarray | int]:
+    """Host arrays of a ``QuantWeight`` from a GGUF tensor's raw blocks ``[N, K/32 * bytes]`` (uint8; row n is
+    output n, its blocks run along K, as GGUF stores a ``[N, K]`` matrix): ``{"q", "d", "m", "bits"}``. Q4_0's
+    ``d * (q - 8)`` becomes ``q * d + (-8 d)``, exactly the same float32 values. ``N`` must be a multiple of 32."""
+    if kind not in GGUF_KINDS:
+        raise ValueError(f"pack_gguf: GGUF type {kind} is not one of {sorted(GGUF_KINDS)}")
+    size = GGUF_KINDS[kind]
+    blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
+    if blocks.ndim != 2 or blocks.shape[1] % size or blocks.shape[0] % TILE:
+        raise ValueError(f"pack_gguf: {kind} blocks {blocks.shape} (want [N, K/32 * {size}] uint8, N a multiple "
+                         f"of {TILE})")
+    n, kb = blocks.shape[0], blocks.shape[1] // size
+    b = blocks.reshape(n, kb, size)
+    d = b[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [N, KB]
+    if kind == "Q4_1":
+        m = b[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    elif kind == "Q4_0":
+        m = d * np.float32(-8)
+    else:
+        m = np.zeros_like(d)
+    tiles = n // TILE
+
+    def tiled(a: np.ndarray) -> np.ndarray:  # [N, ...] -> [N/32, ..., 32]
+        return np.ascontiguousarray(np.moveaxis(a.reshape(tiles, TILE, *a.shape[1:]), 1, -1))
+
+    if kind == "Q8_0":
+        q = tiled(b[:, :, 2:].reshape(n, kb * 32).view(np.int8))  # [T, K, 32]
+        bits = 8
+    else:
+        raw = b[:, :, size - 16:]  # [N, KB, 16]: byte j = value j (low nibble), j + 16 (high)
+        values = np.concatenate([raw & 15, raw >> 4], axis=-1).reshape(n, kb * 32)  # [N, K]
+        t = tiled(values)  # [T, K, 32]
+        q = t[..., :16] | (t[..., 16:] << 4)
+        bits = 4
+    return {"q": q, "d": tiled(d), "m": tiled(m), "bits": bits}
+
+
+def quant_weight(host: dict[str, np.ndarray | int], device: Any = None) -> QuantWeight:
+    """``pack_gguf``'s arrays on ``device`` (default: JAX's default device)."""
+    put = functools.partial(jax.device_put, device=device)
+    return QuantWeight(put(host["q"]), put(host["d"]), put(host["m"]), int(host["bits"]))
+
+
+def concat_quant(parts: list[QuantWeight]) -> QuantWeight:
+    """The ``QuantWeight`` of ``[K, N1 + N2 + ...]``: the parts' columns side by side (same K and bits)."""
+    if len({(p.q.shape[1], p.bits) for p in parts}) != 1:
+        raise ValueError(f"concat_quant: parts disagree in K or bits: {[(p.shape, p.bits) for p in parts]}")
+    return QuantWeight(*(jnp.concatenate([getattr(p, f) for p in parts]) for f in ("q", "d", "m")), parts[0].bits)
+
+
+def dequantize(w: QuantWeight) -> np.ndarray:
+    """The float32 ``[K, N]`` weight ``w`` holds (host; for checks)."""
+    q = np.asarray(w.q)
+    if w.bits == 4:
+        q = np.concatenate([q & 15, q >> 4], axis=-1)
+    tiles, k, _ = q.shape
+    d = np.repeat(np.asarray(w.d), TILE, axis=1)[:, :k]
+    m = np.repeat(np.asarray(w.m), TILE, axis=1)[:, :k]
+    values = q.astype(np.float32) * d + m  # [T, K, 32]
+    return values.transpose(1, 0, 2).reshape(k, tiles * TILE)
+
+
+def small_matmul(x: jax.Array, wp: jax.Array | QuantWeight) -> jax.Array:
+    """``x [..., K] @ unpack(wp)`` in float32 for a packed weight ``wp [N/32, K, 32]`` or a ``QuantWeight``
+    (``available()`` must hold).
 
     Meant for few rows (decoding); any row count is correct, the kernel reads the weight once per 8 rows."""
-    t, k, tile = wp.shape
-    if tile != TILE or x.shape[-1] != k or wp.dtype != jnp.float32:
-        raise ValueError(f"small_matmul: x {x.dtype}{x.shape} against a packed weight {wp.dtype}{wp.shape} "
-                         f"(want x [..., K], w float32 [N/{TILE}, K, {TILE}])")
+    quant = isinstance(wp, QuantWeight)
+    t, k = (wp.q.shape[0], wp.q.shape[1]) if quant else wp.shape[:2]
+    if x.shape[-1] != k or (not quant and (wp.shape[2] != TILE or wp.dtype != jnp.float32)):
+        raise ValueError(f"small_matmul: x {x.dtype}{x.shape} against a packed weight "
+                         f"{'quantised ' + str(wp.shape) if quant else str(wp.dtype) + str(wp.shape)} "
+                         f"(want x [..., K], w float32 [N/{TILE}, K, {TILE}] or a QuantWeight [K, N])")
     _require()
     lead = x.shape[:-1]
     rows = x.reshape(-1, k).astype(jnp.float32)
-    out = jax.ffi.ffi_call(MATMUL, jax.ShapeDtypeStruct((rows.shape[0], t * TILE), jnp.float32))(rows, wp)
+    out_type = jax.ShapeDtypeStruct((rows.shape[0], t * TILE), jnp.float32)
+    if quant:
+        out = jax.ffi.ffi_call(QUANT_MATMUL[wp.bits], out_type)(rows, wp.q, wp.d, wp.m)
+    else:
+        out = jax.ffi.ffi_call(MATMUL, out_type)(rows, wp)
     return out.reshape(*lead, t * TILE)
 
 

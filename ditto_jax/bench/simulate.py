@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-hf", action="store_true", help="also time transformers generate (whole process)")
     p.add_argument("--sample-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `ditto-jax sample` (repeatable, e.g. --sample-arg=--no-prefix-cache)")
+    p.add_argument("--ours-reads", choices=("source", "folder"), default="source",
+                   help="what ditto-jax sample loads: the model as named (a GGUF file is read as such, its blocks "
+                        "kept for decoding; default) or the float32 HF folder transformers loads")
     p.add_argument("--workdir", default=None, help="where prompts, outputs and the HF folder go (default: temp)")
 
 
@@ -149,10 +152,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "--repetition-penalty", str(args.repetition_penalty), "--max-new-tokens", str(args.new_tokens),
                 "--seed", str(args.seed)]
     env = dict(os.environ)
+    ours_model = args.model if args.model and args.ours_reads == "source" else folder
     ours_runs, hf_runs = [], []
     for r in range(args.repeats):
         out = work / f"ours-{r}"
-        cmd = [sys.executable, "-m", "ditto_jax.cli", "sample", "--model", folder, "--prompts", str(prompt_file),
+        cmd = [sys.executable, "-m", "ditto_jax.cli", "sample", "--model", ours_model, "--prompts", str(prompt_file),
                "--out", str(out), "--batch-size", str(args.batch), "--no-progress", *decoding, *args.sample_arg]
         if out.exists():
             import shutil
@@ -177,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ours_wall = statistics.median(r["wall_s"] for r in ours_runs)
     ours_cpu = statistics.median(r["cpu_s"] for r in ours_runs)
     result: dict[str, Any] = {
-        "bench": "simulate", "model": args.model or args.config, "hf_folder": folder,
+        "bench": "simulate", "model": args.model or args.config, "hf_folder": folder, "ours_model": ours_model,
         "prompts": len(prompts), "characters": args.characters, "questions": args.questions,
         "prompt_tokens": sum(lengths), "prompt_len_min": min(lengths), "prompt_len_max": max(lengths),
         "new_tokens": args.new_tokens, "batch": args.batch,

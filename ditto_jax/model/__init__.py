@@ -17,7 +17,14 @@ from flax import nnx
 from ditto_jax.mesh import param_shardings
 from ditto_jax.model.cache import KVCache, LayerCache, init_cache, init_layer_cache
 from ditto_jax.model.config import ModelConfig, RopeScaling, load_model_config
-from ditto_jax.model.transformer import DecodeWeights, Transformer, decode_matmul_kind, decode_step, decode_weights
+from ditto_jax.model.transformer import (
+    DecodeWeights,
+    Transformer,
+    decode_matmul_kind,
+    decode_step,
+    decode_weights,
+    set_decode_source,
+)
 from ditto_jax.model.xla_attention import read_widths
 
 
@@ -55,5 +62,5 @@ def _sharded_initializer(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: dict 
 
 
 __all__ = ["DecodeWeights", "KVCache", "LayerCache", "ModelConfig", "RopeScaling", "Transformer", "create_model",
-           "decode_matmul_kind", "decode_step", "decode_weights", "init_cache", "init_layer_cache",
+           "decode_matmul_kind", "decode_step", "decode_weights", "set_decode_source", "init_cache", "init_layer_cache",
            "load_model_config", "read_widths"]

@@ -8,6 +8,8 @@ Parameter names mirror Hugging Face (``embed_tokens``, ``layers.self_attn.q_proj
 from __future__ import annotations
 
 import functools
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -270,9 +272,42 @@ class DecodeWeights:
     head: jax.Array
     norm: jax.Array
     cpu_kernels: bool = flax.struct.field(pytree_node=False, default=False)  # packed; attention by kernels.cpu
+    # the matrices kept in the blocks of the model's source file (``set_decode_source``), e.g. ("Q4_1", "Q8_0")
+    source_blocks: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
 
 
 PACKED = ("qkv", "o", "gate_up", "down")  # the per-layer matrices ``decode_weights`` may pack for the CPU kernel
+_SOURCES = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}  # stacked names
+
+
+DecodeSource = Callable[[], dict[str, Any]]
+_DECODE_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def set_decode_source(model: Transformer, build: DecodeSource | None) -> None:
+    """Let ``decode_weights`` take ``model``'s big matrices from another store of exactly the same values: a
+    GGUF file's quantised blocks, decoded by ``kernels.cpu`` to the float32 weights the loader dequantised, bit for
+    bit, while reading a fifth to a third of the bytes. ``build()`` returns ``{"layers": [{name: QuantWeight}],
+    "head": QuantWeight | None, "kinds": (GGUF type names)}`` (names among ``PACKED``; a matrix missing from any
+    layer keeps the float copy). Called at most once per ``decode_weights`` and only where the CPU kernels run;
+    ignored once any of ``model``'s parameters has been replaced (training, ``nnx.update``). ``None`` removes it."""
+    if build is None:
+        _DECODE_SOURCES.pop(model, None)
+        return
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    _DECODE_SOURCES[model] = ([weakref.ref(a) for a in leaves], build)
+
+
+def _decode_source(model: Transformer) -> DecodeSource | None:
+    entry = _DECODE_SOURCES.get(model)
+    if entry is None:
+        return None
+    refs, build = entry
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    if len(leaves) != len(refs) or any(r() is not a for r, a in zip(refs, leaves)):
+        del _DECODE_SOURCES[model]  # the parameters changed: the source no longer holds them
+        return None
+    return build
 
 
 def decode_weights(model: Transformer, *, cpu_kernel: bool | None = None) -> DecodeWeights:
@@ -280,21 +315,35 @@ def decode_weights(model: Transformer, *, cpu_kernel: bool | None = None) -> Dec
 
     ``cpu_kernel``: store the ``PACKED`` matrices and the head packed for ``kernels.cpu`` (those whose
     width is a multiple of 32), so ``decode_step`` runs them through the few-row CPU matmul, and its attention
-    over a heads-first float32 cache through the CPU decode attention. ``None``: when the compute dtype is
-    float32, the weights live on one CPU device and the kernels are available."""
+    over a heads-first float32 cache through the CPU decode attention; matrices ``set_decode_source`` provides
+    are taken from it instead (no float copy). ``None``: when the compute dtype is float32, the weights live on
+    one CPU device and the kernels are available."""
     embed = model.embed_tokens[...]
     if cpu_kernel is None:
         cpu_kernel = (model.cfg.compute_dtype == jnp.float32 and len(embed.sharding.device_set) == 1
                       and next(iter(embed.sharding.device_set)).platform == "cpu" and cpu_kernels.available())
     params = _layer_weights(model.layers) | {
         "embed": embed, "norm": model.norm[...], "head": None if model.lm_head is None else model.lm_head[...]}
-    return _relayout(params, num_layers=model.cfg.num_layers, dtype=model.cfg.compute_dtype, pack=cpu_kernel)
+    build = _decode_source(model) if cpu_kernel and model.cfg.compute_dtype == jnp.float32 else None
+    source = build() if build is not None else {"layers": [], "head": None, "kinds": ()}
+    layers = source["layers"]
+    taken = tuple(n for n in PACKED if len(layers) == model.cfg.num_layers and all(n in lw for lw in layers))
+    drop = {name for n in taken for name in _SOURCES[n]} | ({"head"} if source["head"] is not None else set())
+    out = _relayout({k: v for k, v in params.items() if k not in drop}, num_layers=model.cfg.num_layers,
+                    dtype=model.cfg.compute_dtype, pack=cpu_kernel, skip=tuple(sorted(drop)))
+    if not drop:
+        return out
+    return out.replace(layers=[lw | {n: q[n] for n in taken} for lw, q in zip(out.layers, layers)],
+                       head=out.head if source["head"] is None else source["head"],
+                       source_blocks=tuple(source["kinds"]))
 
 
 def decode_matmul_kind(weights: Any) -> str:
     """How ``decode_step`` runs its matmuls and attention over ``weights``, for run summaries: ``"cpu kernels"``
     (``kernels.cpu``), else ``"xla"`` and, where the kernels cannot run, why."""
     if isinstance(weights, DecodeWeights) and weights.cpu_kernels:
+        if weights.source_blocks:
+            return f"cpu kernels (weights read as the file's {'/'.join(weights.source_blocks)} blocks)"
         return "cpu kernels"
     why = cpu_kernels.reason()
     return "xla" if why is None else f"xla (cpu kernels: {why})"
@@ -304,31 +353,32 @@ def _packed(w: jax.Array, pack: bool) -> jax.Array:
     return cpu_kernels.pack(w) if pack and cpu_kernels.packable(w) else w
 
 
-@functools.partial(jax.jit, static_argnames=("num_layers", "dtype", "pack"))
-def _relayout(params: dict[str, Any], *, num_layers: int, dtype: Any, pack: bool = False) -> DecodeWeights:
-    """``DecodeWeights`` from the stacked parameters (module level: same-shaped models share its compilation)."""
+@functools.partial(jax.jit, static_argnames=("num_layers", "dtype", "pack", "skip"))
+def _relayout(params: dict[str, Any], *, num_layers: int, dtype: Any, pack: bool = False,
+              skip: tuple[str, ...] = ()) -> DecodeWeights:
+    """``DecodeWeights`` from the stacked parameters (module level: same-shaped models share its compilation).
+    ``skip``: stacked names left out of ``params`` (their fused matrices, or the head, are supplied after)."""
     layers = []
     for i in range(num_layers):
-        w = {
-            "ln1": params["ln1"][i], "ln2": params["ln2"][i],
-            "qkv": jnp.concatenate([params["q"][i], params["k"][i], params["v"][i]], axis=-1).astype(dtype),
-            "o": params["o"][i].astype(dtype),
-            "gate_up": jnp.concatenate([params["gate"][i], params["up"][i]], axis=-1).astype(dtype),
-            "down": params["down"][i].astype(dtype),
-        }
+        w = {"ln1": params["ln1"][i], "ln2": params["ln2"][i]}
+        for name, parts in _SOURCES.items():
+            if parts[0] not in skip:
+                w[name] = jnp.concatenate([params[p][i] for p in parts], axis=-1).astype(dtype)
         if "qb" in params:
             w["qkv_bias"] = jnp.concatenate([params["qb"][i], params["kb"][i], params["vb"][i]], -1).astype(dtype)
         if "qn" in params:
             w["qn"], w["kn"] = params["qn"][i], params["kn"][i]
-        layers.append(w | {name: _packed(w[name], pack) for name in PACKED})
-    head = params["embed"].T if params["head"] is None else params["head"]
-    return DecodeWeights(layers=layers, embed=params["embed"], head=_packed(head.astype(dtype), pack),
-                         norm=params["norm"], cpu_kernels=pack)
+        layers.append(w | {name: _packed(w[name], pack) for name in PACKED if name in w})
+    if "head" in skip:
+        head = None
+    else:
+        head = _packed((params["embed"].T if params["head"] is None else params["head"]).astype(dtype), pack)
+    return DecodeWeights(layers=layers, embed=params["embed"], head=head, norm=params["norm"], cpu_kernels=pack)
 
 
 def decode_logits(w: DecodeWeights, hidden: jax.Array) -> jax.Array:
     """float32 logits of final hidden states ``[..., H]`` (``Transformer.logits`` over ``DecodeWeights``)."""
-    if w.head.ndim == 3:
+    if isinstance(w.head, cpu_kernels.QuantWeight) or w.head.ndim == 3:
         return decode_matmul(hidden, w.head)
     return jnp.matmul(hidden, w.head, preferred_element_type=jnp.float32)
 

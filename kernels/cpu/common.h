@@ -2,6 +2,9 @@
 #pragma once
 
 #include <sched.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include <atomic>
 #include <chrono>
@@ -20,12 +23,29 @@ namespace ditto {
 // 16 floats: GCC/Clang vector extensions, so the compiler picks AVX-512, AVX2 or NEON from -march=native.
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
 
+// 16 bytes to 16 floats: widened to 32-bit integers first (one vpmovzxbd / vpmovsxbd and one vcvtdq2ps with
+// AVX-512; converting bytes to floats directly was compiled to 16 scalar conversions).
+inline v16 to_float(u8x16 b) { return __builtin_convertvector(__builtin_convertvector(b, vi16), v16); }
+inline v16 to_float(i8x16 b) {
+#ifdef __AVX512F__  // GCC 12 scalarises the signed widening below
+  __m128i raw;
+  std::memcpy(&raw, &b, sizeof raw);
+  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+  v16 out;
+  std::memcpy(&out, &f, sizeof out);
+  return out;
+#else
+  return __builtin_convertvector(__builtin_convertvector(b, vi16), v16);
+#endif
+}
 inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 inline v16 splat(float x) { return v16{} + x; }
 // Ask for the cache line holding p in L2 (a hint: never faults, so it may point past the end of a buffer).
-inline void prefetch(const float* p) { __builtin_prefetch(p, 0, 2); }
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 // The kernels' worker threads: one fewer than the CPUs this process may run on (DITTO_CPU_KERNEL_THREADS
 // overrides), started on first use. A decode step calls the kernels ~150 times, 0.05-0.3 ms each; waking a

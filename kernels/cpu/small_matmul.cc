@@ -11,50 +11,105 @@ using ditto::v16;
 namespace {
 
 constexpr int64_t kTile = 32;  // columns per packed tile
-// Rows of the tile requested this far ahead of use (2 KiB): the hardware prefetchers alone kept one thread at 7.6
-// GB/s of a 12.5 GB/s read rate on a 2-core Xeon VM (sapphire rapids class), 10.5 with this; no change on Zen 4.
-constexpr int64_t kAhead = 16;
+// Bytes of the tile requested this far ahead of use (16 float rows): the hardware prefetchers alone kept one thread
+// at 7.6 GB/s of a 12.5 GB/s read rate on a 2-core Xeon VM (sapphire rapids class), 10.5 with this; no change on
+// Zen 4.
+constexpr int64_t kAheadBytes = 2048;
 
-// Rows [0, R) of x against one packed tile wt [K, 32]; R <= 8 (a template, so the accumulators stay in registers).
-// Row k of the loop prefetches pf + k * 32 (never faults: it may point past the end of the weight).
-template <int R>
-void tile_rows(const float* x, int64_t ldx, const float* wt, int64_t k_len, float* y, int64_t ldy,
-               const float* pf) {
+// Where a tile's weights come from: F32 reads packed floats; Quant decodes GGUF-style blocks in registers,
+// w = q * d + m with q a 4-bit (Bits 4, unsigned) or 8-bit (Bits 8, signed) integer and d, m per 32 rows of k
+// and column. For the GGUF formats kept (Q4_0, Q4_1, Q8_0) q * d is exact in float32, so w is bit for bit the
+// float32 value their dequantisation gives, and the sums below are the float kernel's, in the same order.
+struct F32 {
+  const float* w;  // tile [K, 32]
+  void at_block(int64_t) {}
+  void row(int64_t k, v16& w0, v16& w1) const { w0 = ditto::load16(w + k * kTile); w1 = ditto::load16(w + k * kTile + 16); }
+  const void* prefetch_row(int64_t k) const { return w + k * kTile; }
+  static constexpr int64_t kRowBytes = kTile * 4;
+};
+
+template <int Bits>
+struct Quant {
+  const uint8_t* q;    // tile [K, 32 * Bits / 8]: 4 bits, byte j holds column j (low nibble) and j + 16 (high)
+  const float* d;      // tile [K / 32, 32]
+  const float* m;      // tile [K / 32, 32]
+  v16 d0, d1, m0, m1;
+  void at_block(int64_t kb) {
+    d0 = ditto::load16(d + kb * kTile); d1 = ditto::load16(d + kb * kTile + 16);
+    m0 = ditto::load16(m + kb * kTile); m1 = ditto::load16(m + kb * kTile + 16);
+  }
+  void row(int64_t k, v16& w0, v16& w1) const {
+    if constexpr (Bits == 4) {
+      ditto::u8x16 b;
+      std::memcpy(&b, q + k * 16, sizeof b);
+      w0 = ditto::to_float(b & 15) * d0 + m0;
+      w1 = ditto::to_float(b >> 4) * d1 + m1;
+    } else {
+      ditto::i8x16 b0, b1;
+      std::memcpy(&b0, q + k * 32, sizeof b0);
+      std::memcpy(&b1, q + k * 32 + 16, sizeof b1);
+      w0 = ditto::to_float(b0) * d0 + m0;
+      w1 = ditto::to_float(b1) * d1 + m1;
+    }
+  }
+  const void* prefetch_row(int64_t k) const { return q + k * (kTile * Bits / 8); }
+  static constexpr int64_t kRowBytes = kTile * Bits / 8;
+};
+
+// Rows [0, R) of x against one tile; R <= 8 (a template, so the accumulators stay in registers). Each step of k
+// prefetches the 64-byte line holding pf + k * row bytes (never faults: it may point past the end of the weight).
+template <int R, typename Src>
+void tile_rows(const float* x, int64_t ldx, Src src, int64_t k_len, float* y, int64_t ldy, const char* pf) {
   v16 acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) { acc0[r] = v16{}; acc1[r] = v16{}; }
-  for (int64_t k = 0; k < k_len; ++k) {
-    ditto::prefetch(pf + k * kTile);
-    ditto::prefetch(pf + k * kTile + 16);
-    const v16 w0 = ditto::load16(wt + k * kTile), w1 = ditto::load16(wt + k * kTile + 16);
-    for (int r = 0; r < R; ++r) {
-      const float xv = x[r * ldx + k];
-      acc0[r] += xv * w0;
-      acc1[r] += xv * w1;
+  for (int64_t k0 = 0; k0 < k_len; k0 += kTile) {
+    src.at_block(k0 / kTile);
+    const int64_t k1 = k0 + kTile < k_len ? k0 + kTile : k_len;
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t b = 0; b < Src::kRowBytes; b += 64) ditto::prefetch(pf + k * Src::kRowBytes + b);
+      v16 w0, w1;
+      src.row(k, w0, w1);
+      for (int r = 0; r < R; ++r) {
+        const float xv = x[r * ldx + k];
+        acc0[r] += xv * w0;
+        acc1[r] += xv * w1;
+      }
     }
   }
   for (int r = 0; r < R; ++r) { ditto::store16(y + r * ldy, acc0[r]); ditto::store16(y + r * ldy + 16, acc1[r]); }
 }
 
-void tile_all_rows(const float* x, const float* w, float* y, int64_t m, int64_t k_len, int64_t n, int64_t t) {
-  const float* wt = w + t * k_len * kTile;
+// All m rows of x against tile t (src set to that tile), 8 rows at a time.
+template <typename Src>
+void tile_all_rows(const float* x, Src src, int64_t tile_bytes, float* y, int64_t m, int64_t k_len, int64_t n,
+                   int64_t t) {
+  const char* wt = static_cast<const char*>(src.prefetch_row(0));
   for (int64_t r0 = 0; r0 < m; r0 += 8) {
     const float* xr = x + r0 * k_len;
     float* yr = y + r0 * n + t * kTile;
-    // The first pass streams the tile from memory, kAhead rows ahead; later passes (more than 8 rows) find it in
+    // The first pass streams the tile from memory, kAheadBytes ahead; later passes (more than 8 rows) find it in
     // L2, so the last one fetches the next tile meanwhile (else memory idles while they compute: 16 rows ran
     // 23% slower than 8) and the middle ones prefetch nothing new (the tile itself).
-    const float* pf = r0 == 0 ? wt + kAhead * kTile : r0 + 8 >= m ? wt + k_len * kTile : wt;
+    const char* pf = r0 == 0 ? wt + kAheadBytes : r0 + 8 >= m ? wt + tile_bytes : wt;
     switch (m - r0 < 8 ? m - r0 : 8) {
-      case 1: tile_rows<1>(xr, k_len, wt, k_len, yr, n, pf); break;
-      case 2: tile_rows<2>(xr, k_len, wt, k_len, yr, n, pf); break;
-      case 3: tile_rows<3>(xr, k_len, wt, k_len, yr, n, pf); break;
-      case 4: tile_rows<4>(xr, k_len, wt, k_len, yr, n, pf); break;
-      case 5: tile_rows<5>(xr, k_len, wt, k_len, yr, n, pf); break;
-      case 6: tile_rows<6>(xr, k_len, wt, k_len, yr, n, pf); break;
-      case 7: tile_rows<7>(xr, k_len, wt, k_len, yr, n, pf); break;
-      default: tile_rows<8>(xr, k_len, wt, k_len, yr, n, pf); break;
+      case 1: tile_rows<1>(xr, k_len, src, k_len, yr, n, pf); break;
+      case 2: tile_rows<2>(xr, k_len, src, k_len, yr, n, pf); break;
+      case 3: tile_rows<3>(xr, k_len, src, k_len, yr, n, pf); break;
+      case 4: tile_rows<4>(xr, k_len, src, k_len, yr, n, pf); break;
+      case 5: tile_rows<5>(xr, k_len, src, k_len, yr, n, pf); break;
+      case 6: tile_rows<6>(xr, k_len, src, k_len, yr, n, pf); break;
+      case 7: tile_rows<7>(xr, k_len, src, k_len, yr, n, pf); break;
+      default: tile_rows<8>(xr, k_len, src, k_len, yr, n, pf); break;
     }
   }
+}
+
+// Each thread streams a few long contiguous runs of tiles (one tile at a time measured 10-20% slower: the
+// prefetchers see short runs); two runs per thread still balance a late starter.
+template <typename Fn>
+void over_tiles(int64_t tiles, const Fn& fn) {
+  const int64_t runs = 2 * ditto::thread_count();
+  ditto::parallel_for(tiles, (tiles + runs - 1) / runs, fn);
 }
 
 ffi::Error SmallMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -67,11 +122,32 @@ ffi::Error SmallMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     return ffi::Error::InvalidArgument("small_matmul: shapes disagree (x [M, K], w [N/32, K, 32], y [M, N])");
   const float *xp = x.typed_data(), *wp = w.typed_data();
   float* yp = y->typed_data();
-  // Each thread streams a few long contiguous runs of tiles (one tile at a time measured 10-20% slower: the
-  // prefetchers see short runs); two runs per thread still balance a late starter.
-  const int64_t runs = 2 * ditto::thread_count();
-  const int64_t grab = (tiles + runs - 1) / runs;
-  ditto::parallel_for(tiles, grab, [=](int64_t t) { tile_all_rows(xp, wp, yp, m, k, n, t); });
+  over_tiles(tiles, [=](int64_t t) { tile_all_rows(xp, F32{wp + t * k * kTile}, k * kTile * 4, yp, m, k, n, t); });
+  return ffi::Error::Success();
+}
+
+template <int Bits>
+ffi::Error QuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> d,
+                           ffi::Buffer<ffi::F32> mins, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), qd = q.dimensions(), dd = d.dimensions(), yd = y->dimensions();
+  const int64_t row_bytes = kTile * Bits / 8;
+  if (xd.size() != 2 || qd.size() != 3 || dd.size() != 3 || yd.size() != 2 || qd[2] != row_bytes ||
+      dd[2] != kTile || mins.dimensions().size() != 3 || q.size_bytes() != q.element_count())
+    return ffi::Error::InvalidArgument("small_matmul (quantised): want x [M, K], q 8-bit [N/32, K, 32*bits/8], "
+                                       "d and m [N/32, K/32, 32], y [M, N]");
+  const int64_t m = xd[0], k = xd[1], n = yd[1], tiles = qd[0], blocks = (k + kTile - 1) / kTile;
+  const auto md = mins.dimensions();
+  if (qd[1] != k || dd[0] != tiles || dd[1] != blocks || md[0] != tiles || md[1] != blocks || md[2] != kTile ||
+      yd[0] != m || n != tiles * kTile)
+    return ffi::Error::InvalidArgument("small_matmul (quantised): shapes disagree");
+  const float* xp = x.typed_data();
+  const uint8_t* qp = static_cast<const uint8_t*>(q.untyped_data());
+  const float *dp = d.typed_data(), *mp = mins.typed_data();
+  float* yp = y->typed_data();
+  over_tiles(tiles, [=](int64_t t) {
+    Quant<Bits> src{qp + t * k * row_bytes, dp + t * blocks * kTile, mp + t * blocks * kTile};
+    tile_all_rows(xp, src, k * row_bytes, yp, m, k, n, t);
+  });
   return ffi::Error::Success();
 }
 
@@ -82,3 +158,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DittoSmallMatmul, SmallMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+#define DITTO_QUANT_HANDLER(NAME, BITS)                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, QuantMatmulImpl<BITS>,    \
+                                ffi::Ffi::Bind()                \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Arg<ffi::AnyBuffer>()        \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
+DITTO_QUANT_HANDLER(DittoSmallMatmulQ4, 4)
+DITTO_QUANT_HANDLER(DittoSmallMatmulQ8, 8)
