@@ -104,7 +104,8 @@ def test_killed_run_resumes_exactly_once(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["already_done"] == len(partial) and summary["generated"] == 24 - len(partial)
-    assert summary["compile"]["cache_hits"] >= 1 and summary["compile"]["cache_dir"] == str(tmp_path / "jax-cache")
+    assert summary["compile"]["cache_hits"] + summary["compile"]["saved_hits"] >= 1
+    assert summary["compile"]["cache_dir"] == str(tmp_path / "jax-cache")
     assert set(summary["engine"]) >= {"prefill_s", "decode_s", "prefix_fill_s"} and summary["total_s"] > 0
     final = read_outputs(out)  # raises on a duplicate id
     assert sorted(final) == [f"q{i:02d}" for i in range(24)] and run_complete(out)

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ditto_jax.mesh import logical_to_spec
 from ditto_jax.model import KVCache, LayerCache, decode_step, decode_weights, init_cache, init_layer_cache, read_widths
+from ditto_jax.sampling.compile_cache import SavedJit
 from ditto_jax.sampling.logits import select_tokens
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
@@ -481,12 +482,15 @@ class StepFunctions:
         """New jitted functions (nothing compiled yet; each compiles per argument shape on first call)."""
         del mesh  # part of the sharing key only; the shardings carry it
         out_state = None if state_shardings is None else (state_shardings, None, None, None)
-        prefill = jax.jit(functools.partial(prefill_fn, graphdef, cfg=cfg), donate_argnums=(1,),
-                          out_shardings=out_state, static_argnames=("from_slots", "final"))
-        decode = jax.jit(functools.partial(decode_fn, graphdef, cfg=cfg, mcfg=mcfg), donate_argnums=(1,),
-                         out_shardings=out_state, compiler_options=decode_compiler_options(),
-                         static_argnames=("width",))
-        prefix_fill = jax.jit(functools.partial(prefix_fill_fn, graphdef), donate_argnums=(1,))
+        static = repr((graphdef, cfg, mcfg, state_shardings, decode_compiler_options()))
+        prefill = SavedJit(jax.jit(functools.partial(prefill_fn, graphdef, cfg=cfg), donate_argnums=(1,),
+                                   out_shardings=out_state, static_argnames=("from_slots", "final")),
+                           "prefill", static)
+        decode = SavedJit(jax.jit(functools.partial(decode_fn, graphdef, cfg=cfg, mcfg=mcfg), donate_argnums=(1,),
+                                  out_shardings=out_state, compiler_options=decode_compiler_options(),
+                                  static_argnames=("width",)), "decode", static)
+        prefix_fill = SavedJit(jax.jit(functools.partial(prefix_fill_fn, graphdef), donate_argnums=(1,)),
+                               "prefix_fill", static)
         return cls(prefill, decode, prefix_fill)
 
     def compile_count(self) -> int:

@@ -1,0 +1,96 @@
+"""``SavedJit``: the sampler's step functions keep their compiled executables on disk under a key of everything
+their tracing depends on; a later process runs them without tracing, lowering or compiling, with the same
+outputs; other shapes or configurations get their own entries; a broken entry is compiled again; the switch and
+the cache's own off switch turn it off."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ditto_jax.sampling import compile_cache
+from ditto_jax.sampling.compile_cache import SavedJit, compile_stats
+
+
+def _scaled(x, y):
+    return jnp.tanh(x @ y) * 3.0
+
+
+@pytest.fixture
+def saved(tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_cache, "_saved_dir", tmp_path)
+    return tmp_path
+
+
+def test_executables_are_saved_and_loaded_per_shape_and_configuration(saved):
+    x, y = jnp.ones((4, 8)), jnp.full((8, 3), 0.5)
+    first = SavedJit(jax.jit(_scaled), "scaled", "config-a")
+    want = np.asarray(first(x, y))
+    assert len(list(saved.glob("scaled-*.pkl"))) == 1 and first._cache_size() == 1
+    hits = compile_stats()["saved_hits"]
+    again = SavedJit(jax.jit(_scaled), "scaled", "config-a")  # a new process would build it like this
+    assert np.array_equal(np.asarray(again(x, y)), want)
+    assert compile_stats()["saved_hits"] == hits + 1
+    SavedJit(jax.jit(_scaled), "scaled", "config-b")(x, y)  # another configuration: its own entry
+    again(jnp.ones((2, 8)), y)  # another shape: its own entry
+    assert len(list(saved.glob("scaled-*.pkl"))) == 3
+    assert not list(saved.glob("*.tmp"))
+
+
+def test_a_broken_entry_is_compiled_again(saved, caplog):
+    x, y = jnp.ones((4, 8)), jnp.full((8, 3), 0.5)
+    want = np.asarray(SavedJit(jax.jit(_scaled), "scaled", "c")(x, y))
+    (entry,) = saved.glob("scaled-*.pkl")
+    entry.write_bytes(b"not a pickle")
+    assert np.array_equal(np.asarray(SavedJit(jax.jit(_scaled), "scaled", "c")(x, y)), want)
+    assert "not usable" in caplog.text and entry.read_bytes() != b"not a pickle"  # written again
+
+
+def test_without_a_folder_it_is_the_jitted_function(monkeypatch):
+    monkeypatch.setattr(compile_cache, "_saved_dir", None)
+    jitted = jax.jit(_scaled)
+    f = SavedJit(jitted, "scaled", "c")
+    f(jnp.ones((4, 8)), jnp.ones((8, 3)))
+    assert f._cache_size() == jitted._cache_size() == 1
+
+
+def _sample(tmp_path, name: str, **env: str) -> tuple[dict, list]:
+    prompts = tmp_path / "prompts.jsonl"
+    if not prompts.exists():
+        prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Tell me about item {i}."}) + "\n"
+                                   for i in range(6)))
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "ditto_jax.cli", "sample", "--config", "model/tiny", "--prompts", str(prompts),
+           "--out", str(out), "--max-new-tokens", "12", "--batch-size", "4", "--chunk", "4", "--top-p", "0.8",
+           "--no-progress"]
+    full_env = dict(os.environ, XLA_FLAGS="", DITTO_JAX_COMPILATION_CACHE=str(tmp_path / "jax-cache"), **env)
+    done = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outputs = sorted((r["id"], r["output_ids"]) for p in sorted(out.glob("part-*.jsonl"))
+                     for r in map(json.loads, p.read_text().splitlines()))
+    return json.loads(done.stdout.strip().splitlines()[-1])["compile"], outputs
+
+
+def test_a_second_process_runs_the_saved_executables_with_the_same_outputs(tmp_path):
+    cold, want = _sample(tmp_path, "first")
+    folder = tmp_path / "jax-cache" / "executables"
+    names = sorted(p.name.split("-")[0] for p in folder.glob("*.pkl"))
+    assert cold["saved_hits"] == 0 and {"decode", "prefill"} <= set(names)
+    warm, got = _sample(tmp_path, "second")
+    assert got == want
+    assert warm["saved_hits"] == len(names) and warm["cache_misses"] == 0
+    assert warm["compile_s"] < cold["compile_s"]
+    off, got = _sample(tmp_path, "third", DITTO_JAX_SAVED_EXECUTABLES="0")
+    assert got == want and off["saved_hits"] == 0
+    # the entries lost, JAX's cache still holding their programs: they run from there (nothing written again)
+    for p in folder.glob("*.pkl"):
+        p.unlink()
+    served, got = _sample(tmp_path, "fourth")
+    assert got == want and served["saved_hits"] == 0 and served["cache_misses"] == 0
