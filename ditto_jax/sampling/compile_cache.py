@@ -180,7 +180,9 @@ def _cpu_flags() -> str:
 
 def _leaf_key(x: Any) -> Any:
     if isinstance(x, jax.Array):
-        return ("a", x.shape, str(x.dtype), x.weak_type, x.sharding)
+        mesh = getattr(x.sharding, "mesh", None)  # a mesh's repr leaves out its devices' order
+        order = tuple(d.id for d in mesh.devices.flat) if mesh is not None and hasattr(mesh, "devices") else ()
+        return ("a", x.shape, str(x.dtype), x.weak_type, x.sharding, order)
     if isinstance(x, np.ndarray):
         return ("n", x.shape, str(x.dtype))
     return ("s", type(x).__name__)
@@ -223,8 +225,10 @@ class SavedJit:
         if path.exists():
             start = time.perf_counter()
             try:
-                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-                run = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+                payload, in_tree, out_tree, device_ids = pickle.loads(path.read_bytes())
+                by_id = {d.id: d for d in jax.local_devices()}
+                run = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                                execution_devices=[by_id[i] for i in device_ids])
             except Exception as exc:  # noqa: BLE001 - a stale or broken entry: compile again, overwrite it
                 _log.warning("compiled executable %s not usable (%s: %s); compiling again", path, type(exc).__name__,
                              exc)
@@ -244,7 +248,9 @@ class SavedJit:
         if served:  # our entry was lost but JAX's copy of this variant is there: run it, save nothing
             return compiled
         try:
-            data = pickle.dumps(serialize_executable.serialize(compiled))
+            # the devices it runs on, in the order it was compiled for (by default it would load onto them all)
+            device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+            data = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
             fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=folder)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
