@@ -275,19 +275,29 @@ def small_matmul(x: jax.Array, wp: jax.Array | QuantWeight) -> jax.Array:
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                     window: int | None = None) -> jax.Array:
+                     window: int | None = None, shared: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Attention of one new token per row, q ``[B, Hq, D]`` at ``positions [B]``, against a heads-first cache:
     keys ``[B, Hkv, D, S]``, values ``[B, Hkv, S, D]`` (float32; ``available()`` must hold). Row ``b`` attends to
     cache positions ``max(0, positions[b] + 1 - window) .. positions[b]`` (from 0 without a window) and reads
-    nothing else; a row with an empty range gets zeros. Returns ``[B, Hq, D]`` float32."""
+    nothing else; a row with an empty range gets zeros. Returns ``[B, Hq, D]`` float32.
+
+    ``shared = (lead [B], length [B])`` int32: row ``b``'s first ``length[b]`` positions hold the same keys and
+    values as row ``lead[b]``'s (``lead[b] < b``, itself its own lead; e.g. both copied from one prefix-cache row),
+    so they are read once for the rows sharing them. The result is bit-identical to ``shared=None``; a wrong
+    claim gives wrong results. Ignored with a window."""
     b, hq, d = q.shape
     hkv, s_len = v.shape[1], v.shape[2]
     if (k.shape != (b, hkv, d, s_len) or v.shape != (b, hkv, s_len, d) or hq % hkv or positions.shape != (b,)
-            or not all(a.dtype == jnp.float32 for a in (k, v))):
+            or not all(a.dtype == jnp.float32 for a in (k, v))
+            or (shared is not None and any(jnp.shape(a) != (b,) for a in shared))):
         raise ValueError(f"decode_attention: q {q.shape}, k {k.dtype}{k.shape}, v {v.dtype}{v.shape}, positions "
-                         f"{positions.shape} (want float32 k [B, Hkv, D, S], v [B, Hkv, S, D], Hq a multiple of Hkv)")
+                         f"{positions.shape}, shared {None if shared is None else [jnp.shape(a) for a in shared]} "
+                         f"(want float32 k [B, Hkv, D, S], v [B, Hkv, S, D], Hq a multiple of Hkv, [B] rows)")
     _require()
+    if shared is None:
+        shared = (jnp.arange(b, dtype=jnp.int32), jnp.zeros((b,), jnp.int32))
     qg = q.astype(jnp.float32).reshape(b, hkv, hq // hkv, d)
     out = jax.ffi.ffi_call(ATTENTION, jax.ShapeDtypeStruct(qg.shape, jnp.float32))(
-        qg, k, v, positions.astype(jnp.int32), window=np.int64(window or 0), scale=np.float32(1.0 / d**0.5))
+        qg, k, v, positions.astype(jnp.int32), *(jnp.asarray(a, jnp.int32) for a in shared),
+        window=np.int64(window or 0), scale=np.float32(1.0 / d**0.5))
     return out.reshape(b, hq, d)

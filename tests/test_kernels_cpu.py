@@ -166,3 +166,30 @@ def test_decode_step_over_packed_weights_equals_the_unpacked_one_and_the_forward
             got[name], caches[name] = step(w, jnp.asarray(seq[:, t]), caches[name])
         np.testing.assert_allclose(np.asarray(got["packed"]), np.asarray(got["plain"]), atol=2e-6, rtol=0)
         np.testing.assert_allclose(np.asarray(got["packed"]), reference[:, t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_attention_over_shared_prefixes_is_bit_identical(window):
+    """Rows whose caches begin with the same positions (as prefix-cache copies do) read them once: the outputs are
+    bit-identical to reading every row's own cache; a window, or a lead that is not a row's own lead, turns
+    sharing off for that row."""
+    rng = np.random.default_rng(0)
+    b, hkv, g, d, s = 8, 3, 3, 64, 448
+    q = jnp.asarray(rng.standard_normal((b, hkv * g, d)).astype(np.float32))
+    k = rng.standard_normal((b, hkv, d, s)).astype(np.float32)
+    v = rng.standard_normal((b, hkv, s, d)).astype(np.float32)
+    for row, lead, n in ((1, 0, 310), (2, 0, 310), (3, 0, 310), (5, 4, 297), (7, 4, 297)):
+        k[row, :, :, :n], v[row, :, :n] = k[lead, :, :, :n], v[lead, :, :n]
+    pos = jnp.asarray(np.array([340, 320, 309, 400, 300, 330, 350, 299], np.int32))  # row 2 ends inside the prefix
+    lead = jnp.asarray(np.array([0, 0, 0, 0, 4, 4, 6, 4], np.int32))
+    length = jnp.asarray(np.array([0, 310, 310, 310, 0, 297, 0, 297], np.int32))
+    k, v = jnp.asarray(k), jnp.asarray(v)
+    plain = np.asarray(cpu_kernels.decode_attention(q, k, v, pos, window))
+    shared = jax.jit(lambda *a: cpu_kernels.decode_attention(*a[:4], window, shared=a[4:]))
+    assert np.array_equal(np.asarray(shared(q, k, v, pos, lead, length)), plain)
+    # a claim the kernel cannot use (lead after the row, or a lead that is itself led) is ignored
+    odd = jnp.asarray(np.array([0, 2, 1, 0, 4, 4, 6, 5], np.int32))
+    assert np.array_equal(np.asarray(shared(q, k, v, pos, odd, length)), plain)
+    if window is None:  # and a wrong claim does change the result: the kernel really reads the lead's cache
+        wrong = jnp.asarray(np.array([0, 0, 0, 0, 4, 4, 4, 4], np.int32))
+        assert not np.array_equal(np.asarray(shared(q, k, v, pos, wrong, length.at[6].set(200))), plain)

@@ -66,6 +66,33 @@ def test_outputs_equal_with_and_without_prefix_cache(model):
     assert [again[i + "-again"] for i, _ in prompts] == [want[i] for i, _ in prompts]
 
 
+def test_decode_reads_shared_prefixes_once_with_the_same_outputs(model):
+    """Running slots whose caches begin with one fill of a pool row are passed to the decode as sharing it (the
+    CPU decode attention reads it once for all of them): same outputs as without the prefix cache, greedy and
+    seeded, with rows refilled from an evicted-and-refilled pool row kept apart."""
+    prompts = _workload(characters=6, questions=3, seed=4)
+    off = SamplingEngine(model, None, batch_size=4, max_len=64, chunk=4, **FEW, prefix_cache_rows=0)
+    on = SamplingEngine(model, None, batch_size=4, max_len=64, chunk=4, **FEW, prefix_cache_rows=2)
+    seen = []
+    decode = on.sampler.decode
+
+    def spy(tables, keep, width=None, shared=None):
+        seen.append((keep.copy(), *(np.array(a) for a in shared)))
+        return decode(tables, keep, width, shared)
+
+    on.sampler.decode = spy
+    for params in (GREEDY, NUCLEUS):
+        assert _run(on, prompts, params) == _run(off, prompts, params)
+    shared = [(keep, lead, length) for keep, lead, length in seen if (lead != np.arange(4)).any()]
+    assert shared, "no decode chunk saw slots sharing a prefix"
+    for keep, lead, length in shared:
+        followers = lead != np.arange(4)
+        assert (lead[followers] < np.arange(4)[followers]).all() and keep[followers].all()
+        assert keep[lead[followers]].all()
+        assert set(length[followers]) <= {32, 48} and (length[~followers] == 0).all()
+    assert on.prefix.stats.evicted > 0
+
+
 def test_unshared_prompts_do_not_use_the_pool(model):
     rng = np.random.RandomState(1)
     prompts = [(f"r{i}", rng.randint(3, 96, 40).tolist()) for i in range(5)]

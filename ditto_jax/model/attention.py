@@ -73,7 +73,8 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, segme
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_offset: jax.Array, impl: str,
                      sliding_window: int | None = None, heads_first: bool = False,
-                     width: int | None = None, cpu_kernel: bool = False) -> jax.Array:
+                     width: int | None = None, cpu_kernel: bool = False,
+                     shared: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """New tokens q ``[B,T,Hq,D]`` (at cache positions ``q_offset[b] + t``) against caches ``[B,S,Hkv,D]``
     (``[B,Hkv,S,D]`` when ``heads_first``: one new token per row, plain-XLA path only; ``width``: read only that
     many positions, see ``heads_first_query_attention``).
@@ -83,7 +84,8 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
     ``cached_chunk_attention`` under ``xla`` and the masked reference otherwise (and for sliding windows on the
     kernel paths). ``cpu_kernel`` (the caller vouches for one CPU device and ``kernels.cpu.available()``): a
     heads-first float32 cache runs ``kernels.cpu.decode_attention``, which reads each row only up to its
-    position (``width`` is then moot).
+    position (``width`` is then moot), and reads the positions rows share (``shared``: ``(lead [B], length [B])``,
+    see ``kernels.cpu.decode_attention``) once for all of them; other paths ignore ``shared``.
     """
     impl = resolve_impl(impl)
     if heads_first:
@@ -91,7 +93,7 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
             raise ValueError(f"a heads-first cache serves one new token per row on the xla path (got "
                              f"{q.shape[1]} tokens, attention {impl!r}); build the cache with heads_first=False")
         if cpu_kernel and k_cache.dtype == v_cache.dtype == jnp.float32:
-            o = cpu_kernels.decode_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window)
+            o = cpu_kernels.decode_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window, shared=shared)
             return o.astype(q.dtype)[:, None]
         return heads_first_query_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window, width)[:, None]
     if q.shape[1] == 1 and impl in ("pallas", "cudnn") and sliding_window is None:

@@ -384,13 +384,16 @@ def decode_logits(w: DecodeWeights, hidden: jax.Array) -> jax.Array:
 
 
 def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: LayerCache,
-                width: int | None = None) -> tuple[jax.Array, LayerCache]:
+                width: int | None = None, shared: tuple[jax.Array, jax.Array] | None = None
+                ) -> tuple[jax.Array, LayerCache]:
     """Feed ``tokens [B]`` at positions ``cache.lengths``; returns ``(logits [B, V] float32, cache)`` with the new
     keys/values written into each layer's cache (in place inside jit) and ``lengths + 1``.
 
     The same computation as ``Transformer.__call__(tokens[:, None], cache=...)`` (same layer functions and
     attention dispatch), over ``DecodeWeights`` and a ``LayerCache``. ``width`` (static, heads-first caches): read
-    only the first ``width`` cached positions; rows at or beyond it get garbage logits."""
+    only the first ``width`` cached positions; rows at or beyond it get garbage logits. ``shared`` (``(lead [B],
+    length [B])``): which rows' caches begin with the same positions (the CPU decode attention reads those once;
+    the logits are the same without it)."""
     b = tokens.shape[0]
     lengths = cache.lengths
     x = jnp.take(w.embed, tokens, axis=0).astype(cfg.compute_dtype)[:, None]
@@ -407,7 +410,8 @@ def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: La
         k_out.append(kc)
         v_out.append(vc)
         attn = cached_attention(q, kc, vc, q_offset=lengths, impl=cfg.attention, sliding_window=cfg.sliding_window,
-                                heads_first=cache.heads_first, width=width, cpu_kernel=w.cpu_kernels)
+                                heads_first=cache.heads_first, width=width, cpu_kernel=w.cpu_kernels,
+                                shared=shared)
         x = _finish(x, attn.astype(x.dtype), lw, cfg)
     x = rms_norm(x[:, 0], w.norm, cfg.rms_norm_eps)
     logits = decode_logits(w, x)

@@ -54,6 +54,8 @@ class _Live:
     delivered: int = 0  # output ids already passed to on_token
     prefilled: int | None = None  # chunked prefill under way: prompt tokens already in the slot's cache
     names: list[int] | None = None  # the prompt's prefix-cache block names (computed once, when first needed)
+    # (pool row, which fill of it, length) whose keys/values begin the slot's cache; None: none
+    shared_from: tuple[int, int, int] | None = None
 
 
 def _pow2(n: int) -> int:
@@ -243,6 +245,7 @@ class SamplingEngine:
         self._pending: collections.deque[_Live] = collections.deque()
         self._in_flight: set[str] = set()
         self._cancelled: set[str] = set()
+        self._pool_fills: collections.Counter[int] = collections.Counter()  # fills of each prefix-cache row so far
 
     # ---- request preparation -------------------------------------------------------------------------------
     def _stop_ids(self, req: Request, params: SamplingParams) -> list[int]:
@@ -361,7 +364,8 @@ class SamplingEngine:
         need = max(x.prompt_len + len(x.output_ids) - 1 + self.cfg.chunk for x, k in zip(live, keep) if k)
         with self.timing.phase("decode"):
             tokens, logprobs, finish, steps = self.sampler.decode(self._device_tables(), keep,
-                                                                  self.sampler.read_width(need))
+                                                                  self.sampler.read_width(need),
+                                                                  self._shared_prefixes(live, keep))
         self.timing.decode_calls += 1
         self.timing.decode_steps += steps
         for slot, rec in enumerate(live):
@@ -507,12 +511,25 @@ class SamplingEngine:
             rec.names = self.prefix.names(rec.request.input_ids)
         return rec.names
 
+    def _shared_prefixes(self, live: list[_Live | None], keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(lead [B], length [B])`` for the decode: running slots whose caches begin with the same fill of one
+        prefix-cache row (copied bit for bit at their prefill) name the first such slot and that length, so the
+        CPU decode attention reads those positions once for all of them."""
+        lead, length = np.arange(len(live), dtype=np.int32), np.zeros((len(live),), np.int32)
+        first: dict[tuple[int, int, int], int] = {}
+        for slot, (rec, running) in enumerate(zip(live, keep)):
+            if running and rec.shared_from is not None:
+                lead[slot] = first.setdefault(rec.shared_from, slot)
+                length[slot] = rec.shared_from[2] if lead[slot] != slot else 0
+        return lead, length
+
     def _fill_prefixes(self, fills: list[tuple[int, Any]]) -> None:
         """Compute prefixes into their pool rows, grouped by width bucket in power-of-two groups of at most
         ``FILL_TOKENS`` positions (at least one prefix)."""
         groups: dict[int, list[tuple[int, Any]]] = collections.defaultdict(list)
         for row, tokens in fills:
             groups[min(round_up(len(tokens), self.prefix_bucket), self.cfg.prefix_row_tokens)].append((row, tokens))
+            self._pool_fills[row] += 1
         for width, items in sorted(groups.items()):
             per_call = max(1, min(self.prefill_batch, FILL_TOKENS // width))
             for start in range(0, len(items), per_call):
@@ -565,6 +582,8 @@ class SamplingEngine:
             prompts[i, :len(ids)] = ids
             suffix[i, :len(ids) - m] = ids[m:]
             src_rows[i], prefix_len[i] = row, m
+            if not from_slots:  # the slot's first positions: a copy of this fill of the pool row (or none)
+                rec.shared_from = (row, self._pool_fills[row], m) if pp > 0 and m > 0 else None
             lengths[i] = len(ids)
             key[i] = request_key_data(p.seed, req.id)
             temp[i], top_p[i], rep[i], top_k[i], max_new[i] = (p.temperature, p.top_p, p.repetition_penalty,

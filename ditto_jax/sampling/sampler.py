@@ -281,9 +281,10 @@ def _placeholders(g: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.zeros((g,), jnp.int32), jnp.zeros((g,), jnp.float32), jnp.full((g,), FINISH_NONE, jnp.int32)
 
 
-def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, *, cfg: SamplerConfig, mcfg: Any,
-              width: int | None = None):
+def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, shared: tuple[jax.Array, jax.Array],
+              *, cfg: SamplerConfig, mcfg: Any, width: int | None = None):
     """Up to ``cfg.chunk`` decode steps for every active slot; ``keep [B]`` deactivates slots first (host stops).
+    ``shared = (lead [B], length [B])``: slots whose caches begin with the same positions (``decode_step``).
 
     ``weights`` is the model's parameter state (``decode_path="model"``) or its ``DecodeWeights``. ``width``
     (static; fused path): the cache positions read, at least every active slot's length after the chunk.
@@ -297,7 +298,7 @@ def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, *, c
             return logits[:, 0], cache.k, cache.v
     else:
         def forward(tokens, cache):
-            logits, cache = decode_step(weights, mcfg, tokens, cache, width=width)
+            logits, cache = decode_step(weights, mcfg, tokens, cache, width=width, shared=shared)
             return logits, cache.k, cache.v
 
     b, k_steps = state.last_token.shape[0], cfg.chunk
@@ -453,12 +454,17 @@ class Sampler:
         widths = read_widths(self.cfg.cache_len)
         return next((w for w in widths if w >= need), widths[-1])
 
-    def decode(self, tables, keep: np.ndarray, width: int | None = None):
+    def decode(self, tables, keep: np.ndarray, width: int | None = None,
+               shared: tuple[np.ndarray, np.ndarray] | None = None):
         """One decode chunk reading ``width`` cache positions (``read_width``; None: all); returns host
-        ``(tokens [B, K], logprobs [B, K], finish [B], steps)``."""
+        ``(tokens [B, K], logprobs [B, K], finish [B], steps)``. ``shared = (lead [B], length [B])`` int32:
+        slot ``b``'s first ``length[b]`` cache positions equal slot ``lead[b]``'s (default: none shared)."""
+        if shared is None:
+            b = len(keep)
+            shared = (np.arange(b, dtype=np.int32), np.zeros((b,), np.int32))
         with _maybe_mesh(self.mesh):
             self.state, tok, lp, steps = self._steps.decode(self.decode_weights, self.state, tables,
-                                                            jax.device_put(keep), width=width)
+                                                            *jax.device_put((keep, tuple(shared))), width=width)
         return np.asarray(tok), np.asarray(lp), np.asarray(self.state.finish), int(steps)
 
     def compile_count(self) -> int:

@@ -4,7 +4,13 @@
 // of kv head h), k [B, Hkv, D, S], v [B, Hkv, S, D], pos [B] int32. Rows with an empty range get zeros.
 //
 // XLA runs q.k as a batch of [G, D] x [D, S] products at ~11 GB/s here and reads the whole cache width; this
-// reads each row's keys and values once, only up to the row's position, one (row, kv head) per task.
+// reads each row's keys and values once, only up to the row's position.
+//
+// Rows that share a prefix (lead [B], shared [B] int32: row b's positions [0, shared[b]) hold the same keys and
+// values as row lead[b]'s, e.g. copied from one prefix-cache row) are one task per kv head: the shared positions
+// are read from the lead row once for all of them (then from L2), each row's own positions from its own cache.
+// Every score and every sum is computed in the same order as without sharing, so the outputs are bit-identical.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -35,10 +41,10 @@ inline v16 exp_nonpositive(v16 x) {
   return y * scale;
 }
 
-// scores[g][s] = q[g] . k[:, start + s] for s < n, 32 positions at a time with the G rows in registers.
+// sc[g * ld + s] = q[g] . k[:, start + s] for s < n, 32 positions at a time with the G rows in registers.
 template <int G>
 void scores_block(const float* q, const float* k, int64_t d_len, int64_t s_len, int64_t start, int64_t n,
-                  float* sc) {
+                  float* sc, int64_t ld) {
   constexpr int V = 2;  // vectors of 16 positions per block
   const int64_t nv = n / (16 * V) * (16 * V);
   for (int64_t s = 0; s < nv; s += 16 * V) {
@@ -58,34 +64,42 @@ void scores_block(const float* q, const float* k, int64_t d_len, int64_t s_len, 
       }
     }
     for (int g = 0; g < G; ++g)
-      for (int j = 0; j < V; ++j) ditto::store16(sc + g * n + s + 16 * j, acc[g][j]);
+      for (int j = 0; j < V; ++j) ditto::store16(sc + g * ld + s + 16 * j, acc[g][j]);
   }
+  // The tail: fused multiply-adds like the vector loop's, so a position's score never depends on whether it
+  // fell in a block or in the tail (with sharing the blocks start at another position).
   for (int64_t s = nv; s < n; ++s)
     for (int g = 0; g < G; ++g) {
       float a = 0.0f;
-      for (int64_t d = 0; d < d_len; ++d) a += q[g * d_len + d] * k[d * s_len + start + s];
-      sc[g * n + s] = a;
+      for (int64_t d = 0; d < d_len; ++d) a = std::fma(q[g * d_len + d], k[d * s_len + start + s], a);
+      sc[g * ld + s] = a;
     }
 }
 
-// o[g] = sum_s p[g][s] v[start + s], 32 features at a time with the G rows in registers.
+// o[g] = sum_s p[g * ld + s] v[start + s] for s < n, 32 features at a time with the G rows in registers;
+// positions below `split` are read from v_first (a lead row's cache), the rest from v, in one running sum.
 template <int G>
-void values_block(const float* p, const float* v, int64_t d_len, int64_t start, int64_t n, float* o) {
+void values_block(const float* p, int64_t ld, const float* v_first, int64_t split, const float* v, int64_t d_len,
+                  int64_t start, int64_t n, float* o) {
   constexpr int V = 2;  // vectors of 16 features per block
   const int64_t dv = d_len / (16 * V) * (16 * V);
+  const int64_t mid = std::min(std::max<int64_t>(split - start, 0), n);  // positions [0, mid) from v_first
+  auto row_of = [&](int64_t s) { return (s < mid ? v_first : v) + (start + s) * d_len; };
   for (int64_t d = 0; d < dv; d += 16 * V) {
     v16 acc[G][V];
     for (int g = 0; g < G; ++g)
       for (int j = 0; j < V; ++j) acc[g][j] = v16{};
-    const float* vr = v + start * d_len + d;
-    for (int64_t s = 0; s < n; ++s, vr += d_len) {
-      ditto::prefetch(vr + 8 * d_len);
-      ditto::prefetch(vr + 8 * d_len + 16);
-      v16 vv[V];
-      for (int j = 0; j < V; ++j) vv[j] = ditto::load16(vr + 16 * j);
-      for (int g = 0; g < G; ++g) {
-        const float pv = p[g * n + s];
-        for (int j = 0; j < V; ++j) acc[g][j] += pv * vv[j];
+    for (int64_t s0 = 0, s1 = mid; s0 < n; s0 = s1, s1 = n) {
+      const float* vr = row_of(s0) + d;
+      for (int64_t s = s0; s < s1; ++s, vr += d_len) {
+        ditto::prefetch(vr + 8 * d_len);
+        ditto::prefetch(vr + 8 * d_len + 16);
+        v16 vv[V];
+        for (int j = 0; j < V; ++j) vv[j] = ditto::load16(vr + 16 * j);
+        for (int g = 0; g < G; ++g) {
+          const float pv = p[g * ld + s];
+          for (int j = 0; j < V; ++j) acc[g][j] += pv * vv[j];
+        }
       }
     }
     for (int g = 0; g < G; ++g)
@@ -94,7 +108,7 @@ void values_block(const float* p, const float* v, int64_t d_len, int64_t start, 
   for (int64_t d = dv; d < d_len; ++d)
     for (int g = 0; g < G; ++g) {
       float a = 0.0f;
-      for (int64_t s = 0; s < n; ++s) a += p[g * n + s] * v[(start + s) * d_len + d];
+      for (int64_t s = 0; s < n; ++s) a = std::fma(p[g * ld + s], row_of(s)[d], a);
       o[g * d_len + d] = a;
     }
 }
@@ -120,56 +134,120 @@ void softmax_rows(float* sc, int64_t g_len, int64_t n, float scale) {
   }
 }
 
-template <int G>
-void one_head(const float* q, const float* k, const float* v, float* o, int64_t d_len, int64_t s_len,
-              int64_t start, int64_t end, float scale, std::vector<float>& buf) {
-  const int64_t n = end - start;
-  if (n <= 0) {
-    std::memset(o, 0, sizeof(float) * G * d_len);
-    return;
-  }
-  buf.resize(G * n);  // scores, then weights: [G, n]
-  scores_block<G>(q, k, d_len, s_len, start, n, buf.data());
-  softmax_rows(buf.data(), G, n, scale);
-  values_block<G>(buf.data(), v, d_len, start, n, o);
+// One row's view of one kv head: its queries [G, D], its keys [D, S] and values [S, D], the lead row's (for
+// positions below `shared`), its attended range and its output [G, D].
+struct RowHead {
+  const float *q, *k, *v, *k_lead, *v_lead;
+  float* o;
+  int64_t start, end, shared;
+};
+
+// Query heads in groups of at most 4 (the register blocks above).
+template <typename Fn>
+void by_query_groups(int64_t g_len, const Fn& fn) {
+  for (int64_t g0 = 0; g0 < g_len; g0 += 4) fn(g0, g_len - g0 < 4 ? g_len - g0 : 4);
 }
 
-// Query heads of a kv head in groups of at most 4 (the register blocks above).
-void one_kv_head(const float* q, const float* k, const float* v, float* o, int64_t g_len, int64_t d_len,
-                 int64_t s_len, int64_t start, int64_t end, float scale, std::vector<float>& buf) {
-  for (int64_t g0 = 0; g0 < g_len; g0 += 4) {
-    const float* qg = q + g0 * d_len;
-    float* og = o + g0 * d_len;
-    switch (g_len - g0 < 4 ? g_len - g0 : 4) {
-      case 1: one_head<1>(qg, k, v, og, d_len, s_len, start, end, scale, buf); break;
-      case 2: one_head<2>(qg, k, v, og, d_len, s_len, start, end, scale, buf); break;
-      case 3: one_head<3>(qg, k, v, og, d_len, s_len, start, end, scale, buf); break;
-      default: one_head<4>(qg, k, v, og, d_len, s_len, start, end, scale, buf); break;
+// The rows of one group (a lead and the rows sharing its prefix; or one row alone) against one kv head: every
+// row's scores over the shared positions first (the lead's keys read from memory once, then from cache), then
+// each row's own positions, the softmax, and the values the same way.
+void group_kv_head(const std::vector<RowHead>& rows, int64_t g_len, int64_t d_len, int64_t s_len, float scale,
+                   std::vector<float>& buf) {
+  std::vector<int64_t> offset(rows.size() + 1, 0);
+  for (size_t i = 0; i < rows.size(); ++i)
+    offset[i + 1] = offset[i] + g_len * std::max<int64_t>(rows[i].end - rows[i].start, 0);
+  buf.resize(offset.back());
+  for (int pass = 0; pass < 2; ++pass)  // 0: the lead's positions, 1: each row's own
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const RowHead& r = rows[i];
+      const int64_t n = r.end - r.start;
+      if (n <= 0) continue;
+      const int64_t from_lead = std::min(std::max<int64_t>(r.shared - r.start, 0), n);
+      // pass 0: positions [start, start + from_lead) from the lead's keys; pass 1: the rest from the row's own
+      const int64_t skip = pass == 0 ? 0 : from_lead, count = pass == 0 ? from_lead : n - from_lead;
+      if (count <= 0) continue;
+      const float* keys = pass == 0 ? r.k_lead : r.k;
+      by_query_groups(g_len, [&](int64_t g0, int64_t gn) {
+        float* at = buf.data() + offset[i] + g0 * n + skip;
+        const float* q = r.q + g0 * d_len;
+        const int64_t first = r.start + skip;
+        switch (gn) {
+          case 1: scores_block<1>(q, keys, d_len, s_len, first, count, at, n); break;
+          case 2: scores_block<2>(q, keys, d_len, s_len, first, count, at, n); break;
+          case 3: scores_block<3>(q, keys, d_len, s_len, first, count, at, n); break;
+          default: scores_block<4>(q, keys, d_len, s_len, first, count, at, n); break;
+        }
+      });
     }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const RowHead& r = rows[i];
+    const int64_t n = r.end - r.start;
+    if (n <= 0) {
+      std::memset(r.o, 0, sizeof(float) * g_len * d_len);
+      continue;
+    }
+    softmax_rows(buf.data() + offset[i], g_len, n, scale);
+    by_query_groups(g_len, [&](int64_t g0, int64_t gn) {
+      const float* p = buf.data() + offset[i] + g0 * n;
+      float* o = r.o + g0 * d_len;
+      switch (gn) {
+        case 1: values_block<1>(p, n, r.v_lead, r.shared, r.v, d_len, r.start, n, o); break;
+        case 2: values_block<2>(p, n, r.v_lead, r.shared, r.v, d_len, r.start, n, o); break;
+        case 3: values_block<3>(p, n, r.v_lead, r.shared, r.v, d_len, r.start, n, o); break;
+        default: values_block<4>(p, n, r.v_lead, r.shared, r.v, d_len, r.start, n, o); break;
+      }
+    });
   }
 }
 
-ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> o,
-                               int64_t window, float scale) {
+ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                               ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> lead, ffi::Buffer<ffi::S32> shared,
+                               ffi::ResultBuffer<ffi::F32> o, int64_t window, float scale) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), pd = pos.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || pd.size() != 1)
-    return ffi::Error::InvalidArgument("decode_attention: want q [B,H,G,D], k [B,H,D,S], v [B,H,S,D], pos [B]");
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || pd.size() != 1 || lead.dimensions().size() != 1 ||
+      shared.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument(
+        "decode_attention: want q [B,H,G,D], k [B,H,D,S], v [B,H,S,D], pos, lead, shared [B]");
   const int64_t b_len = qd[0], h_len = qd[1], g_len = qd[2], d_len = qd[3], s_len = vd[2];
   if (kd[0] != b_len || kd[1] != h_len || kd[2] != d_len || kd[3] != s_len || vd[0] != b_len || vd[1] != h_len ||
-      vd[3] != d_len || pd[0] != b_len)
+      vd[3] != d_len || pd[0] != b_len || lead.dimensions()[0] != b_len || shared.dimensions()[0] != b_len)
     return ffi::Error::InvalidArgument("decode_attention: shapes disagree (q [B,H,G,D], k [B,H,D,S], v [B,H,S,D])");
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const int32_t* pp = pos.typed_data();
+  const int32_t *pp = pos.typed_data(), *lp = lead.typed_data(), *sp = shared.typed_data();
   float* op = o->typed_data();
-  ditto::parallel_for(b_len * h_len, 1, [=](int64_t i) {
+  // Groups: each row joins its lead's (a lead out of range, or a window, leaves it alone); shared positions are
+  // never more than the row's own range.
+  std::vector<std::vector<int64_t>> groups;
+  std::vector<int64_t> group_of(b_len, -1);
+  for (int64_t b = 0; b < b_len; ++b) {
+    const int64_t l = lp[b];
+    const bool joins = window == 0 && l >= 0 && l < b && lp[l] == l && sp[b] > 0 && group_of[l] >= 0;
+    if (joins) {
+      groups[group_of[l]].push_back(b);
+    } else {
+      group_of[b] = static_cast<int64_t>(groups.size());
+      groups.push_back({b});
+    }
+  }
+  const int64_t n_groups = static_cast<int64_t>(groups.size());
+  ditto::parallel_for(n_groups * h_len, 1, [&](int64_t t) {
     thread_local std::vector<float> buf;
-    const int64_t b = i / h_len;
-    const int64_t last = static_cast<int64_t>(pp[b]);
-    const int64_t end = std::min<int64_t>(last + 1, s_len);
-    const int64_t start = window > 0 ? std::max<int64_t>(0, last + 1 - window) : 0;
-    one_kv_head(qp + i * g_len * d_len, kp + i * d_len * s_len, vp + i * s_len * d_len, op + i * g_len * d_len,
-                g_len, d_len, s_len, start, end, scale, buf);
+    thread_local std::vector<RowHead> rows;
+    const std::vector<int64_t>& members = groups[t / h_len];
+    const int64_t h = t % h_len, l = members[0];
+    rows.clear();
+    for (int64_t b : members) {
+      const int64_t i = b * h_len + h, il = l * h_len + h;
+      const int64_t last = static_cast<int64_t>(pp[b]);
+      const int64_t end = std::min<int64_t>(last + 1, s_len);
+      const int64_t start = window > 0 ? std::max<int64_t>(0, last + 1 - window) : 0;
+      const int64_t lead_end = std::min<int64_t>(static_cast<int64_t>(pp[l]) + 1, s_len);
+      const int64_t share = b == l ? 0 : std::min<int64_t>({static_cast<int64_t>(sp[b]), end, lead_end});
+      rows.push_back(RowHead{qp + i * g_len * d_len, kp + i * d_len * s_len, vp + i * s_len * d_len,
+                             kp + il * d_len * s_len, vp + il * s_len * d_len, op + i * g_len * d_len, start, end,
+                             share});
+    }
+    group_kv_head(rows, g_len, d_len, s_len, scale, buf);
   });
   return ffi::Error::Success();
 }
@@ -181,6 +259,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DittoDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("window")
