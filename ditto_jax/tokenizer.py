@@ -510,8 +510,9 @@ class HFTokenizer(Tokenizer):
         pad = _token_from_config(self._config.get("pad_token"))
         pad_id = self._tok.token_to_id(pad) if pad else None
         self.pad_id = pad_id if pad_id is not None else self.eos_id
-        dec = json.loads(self._tok.to_str()).get("decoder") or {}
-        self._byte_level = "ByteLevel" in json.dumps(dec)
+        # the decoder's own JSON (the whole tokenizer's, 49k tokens, took ~0.2 s to write and parse)
+        decoder = self._tok.decoder
+        self._byte_level = decoder is not None and b"ByteLevel" in decoder.__getstate__()
         if template is not None:
             self._use_template(template, _template_variables(self._config))
 
