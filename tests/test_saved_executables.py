@@ -98,3 +98,15 @@ def test_a_second_process_runs_the_saved_executables_with_the_same_outputs(tmp_p
     assert sorted(p.name.split("-")[0] for p in folder.glob("*.pkl")) == names
     last, got = _sample(tmp_path, "fifth")
     assert got == want and last["saved_hits"] == len(names)
+
+
+def test_settings_read_while_tracing_are_part_of_the_key(saved, monkeypatch):
+    from ditto_jax.model import transformer
+
+    x, y = jnp.ones((4, 8)), jnp.full((8, 3), 0.5)
+    SavedJit(jax.jit(_scaled), "scaled", "c")(x, y)
+    monkeypatch.setenv("DITTO_SOME_SWITCH", "1")
+    SavedJit(jax.jit(_scaled), "scaled", "c")(x, y)
+    monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", False)
+    SavedJit(jax.jit(_scaled), "scaled", "c")(x, y)
+    assert len(list(saved.glob("scaled-*.pkl"))) == 3

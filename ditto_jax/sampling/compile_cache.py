@@ -39,6 +39,7 @@ from jax.experimental import serialize_executable
 
 import ditto_jax
 from ditto_jax import kernels
+from ditto_jax.model import transformer
 
 ENV = "DITTO_JAX_COMPILATION_CACHE"
 _OFF = {"off", "0", "none", "false", "no", ""}
@@ -169,6 +170,14 @@ def _process_fingerprint() -> bytes:
     return _fingerprint
 
 
+def _switches() -> str:
+    """Settings read while tracing that may change within a process: the package's, JAX's and XLA's environment
+    variables (the folder variables excepted) and the model's projection fusion switch."""
+    skip = {ENV, "DITTO_JAX_SAVED_EXECUTABLES", "DITTO_CPU_KERNEL_THREADS"}
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("DITTO_", "JAX_", "XLA_")) and k not in skip)
+    return repr((env, transformer.FUSE_PROJECTIONS))
+
+
 def _cpu_flags() -> str:
     """The host CPU's model and feature flags (XLA compiles CPU code for the host it runs on)."""
     try:
@@ -219,7 +228,7 @@ class SavedJit:
 
     def _load_or_compile(self, folder: Path, key: Any, args: tuple, static_kwargs: dict) -> Any:
         digest = hashlib.sha256(_process_fingerprint())
-        for part in (self.name, self.static, repr(key)):
+        for part in (_switches(), self.name, self.static, repr(key)):
             digest.update(hashlib.sha256(part.encode()).digest())
         path = folder / f"{self.name}-{digest.hexdigest()[:32]}.pkl"
         if path.exists():
