@@ -68,8 +68,9 @@ def _compiler() -> str | None:
     return next((p for p in map(shutil.which, ("c++", "g++", "clang++")) if p), None)
 
 
-def _cpu_signature() -> str:
-    """What ``-march=native`` depends on: the CPU's model and feature flags (Linux), else the platform's name."""
+def cpu_signature() -> str:
+    """What code compiled for this host depends on (``-march=native`` here, XLA's CPU executables too): the CPU's
+    model and feature flags (Linux), else the platform's name."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -90,7 +91,7 @@ def build(directory: Path | None = None) -> Path:
     sources = sorted(FOLDER.glob("*.cc"))
     texts = [p.read_bytes() for p in sorted([*sources, *FOLDER.glob("*.h")])]
     for part in (*texts, cxx.encode(), version.encode(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
-                 (Path(include) / "xla" / "ffi" / "api" / "ffi.h").read_bytes(), _cpu_signature().encode()):
+                 (Path(include) / "xla" / "ffi" / "api" / "ffi.h").read_bytes(), cpu_signature().encode()):
         key.update(hashlib.sha256(part).digest())
     directory = directory or cache_dir()
     out = directory / f"ditto_cpu-{key.hexdigest()[:16]}.so"
@@ -180,11 +181,6 @@ class QuantWeight:
         """``(K, N)``, the weight's shape."""
         return self.q.shape[1], self.q.shape[0] * TILE
 
-    def astype(self, dtype: Any) -> "QuantWeight":
-        if jnp.dtype(dtype) != jnp.float32:
-            raise ValueError(f"a GGUF-quantised decode weight computes in float32, not {dtype}")
-        return self
-
 
 # GGUF block layouts kept for decoding: bytes a block of 32, and where d, m (float16) and the 32 values lie.
 GGUF_KINDS = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -250,6 +246,11 @@ def dequantize(w: QuantWeight) -> np.ndarray:
     m = np.repeat(np.asarray(w.m), TILE, axis=1)[:, :k]
     values = q.astype(np.float32) * d + m  # [T, K, 32]
     return values.transpose(1, 0, 2).reshape(k, tiles * TILE)
+
+
+def is_packed(w: Any) -> bool:
+    """Whether ``w`` is a weight ``small_matmul`` takes: packed ``[N/32, K, 32]`` floats or a ``QuantWeight``."""
+    return isinstance(w, QuantWeight) or w.ndim == 3
 
 
 def small_matmul(x: jax.Array, wp: jax.Array | QuantWeight) -> jax.Array:

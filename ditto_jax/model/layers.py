@@ -113,9 +113,7 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 def decode_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w`` for a ``DecodeWeights`` matrix: a packed ``[N/32, K, 32]`` weight or a ``QuantWeight`` (CPU,
     float32; see ``kernels.cpu``) runs the few-row kernel, a ``[K, N]`` one XLA's dot."""
-    if isinstance(w, cpu_kernels.QuantWeight) or w.ndim == 3:
-        return cpu_kernels.small_matmul(x, w)
-    return x @ w
+    return cpu_kernels.small_matmul(x, w) if cpu_kernels.is_packed(w) else x @ w
 
 
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:

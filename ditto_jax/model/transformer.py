@@ -378,7 +378,7 @@ def _relayout(params: dict[str, Any], *, num_layers: int, dtype: Any, pack: bool
 
 def decode_logits(w: DecodeWeights, hidden: jax.Array) -> jax.Array:
     """float32 logits of final hidden states ``[..., H]`` (``Transformer.logits`` over ``DecodeWeights``)."""
-    if isinstance(w.head, cpu_kernels.QuantWeight) or w.head.ndim == 3:
+    if cpu_kernels.is_packed(w.head):
         return decode_matmul(hidden, w.head)
     return jnp.matmul(hidden, w.head, preferred_element_type=jnp.float32)
 
