@@ -153,7 +153,8 @@ void by_query_groups(int64_t g_len, const Fn& fn) {
 // each row's own positions, the softmax, and the values the same way.
 void group_kv_head(const std::vector<RowHead>& rows, int64_t g_len, int64_t d_len, int64_t s_len, float scale,
                    std::vector<float>& buf) {
-  std::vector<int64_t> offset(rows.size() + 1, 0);
+  thread_local std::vector<int64_t> offset;  // each row's scores in buf (no allocation per call once grown)
+  offset.assign(rows.size() + 1, 0);
   for (size_t i = 0; i < rows.size(); ++i)
     offset[i + 1] = offset[i] + g_len * std::max<int64_t>(rows[i].end - rows[i].start, 0);
   buf.resize(offset.back());
