@@ -110,3 +110,27 @@ def test_settings_read_while_tracing_are_part_of_the_key(saved, monkeypatch):
     monkeypatch.setattr(transformer, "FUSE_PROJECTIONS", False)
     SavedJit(jax.jit(_scaled), "scaled", "c")(x, y)
     assert len(list(saved.glob("scaled-*.pkl"))) == 3
+
+
+_LOST_ENTRY_SCRIPT = """
+import jax, jax.numpy as jnp
+from ditto_jax.sampling.compile_cache import SavedJit, enable_compilation_cache, saved_dir
+enable_compilation_cache()
+f = SavedJit(jax.jit(lambda x: jnp.tanh(x) * 3.0), "lost", "c")
+print(float(f(jnp.ones((4,))).sum()))
+print(len(list(saved_dir().glob("lost-*.pkl"))))
+"""
+
+
+def test_an_entry_lost_again_and_again_is_saved_again_each_time(tmp_path):
+    # JAX's own cache keeps every program SavedJit compiled; however often an entry is lost, the next
+    # compilation must be one JAX's cache cannot serve, or it could not be saved
+    env = dict(os.environ, XLA_FLAGS="", DITTO_JAX_COMPILATION_CACHE=str(tmp_path / "jax-cache"))
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", _LOST_ENTRY_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        total, entries = done.stdout.split()
+        assert abs(float(total) - 12 * np.tanh(1.0)) < 1e-5 and entries == "1", done.stderr[-2000:]
+        for p in (tmp_path / "jax-cache" / "executables").glob("lost-*.pkl"):
+            p.unlink()

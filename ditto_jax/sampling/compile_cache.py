@@ -25,6 +25,7 @@ import logging
 import os
 import pickle
 import platform
+import secrets
 import tempfile
 import threading
 import time
@@ -110,9 +111,14 @@ def _on_duration(event: str, duration: float, **_: Any) -> None:
                 _stats["compiles"] += 1
 
 
+_tls = threading.local()  # this thread's persistent-cache hits since SavedJit last reset them
+
+
 def _on_event(event: str, **_: Any) -> None:
     key = {_HIT: "cache_hits", _MISS: "cache_misses"}.get(event)
     if key is not None:
+        if key == "cache_hits":  # JAX records it in the thread that compiles
+            _tls.hits = getattr(_tls, "hits", 0) + 1
         with _lock:
             _stats[key] += 1
 
@@ -247,19 +253,14 @@ class SavedJit:
                 return run
         # An executable JAX's own cache served was deserialised, and serialising it again loses its compiled
         # code (XLA:CPU then fails at run time: "Function ... not found"). So the program is compiled under an
-        # inert debug option (how many buffers a buffer-assignment dump lists) whose value is drawn from this
-        # entry's key: JAX's cache has never seen it, unless this very entry was compiled before and its file
-        # lost; then a second value is tried, and if that too was served the executable runs unsaved.
-        for attempt in range(2):
-            with _lock:
-                hits = _stats["cache_hits"]
-            option = {_INERT_OPTION: 1000 + int(digest.hexdigest()[:7], 16) * 2 + attempt}
-            compiled = self.jitted.lower(*args, **static_kwargs).compile(compiler_options=option)
-            with _lock:
-                served = _stats["cache_hits"] > hits
-            if not served:
-                break
-        else:
+        # inert debug option (how many buffers a buffer-assignment dump lists) set to a random value: JAX's cache
+        # has never seen that program, even when this very entry was compiled before (by another process, or
+        # before its file was lost). Should it be served all the same, the executable runs unsaved.
+        _tls.hits = 0
+        option = {_INERT_OPTION: 1000 + secrets.randbelow(1 << 30)}
+        compiled = self.jitted.lower(*args, **static_kwargs).compile(compiler_options=option)
+        if _tls.hits:
+            _log.warning("compiled executable %s not saved (JAX's cache served it)", self.name)
             return compiled
         try:
             # the devices it runs on, in the order it was compiled for (by default it would load onto them all)
