@@ -3,6 +3,7 @@ metadata -- each a one-line ``error:`` from the CLI naming the file (and tensor/
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -11,6 +12,7 @@ from gguf_fixtures import write_gguf
 from ditto_jax.checkpoints import (
     CheckpointError,
     ModelSource,
+    _gguf,
     load_model,
     source_tokenizer,
 )
@@ -64,3 +66,34 @@ def test_gguf_without_tokenizer_metadata_has_no_tokenizer(tmp_path):
     assert source_tokenizer(ModelSource(path=str(src))) is None
     with pytest.raises(CheckpointError, match="no tokenizer"):
         source_tokenizer(ModelSource(path=str(src)), required=True)
+
+
+@pytest.mark.parametrize("endian", ["little", "big"])
+def test_the_fast_metadata_reader_gives_gguf_readers_fields(tmp_path, endian):
+    # ``_gguf._Reader`` replaces two of GGUFReader's parsing helpers for speed; every field, part and tensor
+    # must come out as the reader's own (values, dtypes and byte order)
+    path = tmp_path / f"{endian}.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama", endianess=getattr(gguf.GGUFEndian, endian.upper()))
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_float32("llama.rope.freq_base", 1e4)
+    writer.add_string("general.name", "naïve ✓")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bé", "", "<s>"] * 50)
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.0] * 3)
+    writer.add_tensor("t", np.arange(64, dtype=np.float32).reshape(2, 32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    want, got = gguf.GGUFReader(str(path)), _gguf._Reader(str(path))
+    assert list(got.fields) == list(want.fields)
+    for name, field in want.fields.items():
+        mine = got.fields[name]
+        assert (mine.offset, mine.data, mine.types) == (field.offset, field.data, field.types), name
+        assert len(mine.parts) == len(field.parts), name
+        for a, b in zip(mine.parts, field.parts):
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
+        assert mine.contents() == field.contents(), name
+    assert got.fields["tokenizer.ggml.tokens"].contents()[:4] == ["a", "bé", "", "<s>"]
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in got.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape)) for t in want.tensors]
+    assert np.array_equal(got.tensors[0].data, want.tensors[0].data)

@@ -71,6 +71,22 @@ class _Reader(GGUFReader):
     def data(self, value: np.ndarray) -> None:
         self._plain = value.view(np.ndarray)
 
+    # The reader's own ``_get`` builds a throwaway array per call to learn the item size, and reads every string
+    # as two such calls: the same views, made directly (SmolLM2's metadata 0.67 -> 0.41 s; tests compare every field).
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        dt, count = np.dtype(dtype), int(count)
+        arr = self._plain[offset:offset + dt.itemsize * count].view(dt)[:count]
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    def _get_str(self, offset: int) -> tuple[np.ndarray, np.ndarray]:
+        length = self._plain[offset:offset + 8].view(_length_type(self.byte_order))
+        return length, self._plain[offset + 8:offset + 8 + int(length[0])]
+
+
+@functools.cache
+def _length_type(order: str) -> np.dtype:
+    return np.dtype(np.uint64).newbyteorder(order)
+
 
 @functools.lru_cache(maxsize=2)
 def _open_cached(path: str, mtime_ns: int, size: int) -> GGUFReader:
