@@ -14,9 +14,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ditto_jax.kernels import _decode_tpu, _decode_triton
+from ditto_jax.kernels import _decode_triton
 from ditto_jax.kernels._common import LOG2E
-from ditto_jax.kernels._config import DecodeBlockSizes, default_decode_blocks, resolve_backend
+from ditto_jax.kernels._config import DecodeBlockSizes, default_decode_blocks, load_backend, resolve_backend
 
 _TARGET_PROGRAMS = 1024  # GPU: enough (split, row, head) programs to fill ~132 SMs several times over
 
@@ -84,7 +84,7 @@ def decode_attention(
     ns = max(1, min(ns, num_blocks))
     scale = float(sm_scale if sm_scale is not None else d**-0.5)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, s_len)
-    impl = _decode_tpu if tpu else _decode_triton
+    impl = load_backend("_decode_tpu") if tpu else _decode_triton
     acc, m, l = impl.decode_partials(q, k_cache, v_cache, lengths, scale_log2=scale * LOG2E, blocks=blocks,
                                      num_splits=ns, interpret=interpret)
     return combine_partials(acc, m, l).astype(q.dtype)

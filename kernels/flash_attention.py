@@ -18,9 +18,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from ditto_jax.kernels import _flash_mgpu, _flash_tpu, _flash_triton
+from ditto_jax.kernels import _flash_triton
 from ditto_jax.kernels._common import KV_PAD_SEGMENT, Q_PAD_SEGMENT, FlashProblem
-from ditto_jax.kernels._config import BACKEND_ENV, BlockSizes, default_blocks, resolve_backend
+from ditto_jax.kernels._config import BACKEND_ENV, BlockSizes, default_blocks, load_backend, resolve_backend
 from ditto_jax.kernels.reference import SegmentIds, attention_reference, split_segment_ids
 
 
@@ -117,9 +117,11 @@ def _forward(q, k, v, q_seg, kv_seg, p, blocks, backend):
     if backend in ("triton", "interpret"):
         return _flash_triton.flash_fwd(q, k, v, q_seg, kv_seg, p, blocks, interpret=backend == "interpret")
     if backend in ("mosaic_tpu", "tpu_interpret"):
-        return _flash_tpu.flash_fwd(q, k, v, q_seg, kv_seg, p, blocks, interpret=backend == "tpu_interpret")
+        return load_backend("_flash_tpu").flash_fwd(q, k, v, q_seg, kv_seg, p, blocks,
+                                                    interpret=backend == "tpu_interpret")
     if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
-        return _flash_mgpu.flash_fwd(q, k, v, q_seg, kv_seg, p, blocks, interpret=backend == "mosaic_gpu_interpret")
+        return load_backend("_flash_mgpu").flash_fwd(q, k, v, q_seg, kv_seg, p, blocks,
+                                                     interpret=backend == "mosaic_gpu_interpret")
     raise ValueError(f"unknown flash-attention backend {backend!r}")
 
 
@@ -131,11 +133,11 @@ def _flash_fwd_rule(q, k, v, q_seg, kv_seg, p, blocks, backend):
 def _flash_bwd_rule(p, blocks, backend, res, do):
     q, k, v, q_seg, kv_seg, o, lse = res
     if backend in ("mosaic_tpu", "tpu_interpret"):
-        dq, dk, dv = _flash_tpu.flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, blocks,
-                                          interpret=backend == "tpu_interpret")
+        dq, dk, dv = load_backend("_flash_tpu").flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, blocks,
+                                                          interpret=backend == "tpu_interpret")
     elif backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
-        dq, dk, dv = _flash_mgpu.flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, blocks,
-                                           interpret=backend == "mosaic_gpu_interpret")
+        dq, dk, dv = load_backend("_flash_mgpu").flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, blocks,
+                                                           interpret=backend == "mosaic_gpu_interpret")
     else:
         dq, dk, dv = _flash_triton.flash_bwd(q, k, v, q_seg, kv_seg, o, lse, do, p, blocks,
                                              interpret=backend == "interpret")
