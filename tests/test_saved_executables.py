@@ -53,6 +53,24 @@ def test_a_broken_entry_is_compiled_again(saved, caplog):
     assert "not usable" in caplog.text and entry.read_bytes() != b"not a pickle"  # written again
 
 
+def test_preloaded_entries_are_used_and_a_broken_one_is_compiled_again(saved, monkeypatch, caplog):
+    x, y = jnp.ones((4, 8)), jnp.full((8, 3), 0.5)
+    want = np.asarray(SavedJit(jax.jit(_scaled), "scaled", "p")(x, y))
+    SavedJit(jax.jit(_scaled), "scaled", "q")(x, y)
+    good, bad = sorted(saved.glob("scaled-*.pkl"), key=lambda p: p.stat().st_mtime)
+    bad.write_bytes(b"not a pickle")
+    for state, value in (("_preloading", False), ("_preloaded", {})):
+        monkeypatch.setattr(compile_cache, state, value)
+    compile_cache.preload_saved()
+    assert set(compile_cache._preloaded) == {good.name, bad.name}
+    before = compile_stats()
+    assert np.array_equal(np.asarray(SavedJit(jax.jit(_scaled), "scaled", "p")(x, y)), want)
+    assert compile_stats()["saved_preloaded"] == before["saved_preloaded"] + 1
+    SavedJit(jax.jit(_scaled), "scaled", "q")(x, y)  # its preload failed: compiled again and saved again
+    assert "not usable" in caplog.text and bad.read_bytes() != b"not a pickle"
+    assert compile_stats()["saved_preloaded"] == before["saved_preloaded"] + 1 and not compile_cache._preloaded
+
+
 def test_without_a_folder_it_is_the_jitted_function(monkeypatch):
     monkeypatch.setattr(compile_cache, "_saved_dir", None)
     jitted = jax.jit(_scaled)
@@ -86,6 +104,7 @@ def test_a_second_process_runs_the_saved_executables_with_the_same_outputs(tmp_p
     warm, got = _sample(tmp_path, "second")
     assert got == want
     assert warm["saved_hits"] == len(names) and warm["cache_misses"] == 0
+    assert warm["saved_preloaded"] == len(names)  # loaded ahead, while the model loaded
     assert warm["compile_s"] < cold["compile_s"]
     off, got = _sample(tmp_path, "third", DITTO_JAX_SAVED_EXECUTABLES="0")
     assert got == want and off["saved_hits"] == 0

@@ -27,7 +27,7 @@ import jax
 from ditto_jax.checkpoints import ModelSource, load_model_source
 from ditto_jax.mesh import make_mesh
 from ditto_jax.model import decode_matmul_kind
-from ditto_jax.sampling.compile_cache import compile_stats, enable_compilation_cache
+from ditto_jax.sampling.compile_cache import compile_stats, enable_compilation_cache, preload_saved
 from ditto_jax.sampling.config import EngineConfig
 from ditto_jax.sampling.constraints import Constraint, json_schema_constraint, vocab_constraint
 from ditto_jax.sampling.engine import SamplingEngine
@@ -127,6 +127,8 @@ def load_engine(source: ModelSource, cfg: EngineConfig, *, mesh: Any = None, req
     start = time.perf_counter()
     if mesh is None:
         mesh = engine_mesh(cfg)
+    jax.local_devices()  # initialised (the mesh may be None) for:
+    preload_saved()  # the saved step executables load meanwhile
     model, model_cfg, tokenizer = load_model_source(source, mesh, require_tokenizer=require_tokenizer)
     if max_len is not None:
         cfg = cfg.model_copy(update={"max_len": int(max_len(model_cfg, tokenizer))})
