@@ -114,8 +114,12 @@ def test_small_pool_evicts_and_stays_exact(model):
 def test_pack_fills_a_groups_padding_rows_with_narrower_rows():
     rows = [(448, 32, f"a{i}") for i in range(7)] + [(448, 16, "b0"), (0, 16, "c0"), (512, 16, "d0")]
     # seven 32-token rows run as eight: the eighth is the 16-token row under the same prefix width (the wider
-    # prefix d0 cannot ride there); the row without a prefix could, but the group is full
-    assert _pack(rows, 8) == [(448, 32, [f"a{i}" for i in range(7)] + ["b0"]), (512, 16, ["d0"]), (0, 16, ["c0"])]
+    # prefix d0 cannot ride there); the row without a prefix could, but the group is full; it joins d0's group
+    # (same bucket, narrower prefix: one call, not two)
+    assert _pack(rows, 8) == [(448, 32, [f"a{i}" for i in range(7)] + ["b0"]), (512, 16, ["d0", "c0"])]
+    # rows of one bucket under two prefix widths: one group at the wider width
+    assert _pack([(384, 32, "x"), (320, 32, "y"), (320, 32, "z"), (384, 32, "w")], 8) == [
+        (384, 32, ["x", "w", "y", "z"])]
     # three rows run as four: the fourth carries the prefix-less row; groups never exceed the limit
     assert _pack([(64, 32, "x"), (64, 32, "y"), (64, 32, "z"), (0, 16, "c"), (64, 64, "w")], 4) == [
         (64, 64, ["w"]), (64, 32, ["x", "y", "z", "c"])]

@@ -4,9 +4,9 @@
 (``submit``/``step``/``cancel`` drive the same loop incrementally). Free slots are filled at once: first every
 prompt prefix that two or more requests (admitted, queued or seen) share and the prefix cache lacks is computed into
 a pool row (``prefix_cache.py``), then each prompt's remainder after its pooled prefix (the whole prompt when it has
-none) is prefilled, grouped by (prefix width, remainder bucket: powers of two from ``min_bucket`` up to ``max_len``)
-in groups of a power-of-two size whose padding rows carry narrower remainders where there are any (other padding
-rows are dropped on device); then all slots decode together in chunks of
+none) is prefilled, grouped by remainder bucket (powers of two from ``min_bucket`` up to ``max_len``) under the
+widest prefix width of the group (a multiple of ``prefix_bucket``), in groups of a power-of-two size whose padding
+rows carry narrower remainders where there are any (other padding rows are dropped on device); then all slots decode together in chunks of
 ``chunk`` steps inside one jitted ``while_loop``. Between chunks the host appends the new tokens, applies stop
 strings (exact: the output is cut before the first occurrence, token ids up to the token that completes it), yields
 finished ``Result``s (in completion order) and refills their slots. Compilations: one decode, one prefill per
@@ -119,8 +119,9 @@ def _pack(rows: list[tuple[int, int, Any]], limit: int) -> list[tuple[int, int, 
     """Prefill groups ``(prefix width, bucket, items)`` for ``rows`` ``(prefix width, bucket, item)``.
 
     A group runs ``_pow2(len)`` rows of its widths, so its padding rows are free: each group takes up to ``limit``
-    rows of the widest (bucket, prefix width) left, then fills its padding rows with the widest rows left that
-    fit (bucket and prefix width no larger; a row's own prefix length masks the rest of the group's prefix).
+    rows of the widest (bucket, prefix width) left and of its bucket under a narrower prefix (one call instead of
+    one per prefix width: a row's own prefix length masks the rest of the group's prefix), then fills its padding
+    rows with the widest rows left that fit (bucket and prefix width no larger).
     The rows' compute never grows, and calls and compiled variants become fewer: the real workload's first
     admission of 8 prompts was one row in a 16-token bucket and seven in a 32-token bucket padded to eight, two
     calls where one holds them all."""
@@ -128,7 +129,7 @@ def _pack(rows: list[tuple[int, int, Any]], limit: int) -> list[tuple[int, int, 
     groups = []
     while left:
         pp, ps = left[0][:2]
-        take = [i for i, r in enumerate(left) if r[:2] == (pp, ps)][:limit]
+        take = [i for i, r in enumerate(left) if r[1] == ps and r[0] <= pp][:limit]
         free = min(_pow2(len(take)), limit) - len(take)
         take += [i for i, r in enumerate(left) if r[0] <= pp and r[1] <= ps and i not in take][:free]
         groups.append((pp, ps, [left[i][2] for i in take]))
@@ -188,8 +189,8 @@ class SamplingEngine:
         prefixes shared by two or more requests are computed once into a row and reused (default ``min(B, 8)``;
         0 off). Costs ``rows / B`` times the slot cache's memory.
       prefix_block: granularity (tokens) of shared prefixes.
-      prefix_bucket: prefixes are computed in widths of a multiple of this, and read in power-of-two widths
-        (fewer compilations).
+      prefix_bucket: prefixes are computed and read in widths of a multiple of this (SmolLM2's ~320-token profiles
+        are read 320 or 384 wide, not 435: the prefill's attention, gather and slot copy scale with the width).
       lookahead: how many queued requests beyond the free slots the prefix cache looks at: a prefix is pooled
         when two or more requests share it, counting those admitted now, the next ``lookahead`` queued ones and
         those seen before (so a character's first prompt, admitted alone, already pools the profile its later
@@ -424,9 +425,9 @@ class SamplingEngine:
         first_chunks: dict[tuple[int, int], list[tuple[int, _Live, int, int]]] = collections.defaultdict(list)
         for slot, rec, row, m in plan:
             rest = rec.prompt_len - m
-            # the prefix is only read (gathered and attended to), never recomputed: a coarse width keeps
-            # the compiled variants few at little cost
-            pp = 0 if m == 0 else min(_pow2(max(m, self.prefix_bucket)), self.cfg.prefix_row_tokens)
+            # the prefix is only read (gathered, attended to, copied into the slot) in a multiple of the prefix
+            # bucket: every position past the prefix is work for all three
+            pp = 0 if m == 0 else min(round_up(m, self.prefix_bucket), self.cfg.prefix_row_tokens)
             if self.prefill_chunk is not None and rest > self.prefill_chunk:
                 first_chunks[pp, self.prefill_chunk].append((slot, rec, row, m))
                 continue
