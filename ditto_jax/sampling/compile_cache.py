@@ -28,7 +28,6 @@ import os
 import pickle
 import platform
 import secrets
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from jax.experimental import serialize_executable
 
 import ditto_jax
 from ditto_jax import kernels
+from ditto_jax.fileio import atomic_write_bytes
 from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.model import transformer
 
@@ -276,11 +276,7 @@ class SavedJit:
         try:
             # the devices it runs on, in the order it was compiled for (by default it would load onto them all)
             device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
-            data = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
-            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=folder)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            atomic_write_bytes(path, pickle.dumps((*serialize_executable.serialize(compiled), device_ids)))
         except Exception as exc:  # noqa: BLE001 - not every executable serialises; it still runs
             _log.warning("compiled executable %s not saved (%s: %s)", self.name, type(exc).__name__, exc)
         return compiled
