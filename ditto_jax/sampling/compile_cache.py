@@ -293,7 +293,7 @@ def preload_saved() -> None:
     Loading one takes 15-180 ms (SmolLM2: 0.5 s for a run's six), mostly outside the GIL: begun before a model
     is loaded, it overlaps the loader's single-threaded work. A ``SavedJit`` call takes its executable from here
     when there (or, if it failed to load, loads or compiles as usual); one not called is never used. Once per
-    process; nothing without ``saved_dir()``. JAX's devices must be initialised already."""
+    process; nothing without ``saved_dir()``. Initialises JAX's backend (call after ``jax.distributed``'s set-up)."""
     global _preloading
     folder = saved_dir()
     with _lock:

@@ -127,7 +127,6 @@ def load_engine(source: ModelSource, cfg: EngineConfig, *, mesh: Any = None, req
     start = time.perf_counter()
     if mesh is None:
         mesh = engine_mesh(cfg)
-    jax.local_devices()  # initialised (the mesh may be None) for:
     preload_saved()  # the saved step executables load meanwhile
     model, model_cfg, tokenizer = load_model_source(source, mesh, require_tokenizer=require_tokenizer)
     if max_len is not None:
