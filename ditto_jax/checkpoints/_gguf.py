@@ -1,12 +1,13 @@
 """GGUF files (llama.cpp's format) as a model source: config, weights and tokenizer from one file.
 
 Read with the ``gguf`` package (``GGUFReader`` and its NumPy dequantisation; no llama.cpp); Q4_0/Q4_1/Q8_0 tensors
-are dequantised by ``kernels.cpu.dequantize_gguf`` where the CPU kernels run (the same values, ~10x faster). Tensor names go
-GGUF -> Hugging Face (``gguf``'s own name table) -> ours (``ditto_jax.hf.mapping``), so the weights stream
-through the same checked, layer-by-layer loader as a safetensors folder; only one tensor is dequantised in
-host memory at a time. llama.cpp permutes the rows of llama-family Q/K projections for its rotary layout; that
-is undone here. The tokenizer is rebuilt from ``tokenizer.ggml.*`` as a ``tokenizers`` BPE (byte-level for
-``gpt2``, SentencePiece-style with byte fallback for ``llama``), the same way transformers reads a GGUF file.
+are dequantised by ``kernels.cpu.dequantize_gguf`` where the CPU kernels run (the same values, ~10x faster).
+Tensor names go GGUF -> Hugging Face (``gguf``'s own name table) -> ours (``ditto_jax.hf.mapping``), so the
+weights stream through the same checked, layer-by-layer loader as a safetensors folder; only one tensor is
+dequantised in host memory at a time. llama.cpp permutes the rows of llama-family Q/K projections for its
+rotary layout; that is undone here. The tokenizer is rebuilt from ``tokenizer.ggml.*`` as a ``tokenizers`` BPE
+(byte-level for ``gpt2``, SentencePiece-style with byte fallback for ``llama``), the same way transformers reads
+a GGUF file.
 """
 
 from __future__ import annotations

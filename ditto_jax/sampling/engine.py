@@ -6,8 +6,8 @@ prompt prefix that two or more requests (admitted, queued or seen) share and the
 a pool row (``prefix_cache.py``), then each prompt's remainder after its pooled prefix (the whole prompt when it has
 none) is prefilled, grouped by remainder bucket (powers of two from ``min_bucket`` up to ``max_len``) under the
 widest prefix width of the group (a multiple of ``prefix_bucket``), in groups of a power-of-two size whose padding
-rows carry narrower remainders where there are any (other padding rows are dropped on device); then all slots decode together in chunks of
-``chunk`` steps inside one jitted ``while_loop``. Between chunks the host appends the new tokens, applies stop
+rows carry narrower remainders where there are any (other padding rows are dropped on device); then all slots
+decode together in chunks of ``chunk`` steps inside one jitted ``while_loop``. Between chunks the host appends the new tokens, applies stop
 strings (exact: the output is cut before the first occurrence, token ids up to the token that completes it), yields
 finished ``Result``s (in completion order) and refills their slots. Compilations: one decode, one prefill per
 (prefix width, bucket, group size) seen, one prefix fill per (width, group size), one more of each when a constraint
