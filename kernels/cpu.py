@@ -196,14 +196,18 @@ class QuantWeight:
 GGUF_KINDS = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
+def _gguf_blocks(caller: str, kind: str, blocks: np.ndarray) -> tuple[int, np.ndarray]:
+    """The bytes a block of ``kind`` takes and ``blocks`` as contiguous uint8; an unkept ``kind`` is an error."""
+    if kind not in GGUF_KINDS:
+        raise ValueError(f"{caller}: GGUF type {kind} is not one of {sorted(GGUF_KINDS)}")
+    return GGUF_KINDS[kind], np.ascontiguousarray(blocks, dtype=np.uint8)
+
+
 def pack_gguf(kind: str, blocks: np.ndarray) -> dict[str, np.ndarray | int]:
     """Host arrays of a ``QuantWeight`` from a GGUF tensor's raw blocks ``[N, K/32 * bytes]`` (uint8; row n is
     output n, its blocks run along K, as GGUF stores a ``[N, K]`` matrix): ``{"q", "d", "m", "bits"}``. Q4_0's
     ``d * (q - 8)`` becomes ``q * d + (-8 d)``, exactly the same float32 values. ``N`` must be a multiple of 32."""
-    if kind not in GGUF_KINDS:
-        raise ValueError(f"pack_gguf: GGUF type {kind} is not one of {sorted(GGUF_KINDS)}")
-    size = GGUF_KINDS[kind]
-    blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
+    size, blocks = _gguf_blocks("pack_gguf", kind, blocks)
     if blocks.ndim != 2 or blocks.shape[1] % size or blocks.shape[0] % TILE:
         raise ValueError(f"pack_gguf: {kind} blocks {blocks.shape} (want [N, K/32 * {size}] uint8, N a multiple "
                          f"of {TILE})")
@@ -250,10 +254,7 @@ def dequantize_gguf(kind: str, blocks: np.ndarray) -> np.ndarray:
     """The float32 values of GGUF blocks (``kind`` one of ``GGUF_KINDS``; ``blocks`` uint8 ``[..., n * bytes]``)
     as ``[..., n * 32]``, exactly what ``gguf.quants.dequantize`` gives, on the kernels' threads (``available()``
     must hold; a host function, no XLA call)."""
-    if kind not in GGUF_KINDS:
-        raise ValueError(f"dequantize_gguf: GGUF type {kind} is not one of {sorted(GGUF_KINDS)}")
-    size = GGUF_KINDS[kind]
-    blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
+    size, blocks = _gguf_blocks("dequantize_gguf", kind, blocks)
     if blocks.ndim == 0 or blocks.shape[-1] % size:
         raise ValueError(f"dequantize_gguf: {kind} blocks {blocks.shape} (want uint8 [..., n * {size}])")
     _require()
