@@ -11,6 +11,10 @@
 - ``decode_attention(q, k, v, positions, window)``: one new token per row against a heads-first cache (keys
   ``[B, Hkv, D, S]``, values ``[B, Hkv, S, D]``), reading each row's keys and values once and only up to its
   position.
+- ``select_tokens(logits, presence, penalty, constraint, temperature, kth, top_p, u)``: the decode step's sampler
+  (repetition penalty, constraint mask, greedy, temperature, top-k threshold, exact top-p by pivot rejection, raw
+  log-probabilities), the algorithm and the random numbers of ``ditto_jax.sampling.logits.select_tokens``, one
+  row per task, instead of ~30 single-threaded XLA passes over ``[B, V]``.
 
 - ``dequantize_gguf(kind, blocks)``: a host function for loading GGUF files, the float32 values of Q4_0/Q4_1/Q8_0
   blocks exactly as ``gguf``'s NumPy dequantisation gives them, ~10x faster (SmolLM2-135M: 1.09 s -> 0.1 s).
@@ -48,7 +52,7 @@ import jaxlib
 import numpy as np
 
 TILE = 32
-MATMUL, ATTENTION = "ditto_small_matmul", "ditto_decode_attention"
+MATMUL, ATTENTION, SELECT = "ditto_small_matmul", "ditto_decode_attention", "ditto_select_tokens"
 QUANT_MATMUL = {4: "ditto_small_matmul_q4", 8: "ditto_small_matmul_q8"}
 FOLDER = Path(__file__).resolve().parent / "cpu"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -131,6 +135,7 @@ def _load() -> str | None:
         lib.ditto_dequantize_gguf.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.ditto_dequantize_gguf.restype = ctypes.c_int
         for target, symbol in ((MATMUL, lib.DittoSmallMatmul), (ATTENTION, lib.DittoDecodeAttention),
+                               (SELECT, lib.DittoSelectTokens),
                                (QUANT_MATMUL[4], lib.DittoSmallMatmulQ4), (QUANT_MATMUL[8], lib.DittoSmallMatmulQ8)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (BuildError, OSError, AttributeError) as e:
@@ -331,3 +336,37 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
         qg, k, v, positions.astype(jnp.int32), *(jnp.asarray(a, jnp.int32) for a in shared),
         window=np.int64(window or 0), scale=np.float32(1.0 / d**0.5))
     return out.reshape(b, hq, d)
+
+
+def select_tokens(logits: jax.Array, presence: jax.Array | None, penalty: jax.Array,
+                  constraint: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None, temperature: jax.Array,
+                  kth: jax.Array, top_p: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The next token of each row and its log-probability under ``logits`` (``available()`` must hold).
+
+    ``logits [B, V]`` float32, raw. The scores are ``logits`` with the repetition ``penalty [B]`` on the tokens
+    ``presence [B, V]`` marks (``None``: none), then ``-inf`` where ``constraint = (next_state [S, C],
+    token_class [NC, V], cstate [B], ccon [B])`` allows no transition (rows with ``cstate < 0``, or ``None``:
+    unconstrained). Per row: ``temperature`` (``<= 0``: the first index of the largest score), ``kth`` (keep
+    ``scores / temperature >= kth``; ``-inf``: all), ``top_p``; ``u [B, R]`` uniforms in ``[0, 1)``, one a round:
+    rounds ``0 .. R - 2`` draw by pivot rejection, round ``R - 1`` from the exact nucleus found by sorting
+    (``sampling.logits.sample_nucleus`` with ``max_rounds = R - 1`` and the same uniforms). Returns ``(tokens [B]
+    int32, logprobs [B] float32)``."""
+    b, v = logits.shape
+    if presence is None:
+        presence = jnp.zeros((b, v), bool)
+    if constraint is None:
+        constraint = (jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, v), jnp.int32), jnp.full((b,), -1, jnp.int32),
+                      jnp.zeros((b,), jnp.int32))
+    next_state, token_class, cstate, ccon = constraint
+    if (presence.shape != (b, v) or u.ndim != 2 or u.shape[0] != b or u.shape[1] < 1 or next_state.ndim != 2
+            or token_class.ndim != 2 or token_class.shape[1] != v
+            or any(jnp.shape(a) != (b,) for a in (penalty, cstate, ccon, temperature, kth, top_p))):
+        raise ValueError(f"select_tokens: logits {logits.shape}, presence {presence.shape}, next_state "
+                         f"{next_state.shape}, token_class {token_class.shape}, u {u.shape}, per-row "
+                         f"{[jnp.shape(a) for a in (penalty, cstate, ccon, temperature, kth, top_p)]} (want [B, V] "
+                         "logits and presence, [S, C] and [NC, V] tables, u [B, R >= 1], [B] per-row values)")
+    _require()
+    f32, i32 = (functools.partial(jnp.asarray, dtype=d) for d in (jnp.float32, jnp.int32))
+    return jax.ffi.ffi_call(SELECT, (jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.float32)))(
+        f32(logits), jnp.asarray(presence, bool), f32(penalty), i32(cstate), i32(ccon), i32(next_state),
+        i32(token_class), f32(temperature), f32(kth), f32(top_p), f32(u))

@@ -14,7 +14,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from ditto_jax.sampling.logits import inverse_cdf, processed_logits_reference, sample_nucleus, select_tokens
+from ditto_jax.kernels import cpu as cpu_kernels
+from ditto_jax.sampling.logits import (
+    constraint_mask,
+    inverse_cdf,
+    processed_logits_reference,
+    sample_nucleus,
+    select_tokens,
+)
 
 V = 300
 
@@ -119,3 +126,75 @@ def test_top_k_beyond_the_static_bound_is_rejected_by_the_engine_not_silently_cl
     engine = SamplingEngine(create_model(cfg), None, batch_size=1, max_len=16, max_top_k=8)
     with pytest.raises(ValueError, match="max_top_k"):
         list(engine.generate([Request("a", [1, 2], SamplingParams(top_k=9))]))
+
+
+def _tables(rng, states, classes, constraints, vocab):
+    next_state = rng.randint(-1, states, (states, classes)).astype(np.int32)
+    next_state[:, 0] = 0  # every state allows class 0: no row is left without a token
+    token_class = rng.randint(0, classes, (constraints, vocab)).astype(np.int32)
+    return jnp.asarray(next_state), jnp.asarray(token_class)
+
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.reason()}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("max_rounds", [32, 0])  # 0: every row goes through the kernel's sort fallback
+@pytest.mark.parametrize("top_k,rep", [(0, 1.0), (20, 1.3)])
+def test_the_cpu_kernel_samples_the_filtered_distribution(max_rounds, top_k, rep):
+    rng = np.random.RandomState(1)
+    n = 20000
+    logits = jnp.asarray((rng.randn(1, V) * 2.5).astype(np.float32))
+    presence = jnp.asarray(rng.rand(1, V) < 0.2)
+    params = _row_params(1, 0.9, top_k, 0.8, rep)
+    want = np.asarray(jax.nn.softmax(processed_logits_reference(logits, presence=presence, **params)))[0]
+    rows = {k: jnp.broadcast_to(a, (n,)) for k, a in params.items()}
+    toks, _ = jax.jit(lambda k: select_tokens(jnp.broadcast_to(logits, (n, V)), presence=jnp.broadcast_to(
+        presence, (n, V)), keys=k, max_top_k=64, max_rounds=max_rounds, kernel=True, **rows))(
+        jax.random.split(jax.random.key(0), n))
+    freq = np.bincount(np.asarray(toks), minlength=V) / n
+    assert freq[want == 0].sum() == 0, "sampled a token outside the filtered distribution"
+    assert np.abs(freq - want).sum() / 2 < 0.03  # total variation; sampling noise is ~0.01 at n=20000
+    assert 2 < (want > 0).sum() < V
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [V, 4096])  # a vocabulary off the 16-lane and block grid, and one on it
+def test_the_cpu_kernel_follows_the_xla_sampler(vocab):
+    """The same random numbers and the same algorithm: greedy rows and log-probabilities equal, sampled tokens
+    equal but where float rounding moves a draw across a boundary, constraints and filters kept."""
+    rng = np.random.RandomState(7)
+    b = 96
+    logits = jnp.asarray((rng.randn(b, vocab) * rng.choice([0.5, 2.0, 6.0], (b, 1))).astype(np.float32))
+    presence = jnp.asarray(rng.rand(b, vocab) < 0.05)
+    params = dict(temperature=jnp.asarray(rng.choice([0.0, 0.7, 1.0, 1.5], b), jnp.float32),
+                  top_k=jnp.asarray(rng.choice([0, 0, 1, 7, 50], b), jnp.int32),
+                  top_p=jnp.asarray(rng.choice([1.0, 0.9, 0.5, 0.05], b), jnp.float32),
+                  repetition_penalty=jnp.asarray(rng.choice([1.0, 1.2, 0.8], b), jnp.float32))
+    tables = _tables(rng, 5, 6, 3, vocab)
+    cstate = jnp.asarray(rng.randint(-1, 5, b), jnp.int32)
+    ccon = jnp.asarray(rng.randint(0, 3, b), jnp.int32)
+    keys = jax.random.split(jax.random.key(11), b)
+
+    def run(kernel):
+        return jax.jit(lambda lg: select_tokens(lg, constraint=(tables, cstate, ccon), presence=presence, keys=keys,
+                                                max_top_k=64, kernel=kernel, **params))(logits)
+
+    (want, want_lp), (got, got_lp) = (tuple(map(np.asarray, run(k))) for k in (False, True))
+    greedy = np.asarray(params["temperature"]) == 0
+    np.testing.assert_array_equal(got[greedy], want[greedy])
+    same = got == want
+    assert same.mean() >= 0.95, f"{(~same).sum()} of {b} rows differ"
+    np.testing.assert_allclose(got_lp[same], want_lp[same], rtol=1e-5, atol=1e-5)
+    masked = constraint_mask(logits, tables, cstate, ccon)
+    allowed = np.isfinite(np.asarray(processed_logits_reference(masked, presence=presence, **params)))
+    assert allowed[np.arange(b), got].all(), "a token outside the filters or the constraint"
+    np.testing.assert_allclose(got_lp, np.asarray(jax.nn.log_softmax(logits))[np.arange(b), got], atol=1e-5)
+
+
+@needs_kernels
+def test_the_cpu_kernel_refuses_mismatched_shapes():
+    row = jnp.ones((2,), jnp.float32)
+    with pytest.raises(ValueError, match="select_tokens"):
+        cpu_kernels.select_tokens(jnp.zeros((2, 8)), jnp.zeros((2, 9), bool), row, None, row, row, row,
+                                  jnp.zeros((2, 3)))

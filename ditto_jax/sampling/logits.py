@@ -26,6 +26,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ditto_jax.kernels import cpu as cpu_kernels
+
 NEG_INF = -jnp.inf
 
 
@@ -42,6 +44,21 @@ def apply_repetition_penalty(logits: jax.Array, presence: jax.Array, penalty: ja
     pen = penalty[:, None]
     penalised = jnp.where(logits < 0, logits * pen, logits / pen)
     return jnp.where(presence, penalised, logits)
+
+
+def constraint_mask(scores: jax.Array, tables: tuple[jax.Array, jax.Array], cstate: jax.Array,
+                    ccon: jax.Array) -> jax.Array:
+    """``scores`` with ``-inf`` where a row's constraint state (``cstate >= 0``; ``tables = (next_state [S, C],
+    token_class [NC, V])``, ``ccon`` the row's constraint) has no transition on the token's class."""
+    next_state, token_class = tables
+
+    def masked(s):
+        cls = token_class[ccon]  # [B, V]
+        allowed = next_state[jnp.maximum(cstate, 0)[:, None], cls] >= 0
+        allowed = allowed | (cstate < 0)[:, None]
+        return jnp.where(allowed, s, -jnp.inf)
+
+    return jax.lax.cond(jnp.any(cstate >= 0), masked, lambda s: s, scores)
 
 
 def top_k_threshold(scores: jax.Array, top_k: jax.Array, max_top_k: int) -> jax.Array:
@@ -96,6 +113,11 @@ def _uniform(keys: jax.Array, salt: jax.Array | int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, salt), (), jnp.float32))(keys)
 
 
+def _round_uniforms(keys: jax.Array, rounds: int) -> jax.Array:
+    """``[B, rounds]``: column ``r`` is ``_uniform(keys, r)``, round ``r``'s draw."""
+    return jax.vmap(lambda r: _uniform(keys, r), out_axes=1)(jnp.arange(rounds, dtype=jnp.int32))
+
+
 def _nucleus_threshold_by_sort(e: jax.Array, limit: jax.Array) -> jax.Array:
     """Exact nucleus threshold ``tau`` (keep ``e >= tau``) by a full sort: the slow, exact fallback."""
     s = -jnp.sort(-e, axis=-1)
@@ -138,21 +160,41 @@ def sample_nucleus(e: jax.Array, top_p: jax.Array, keys: jax.Array, active: jax.
     return jax.lax.while_loop(cond, body, init)[2]
 
 
-def select_tokens(logits: jax.Array, *, scores: jax.Array | None = None, presence: jax.Array | None,
+def select_tokens(logits: jax.Array, *, constraint: tuple[tuple[jax.Array, jax.Array], jax.Array, jax.Array] | None = None,
+                  presence: jax.Array | None,
                   temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, repetition_penalty: jax.Array,
-                  keys: jax.Array, max_top_k: int, max_rounds: int = 32) -> tuple[jax.Array, jax.Array]:
+                  keys: jax.Array, max_top_k: int, max_rounds: int = 32,
+                  kernel: bool = False) -> tuple[jax.Array, jax.Array]:
     """Choose the next token of every row. Returns ``(tokens [B] int32, logprobs [B])``.
 
-    ``logits [B, V]`` float32 (raw model output); ``scores`` the same with disallowed (constrained) tokens at
-    ``-inf`` (default: ``logits``); ``presence [B, V]`` bool marks tokens already seen (repetition penalty); per-row
+    ``logits [B, V]`` float32 (raw model output); ``constraint = (tables, cstate, ccon)`` masks the tokens
+    each constrained row may not take (``constraint_mask``); ``presence [B, V]`` bool marks tokens already seen (repetition penalty); per-row
     ``temperature/top_k/top_p/repetition_penalty [B]``; ``keys [B]`` typed PRNG keys for this step.
     The log-probability is under the raw distribution (``log_softmax(logits)``).
+
+    ``kernel`` (the caller vouches for ``kernels.cpu.available()`` and one CPU device): everything after the
+    repetition penalty and the top-k threshold runs in ``kernels.cpu.select_tokens``, the same algorithm with the
+    same random numbers (the tokens differ only where float rounding moves a draw across a boundary).
     """
+    def penalised_masked(logits):
+        scores = logits
+        if presence is not None:
+            scores = jax.lax.cond(jnp.any(repetition_penalty != 1.0),
+                                  lambda s: apply_repetition_penalty(s, presence, repetition_penalty),
+                                  lambda s: s, scores)
+        return scores if constraint is None else constraint_mask(scores, *constraint)
+
+    if kernel:
+        # scores / t keeps the order of scores, so the k-th largest scaled score is the k-th largest score over t;
+        # the scores are built here only for top-k (the kernel builds its own)
+        t = jnp.where(temperature > 0, temperature, 1.0)
+        kth = jax.lax.cond(jnp.any(top_k > 0), lambda l: top_k_threshold(penalised_masked(l), top_k, max_top_k) / t,
+                           lambda l: jnp.full(l.shape[:1], NEG_INF, l.dtype), logits)
+        tables = None if constraint is None else (*constraint[0], *constraint[1:])
+        return cpu_kernels.select_tokens(logits, presence, repetition_penalty, tables, temperature, kth, top_p,
+                                         _round_uniforms(keys, max_rounds + 1))
+    scores = penalised_masked(logits)
     raw_lse = jax.nn.logsumexp(logits, axis=-1)
-    scores = logits if scores is None else scores
-    if presence is not None:
-        scores = jax.lax.cond(jnp.any(repetition_penalty != 1.0),
-                              lambda s: apply_repetition_penalty(s, presence, repetition_penalty), lambda s: s, scores)
     sampled_rows = temperature > 0
     greedy = jax.lax.cond(jnp.all(sampled_rows), lambda s: jnp.zeros(s.shape[:1], jnp.int32),
                           lambda s: jnp.argmax(s, axis=-1).astype(jnp.int32), scores)

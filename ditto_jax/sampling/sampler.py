@@ -109,19 +109,6 @@ class SamplerConfig:
         return round_up(self.max_len, CACHE_ALIGN)
 
 
-def _constraint_mask(tables: tuple[jax.Array, jax.Array], cstate: jax.Array, ccon: jax.Array,
-                     scores: jax.Array) -> jax.Array:
-    next_state, token_class = tables
-
-    def masked(s):
-        cls = token_class[ccon]  # [B, V]
-        allowed = next_state[jnp.maximum(cstate, 0)[:, None], cls] >= 0
-        allowed = allowed | (cstate < 0)[:, None]
-        return jnp.where(allowed, s, -jnp.inf)
-
-    return jax.lax.cond(jnp.any(cstate >= 0), masked, lambda s: s, scores)
-
-
 def _advance_constraint(tables, cstate, ccon, tokens, emit):
     next_state, token_class = tables
     cls = token_class[ccon, tokens]
@@ -129,13 +116,15 @@ def _advance_constraint(tables, cstate, ccon, tokens, emit):
     return jnp.where(emit & (cstate >= 0), nxt, cstate)
 
 
-def _choose(logits, s: SlotState | RowParams, presence, cstate, ccon, num_generated, tables, cfg: SamplerConfig):
+def _choose(logits, s: SlotState | RowParams, presence, cstate, ccon, num_generated, tables, cfg: SamplerConfig,
+            kernel: bool = False):
+    """The next tokens and their log-probabilities (``select_tokens``; ``kernel``: by ``kernels.cpu``)."""
     keys = jax.vmap(lambda kd, n: jax.random.fold_in(jax.random.wrap_key_data(kd, impl="threefry2x32"), n))(
         s.key, num_generated)
-    scores = _constraint_mask(tables, cstate, ccon, logits)
     tokens, logprobs = select_tokens(
-        logits, scores=scores, presence=presence, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-        repetition_penalty=s.repetition_penalty, keys=keys, max_top_k=cfg.max_top_k, max_rounds=cfg.max_rounds)
+        logits, constraint=(tables, cstate, ccon), presence=presence, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        repetition_penalty=s.repetition_penalty, keys=keys, max_top_k=cfg.max_top_k, max_rounds=cfg.max_rounds,
+        kernel=kernel)
     return tokens, logprobs
 
 
@@ -290,6 +279,8 @@ def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, shar
     (static; fused path): the cache positions read, at least every active slot's length after the chunk.
     Returns ``(state, tokens [B, K] (-1 where nothing was emitted), logprobs [B, K], steps_run)``.
     """
+    # the fused path's packed weights vouch for the CPU kernels (one CPU device): the sampler runs there too
+    kernel = cfg.decode_path != "model" and weights.cpu_kernels
     if cfg.decode_path == "model":
         model = nnx.merge(graphdef, weights)
 
@@ -314,7 +305,7 @@ def decode_fn(graphdef, weights, state: SlotState, tables, keep: jax.Array, shar
         emit = s.active
         logits, k_all, v_all = forward(s.last_token, s.cache)
         lengths = jnp.where(emit, s.cache.lengths + 1, s.cache.lengths)
-        tok, lp = _choose(logits, s, s.presence, s.cstate, s.ccon, s.num_generated, tables, cfg)
+        tok, lp = _choose(logits, s, s.presence, s.cstate, s.ccon, s.num_generated, tables, cfg, kernel)
         n = s.num_generated + emit
         code = _finish_codes(tok, s.stop_ids, n, s.max_new, lengths, cfg.max_len, emit)
         s = s.replace(

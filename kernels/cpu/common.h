@@ -44,6 +44,25 @@ inline v16 to_float(i8x16 b) {
 inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 inline v16 splat(float x) { return v16{} + x; }
+// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp; below -87 it returns ~0).
+inline v16 exp_nonpositive(v16 x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const v16 magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const v16 n = (x * 1.44269504088896341f + magic) - magic;
+  const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const v16 y = p * r * r + r + 1.0f;
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
 // Ask for the cache line holding p in L2 (a hint: never faults, so it may point past the end of a buffer).
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
 

@@ -22,25 +22,6 @@ using ditto::vi16;
 
 namespace {
 
-// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp; below -87 it returns ~0).
-inline v16 exp_nonpositive(v16 x) {
-  x = x < -87.0f ? ditto::splat(-87.0f) : x;
-  const v16 magic = ditto::splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const v16 n = (x * 1.44269504088896341f + magic) - magic;
-  const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 p = ditto::splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const v16 y = p * r * r + r + 1.0f;
-  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-  v16 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
-
 // sc[g * ld + s] = q[g] . k[:, start + s] for s < n, 32 positions at a time with the G rows in registers.
 template <int G>
 void scores_block(const float* q, const float* k, int64_t d_len, int64_t s_len, int64_t start, int64_t n,
@@ -130,7 +111,7 @@ void softmax_rows(float* sc, int64_t g_len, int64_t n, float scale) {
     m *= scale;
     v16 tv{};
     for (int64_t s = 0; s < nv; s += 16) {
-      const v16 e = exp_nonpositive(ditto::load16(row + s) * scale - m);
+      const v16 e = ditto::exp_nonpositive(ditto::load16(row + s) * scale - m);
       ditto::store16(row + s, e);
       tv += e;
     }
