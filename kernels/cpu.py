@@ -10,7 +10,7 @@
   over the dequantised weight bit for bit.
 - ``decode_attention(q, k, v, positions, window)``: one new token per row against a heads-first cache (keys
   ``[B, Hkv, D, S]``, values ``[B, Hkv, S, D]``), reading each row's keys and values once and only up to its
-  position.
+  position; with ``new_kv`` it first writes the new keys and values into the caches in place.
 - ``select_tokens(logits, presence, penalty, constraint, temperature, kth, top_p, u)``: the decode step's sampler
   (repetition penalty, constraint mask, greedy, temperature, top-k threshold, exact top-p by pivot rejection, raw
   log-probabilities), the algorithm and the random numbers of ``ditto_jax.sampling.logits.select_tokens``, one
@@ -53,6 +53,7 @@ import numpy as np
 
 TILE = 32
 MATMUL, ATTENTION, SELECT = "ditto_small_matmul", "ditto_decode_attention", "ditto_select_tokens"
+ATTENTION_UPDATE = "ditto_decode_attention_update"
 QUANT_MATMUL = {4: "ditto_small_matmul_q4", 8: "ditto_small_matmul_q8"}
 FOLDER = Path(__file__).resolve().parent / "cpu"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -135,7 +136,7 @@ def _load() -> str | None:
         lib.ditto_dequantize_gguf.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.ditto_dequantize_gguf.restype = ctypes.c_int
         for target, symbol in ((MATMUL, lib.DittoSmallMatmul), (ATTENTION, lib.DittoDecodeAttention),
-                               (SELECT, lib.DittoSelectTokens),
+                               (SELECT, lib.DittoSelectTokens), (ATTENTION_UPDATE, lib.DittoDecodeAttentionUpdate),
                                (QUANT_MATMUL[4], lib.DittoSmallMatmulQ4), (QUANT_MATMUL[8], lib.DittoSmallMatmulQ8)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (BuildError, OSError, AttributeError) as e:
@@ -310,7 +311,8 @@ def small_matmul(x: jax.Array, wp: jax.Array | QuantWeight) -> jax.Array:
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                     window: int | None = None, shared: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                     window: int | None = None, shared: tuple[jax.Array, jax.Array] | None = None,
+                     new_kv: tuple[jax.Array, jax.Array] | None = None) -> Any:
     """Attention of one new token per row, q ``[B, Hq, D]`` at ``positions [B]``, against a heads-first cache:
     keys ``[B, Hkv, D, S]``, values ``[B, Hkv, S, D]`` (float32; ``available()`` must hold). Row ``b`` attends to
     cache positions ``max(0, positions[b] + 1 - window) .. positions[b]`` (from 0 without a window) and reads
@@ -319,23 +321,36 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
     ``shared = (lead [B], length [B])`` int32: row ``b``'s first ``length[b]`` positions hold the same keys and
     values as row ``lead[b]``'s (``lead[b] < b``, itself its own lead; e.g. both copied from one prefix-cache row),
     so they are read once for the rows sharing them. The result is bit-identical to ``shared=None``; a wrong
-    claim gives wrong results. Ignored with a window."""
+    claim gives wrong results. Ignored with a window.
+
+    ``new_kv = (k_new, v_new)`` (``[B, Hkv, D]`` each): first written into the caches at each row's position (a
+    position outside the cache is dropped), in place (the caches are aliased to outputs); returns ``(o, k, v)``
+    with the updated caches. The same values as scattering them in with XLA first, without XLA's strided scatter
+    of the keys."""
     b, hq, d = q.shape
     hkv, s_len = v.shape[1], v.shape[2]
     if (k.shape != (b, hkv, d, s_len) or v.shape != (b, hkv, s_len, d) or hq % hkv or positions.shape != (b,)
             or not all(a.dtype == jnp.float32 for a in (k, v))
-            or (shared is not None and any(jnp.shape(a) != (b,) for a in shared))):
+            or (shared is not None and any(jnp.shape(a) != (b,) for a in shared))
+            or (new_kv is not None and any(jnp.shape(a) != (b, hkv, d) for a in new_kv))):
         raise ValueError(f"decode_attention: q {q.shape}, k {k.dtype}{k.shape}, v {v.dtype}{v.shape}, positions "
-                         f"{positions.shape}, shared {None if shared is None else [jnp.shape(a) for a in shared]} "
-                         f"(want float32 k [B, Hkv, D, S], v [B, Hkv, S, D], Hq a multiple of Hkv, [B] rows)")
+                         f"{positions.shape}, shared {None if shared is None else [jnp.shape(a) for a in shared]}, "
+                         f"new_kv {None if new_kv is None else [jnp.shape(a) for a in new_kv]} (want float32 k "
+                         "[B, Hkv, D, S], v [B, Hkv, S, D], Hq a multiple of Hkv, [B] rows, new k/v [B, Hkv, D])")
     _require()
     if shared is None:
         shared = (jnp.arange(b, dtype=jnp.int32), jnp.zeros((b,), jnp.int32))
     qg = q.astype(jnp.float32).reshape(b, hkv, hq // hkv, d)
-    out = jax.ffi.ffi_call(ATTENTION, jax.ShapeDtypeStruct(qg.shape, jnp.float32))(
-        qg, k, v, positions.astype(jnp.int32), *(jnp.asarray(a, jnp.int32) for a in shared),
-        window=np.int64(window or 0), scale=np.float32(1.0 / d**0.5))
-    return out.reshape(b, hq, d)
+    args = (qg, k, v, positions.astype(jnp.int32), *(jnp.asarray(a, jnp.int32) for a in shared))
+    attrs = dict(window=np.int64(window or 0), scale=np.float32(1.0 / d**0.5))
+    o_type = jax.ShapeDtypeStruct(qg.shape, jnp.float32)
+    if new_kv is None:
+        return jax.ffi.ffi_call(ATTENTION, o_type)(*args, **attrs).reshape(b, hq, d)
+    o, k, v = jax.ffi.ffi_call(ATTENTION_UPDATE, (o_type, jax.ShapeDtypeStruct(k.shape, k.dtype),
+                                                  jax.ShapeDtypeStruct(v.shape, v.dtype)),
+                               input_output_aliases={1: 1, 2: 2})(
+        *args, *(jnp.asarray(a, jnp.float32) for a in new_kv), **attrs)
+    return o.reshape(b, hq, d), k, v
 
 
 def select_tokens(logits: jax.Array, presence: jax.Array | None, penalty: jax.Array,

@@ -193,3 +193,38 @@ def test_decode_attention_over_shared_prefixes_is_bit_identical(window):
     if window is None:  # and a wrong claim does change the result: the kernel really reads the lead's cache
         wrong = jnp.asarray(np.array([0, 0, 0, 0, 4, 4, 4, 4], np.int32))
         assert not np.array_equal(np.asarray(shared(q, k, v, pos, wrong, length.at[6].set(200))), plain)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_attention_writing_the_new_keys_and_values_equals_scattering_them_first(window):
+    """With ``new_kv`` the kernel writes each row's new key and value at its position in place (the caches are
+    aliased to its outputs; a position past the end is dropped) and then attends: the caches and the outputs
+    equal XLA's scatter followed by the kernel, shared prefixes included."""
+    rng = np.random.default_rng(1)
+    b, hkv, g, d, s = 6, 2, 3, 64, 96
+    q = jnp.asarray(rng.standard_normal((b, hkv * g, d)).astype(np.float32))
+    k = rng.standard_normal((b, hkv, d, s)).astype(np.float32)
+    v = rng.standard_normal((b, hkv, s, d)).astype(np.float32)
+    for row in (1, 2):
+        k[row, :, :, :50], v[row, :, :50] = k[0, :, :, :50], v[0, :, :50]
+    k, v = jnp.asarray(k), jnp.asarray(v)
+    k_new = jnp.asarray(rng.standard_normal((b, hkv, d)).astype(np.float32))
+    v_new = jnp.asarray(rng.standard_normal((b, hkv, d)).astype(np.float32))
+    pos = jnp.asarray(np.array([70, 60, 95, 0, 96, 33], np.int32))  # row 4 is past the end: its write is dropped
+    shared = (jnp.asarray(np.array([0, 0, 0, 3, 4, 5], np.int32)), jnp.asarray(np.array([0, 50, 50, 0, 0, 0],
+                                                                                        np.int32)))
+    rows = jnp.arange(b)
+    k_want = k.at[rows, :, :, pos].set(k_new, mode="drop")
+    v_want = v.at[rows, :, pos].set(v_new, mode="drop")
+    o_want = cpu_kernels.decode_attention(q, k_want, v_want, pos, window, shared=shared)
+
+    @jax.jit
+    def step(q, k, v):
+        return cpu_kernels.decode_attention(q, k, v, pos, window, shared=shared, new_kv=(k_new, v_new))
+
+    o, k_got, v_got = step(q, k, v)
+    np.testing.assert_array_equal(np.asarray(k_got), np.asarray(k_want))
+    np.testing.assert_array_equal(np.asarray(v_got), np.asarray(v_want))
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(o_want))
+    with pytest.raises(ValueError, match="new k/v"):
+        cpu_kernels.decode_attention(q, k, v, pos, new_kv=(k_new[:, :1], v_new))

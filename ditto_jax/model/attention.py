@@ -71,6 +71,30 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, segme
     raise ValueError(f"attention implementation {impl!r} not in xla|pallas|cudnn|auto")
 
 
+def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *,
+                     lengths: jax.Array, impl: str, sliding_window: int | None = None, heads_first: bool = False,
+                     width: int | None = None, cpu_kernel: bool = False,
+                     shared: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One new token per row: write its key and value (``k``/``v [B, 1, Hkv, D]``) at ``lengths [B]`` into the
+    caches (an index past the end is dropped), then ``cached_attention``. Returns ``(o [B, 1, Hq, D], k_cache,
+    v_cache)``. On the CPU kernel path (see ``cached_attention``) ``kernels.cpu.decode_attention`` writes them in
+    place itself (XLA's scatter of one key per row into the heads-first ``[B, Hkv, D, S]`` keys is strided: 0.45 ms
+    of a 15 ms step for the 40M model at 16 rows)."""
+    if heads_first and cpu_kernel and k_cache.dtype == v_cache.dtype == jnp.float32 and q.shape[1] == 1:
+        o, k_cache, v_cache = cpu_kernels.decode_attention(q[:, 0], k_cache, v_cache, lengths, sliding_window,
+                                                           shared=shared, new_kv=(k[:, 0], v[:, 0]))
+        return o.astype(q.dtype)[:, None], k_cache, v_cache
+    rows = jnp.arange(q.shape[0], dtype=jnp.int32)
+    # The indexed views are [B, Hkv, D] in either layout.
+    k_at, v_at = (((rows, slice(None), slice(None), lengths), (rows, slice(None), lengths))
+                  if heads_first else ((rows, lengths),) * 2)
+    k_cache = k_cache.at[k_at].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[v_at].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+    o = cached_attention(q, k_cache, v_cache, q_offset=lengths, impl=impl, sliding_window=sliding_window,
+                         heads_first=heads_first, width=width, cpu_kernel=cpu_kernel, shared=shared)
+    return o, k_cache, v_cache
+
+
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_offset: jax.Array, impl: str,
                      sliding_window: int | None = None, heads_first: bool = False,
                      width: int | None = None, cpu_kernel: bool = False,

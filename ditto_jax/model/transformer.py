@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ditto_jax.kernels import cpu as cpu_kernels
-from ditto_jax.model.attention import cached_attention, full_attention
+from ditto_jax.model.attention import cached_attention, full_attention, write_and_attend
 from ditto_jax.model.cache import KVCache, LayerCache
 from ditto_jax.model.config import ModelConfig
 from ditto_jax.model.layers import (
@@ -394,24 +394,17 @@ def decode_step(w: DecodeWeights, cfg: ModelConfig, tokens: jax.Array, cache: La
     only the first ``width`` cached positions; rows at or beyond it get garbage logits. ``shared`` (``(lead [B],
     length [B])``): which rows' caches begin with the same positions (the CPU decode attention reads those once;
     the logits are the same without it)."""
-    b = tokens.shape[0]
     lengths = cache.lengths
     x = jnp.take(w.embed, tokens, axis=0).astype(cfg.compute_dtype)[:, None]
     cos, sin = rope_cos_sin(lengths[:, None], cfg)
-    rows = jnp.arange(b, dtype=jnp.int32)
     k_out, v_out = [], []
     for i, lw in enumerate(w.layers):
         q, k, v = _qkv(x, lw, cfg, cos, sin)
-        # The indexed views are [B, Hkv, D] in either layout (see LayerCache).
-        k_at, v_at = (((rows, slice(None), slice(None), lengths), (rows, slice(None), lengths))
-                      if cache.heads_first else ((rows, lengths),) * 2)
-        kc = cache.k[i].at[k_at].set(k[:, 0].astype(cache.k[i].dtype), mode="drop")
-        vc = cache.v[i].at[v_at].set(v[:, 0].astype(cache.v[i].dtype), mode="drop")
+        attn, kc, vc = write_and_attend(q, k, v, cache.k[i], cache.v[i], lengths=lengths, impl=cfg.attention,
+                                        sliding_window=cfg.sliding_window, heads_first=cache.heads_first,
+                                        width=width, cpu_kernel=w.cpu_kernels, shared=shared)
         k_out.append(kc)
         v_out.append(vc)
-        attn = cached_attention(q, kc, vc, q_offset=lengths, impl=cfg.attention, sliding_window=cfg.sliding_window,
-                                heads_first=cache.heads_first, width=width, cpu_kernel=w.cpu_kernels,
-                                shared=shared)
         x = _finish(x, attn.astype(x.dtype), lw, cfg)
     x = rms_norm(x[:, 0], w.norm, cfg.rms_norm_eps)
     logits = decode_logits(w, x)
