@@ -11,6 +11,9 @@
 - ``decode_attention(q, k, v, positions, window)``: one new token per row against a heads-first cache (keys
   ``[B, Hkv, D, S]``, values ``[B, Hkv, S, D]``), reading each row's keys and values once and only up to its
   position; with ``new_kv`` it first writes the new keys and values into the caches in place.
+- ``chunk_attention(q, k, v, q_offset, layer)``: ``T`` new tokens per row against a ``[B, S, Hkv, D]`` cache (or
+  one layer of the stacked ``[L, B, S, Hkv, D]`` cache, read in place) that holds them, causal: the prompt phases'
+  attention, each block of queries reading only the keys it can see.
 - ``select_tokens(logits, presence, penalty, constraint, temperature, kth, top_p, u)``: the decode step's sampler
   (repetition penalty, constraint mask, greedy, temperature, top-k threshold, exact top-p by pivot rejection, raw
   log-probabilities), the algorithm and the random numbers of ``ditto_jax.sampling.logits.select_tokens``, one
@@ -53,7 +56,7 @@ import numpy as np
 
 TILE = 32
 MATMUL, ATTENTION, SELECT = "ditto_small_matmul", "ditto_decode_attention", "ditto_select_tokens"
-ATTENTION_UPDATE = "ditto_decode_attention_update"
+ATTENTION_UPDATE, CHUNK_ATTENTION = "ditto_decode_attention_update", "ditto_chunk_attention"
 QUANT_MATMUL = {4: "ditto_small_matmul_q4", 8: "ditto_small_matmul_q8"}
 FOLDER = Path(__file__).resolve().parent / "cpu"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -137,6 +140,7 @@ def _load() -> str | None:
         lib.ditto_dequantize_gguf.restype = ctypes.c_int
         for target, symbol in ((MATMUL, lib.DittoSmallMatmul), (ATTENTION, lib.DittoDecodeAttention),
                                (SELECT, lib.DittoSelectTokens), (ATTENTION_UPDATE, lib.DittoDecodeAttentionUpdate),
+                               (CHUNK_ATTENTION, lib.DittoChunkAttention),
                                (QUANT_MATMUL[4], lib.DittoSmallMatmulQ4), (QUANT_MATMUL[8], lib.DittoSmallMatmulQ8)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (BuildError, OSError, AttributeError) as e:
@@ -351,6 +355,28 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
                                input_output_aliases={1: 1, 2: 2})(
         *args, *(jnp.asarray(a, jnp.float32) for a in new_kv), **attrs)
     return o.reshape(b, hq, d), k, v
+
+
+def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
+                    layer: jax.Array | int | None = None) -> jax.Array:
+    """``T`` new tokens per row, q ``[B, T, Hq, D]`` at positions ``q_offset[b] + t``, against keys and values
+    ``[B, S, Hkv, D]`` that already hold them, or with ``layer`` (a scalar) layer ``layer`` of a stacked ``[L, B,
+    S, Hkv, D]`` cache, read in place (no slice is copied). Causal: query ``t`` of row ``b`` sees positions
+    ``0 .. q_offset[b] + t`` (``q_offset >= 0``); float32 (``available()`` must hold). Returns ``[B, T, Hq, D]``
+    float32: ``model.xla_attention.cached_chunk_attention``'s values without a window, up to float rounding."""
+    if layer is None:
+        k, v, layer = k[None], v[None], 0
+    b, t, hq, d = q.shape
+    if (k.ndim != 5 or k.shape != v.shape or k.shape[1] != b or k.shape[4] != d or hq % k.shape[3]
+            or jnp.shape(q_offset) != (b,) or jnp.ndim(layer) != 0
+            or not all(a.dtype == jnp.float32 for a in (k, v))):
+        raise ValueError(f"chunk_attention: q {q.shape}, k {k.dtype}{k.shape}, v {v.dtype}{v.shape}, q_offset "
+                         f"{jnp.shape(q_offset)}, layer {jnp.shape(layer)} (want float32 k and v [B, S, Hkv, D] or "
+                         "[L, B, S, Hkv, D] with a scalar layer, Hq a multiple of Hkv, q_offset [B])")
+    _require()
+    return jax.ffi.ffi_call(CHUNK_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        q.astype(jnp.float32), k, v, jnp.asarray(layer, jnp.int32), jnp.asarray(q_offset, jnp.int32),
+        scale=np.float32(1.0 / d**0.5))
 
 
 def select_tokens(logits: jax.Array, presence: jax.Array | None, penalty: jax.Array,

@@ -17,7 +17,7 @@ from flax import nnx
 
 from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.model import ModelConfig, create_model, decode_step, decode_weights, init_layer_cache
-from ditto_jax.model.xla_attention import heads_first_query_attention
+from ditto_jax.model.xla_attention import cached_chunk_attention, heads_first_query_attention
 
 pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler on this machine")
 
@@ -228,3 +228,38 @@ def test_decode_attention_writing_the_new_keys_and_values_equals_scattering_them
     np.testing.assert_array_equal(np.asarray(o), np.asarray(o_want))
     with pytest.raises(ValueError, match="new k/v"):
         cpu_kernels.decode_attention(q, k, v, pos, new_kv=(k_new[:, :1], v_new))
+
+
+@pytest.mark.parametrize("b,t,hq,hkv,d,s,offsets", [
+    (2, 5, 4, 2, 20, 37, [0, 10]),  # a head size off the 32-column tiles, a short cache
+    (3, 70, 6, 3, 64, 200, [0, 100, 150]),  # several query blocks, rows at different offsets
+    (2, 40, 2, 1, 32, 64, [30, 0]),  # the last queries of row 0 run past the cache: every key visible
+])
+def test_chunk_attention_equals_the_xla_chunk_attention(b, t, hq, hkv, d, s, offsets):
+    rng = np.random.default_rng(b * t + s)
+    q = jnp.asarray(rng.standard_normal((b, t, hq, d)).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal((b, s, hkv, d)).astype(np.float32))
+    v = jnp.asarray(rng.standard_normal((b, s, hkv, d)).astype(np.float32))
+    off = jnp.asarray(np.array(offsets, np.int32))
+    want = np.asarray(cached_chunk_attention(q, k, v, off))
+    got = np.asarray(jax.jit(cpu_kernels.chunk_attention)(q, k, v, off))
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+    # one layer of a stacked cache, read in place: the same values; the other layers are never read
+    layers = jnp.stack([jnp.full_like(k, jnp.nan), k, jnp.full_like(k, jnp.nan)])
+    values = jnp.stack([jnp.full_like(v, jnp.nan), v, jnp.full_like(v, jnp.nan)])
+    stacked = jax.jit(cpu_kernels.chunk_attention)(q, layers, values, off, jnp.int32(1))
+    np.testing.assert_array_equal(np.asarray(stacked), got)
+    # causal: keys past a query's position change nothing (NaN there would poison every sum that read it)
+    pos = jnp.arange(s)[None, :, None, None]
+    last = off[:, None, None, None] + t - 1
+    poisoned = np.asarray(cpu_kernels.chunk_attention(q, jnp.where(pos > last, jnp.nan, k),
+                                                      jnp.where(pos > last, jnp.nan, v), off))
+    np.testing.assert_array_equal(poisoned, got)
+
+
+def test_chunk_attention_refuses_mismatched_shapes():
+    q, k = jnp.zeros((2, 4, 4, 8)), jnp.zeros((2, 16, 2, 8))
+    with pytest.raises(ValueError, match="chunk_attention"):
+        cpu_kernels.chunk_attention(q, k, k[:, :, :1], jnp.zeros((2,), jnp.int32))
+    with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
+        cpu_kernels.chunk_attention(jnp.zeros((2, 4, 3, 8)), k, k, jnp.zeros((2,), jnp.int32))

@@ -98,7 +98,7 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_offset: jax.Array, impl: str,
                      sliding_window: int | None = None, heads_first: bool = False,
                      width: int | None = None, cpu_kernel: bool = False,
-                     shared: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                     shared: tuple[jax.Array, jax.Array] | None = None, layer: jax.Array | None = None) -> jax.Array:
     """New tokens q ``[B,T,Hq,D]`` (at cache positions ``q_offset[b] + t``) against caches ``[B,S,Hkv,D]``
     (``[B,Hkv,S,D]`` when ``heads_first``: one new token per row, plain-XLA path only; ``width``: read only that
     many positions, see ``heads_first_query_attention``).
@@ -109,9 +109,19 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
     kernel paths). ``cpu_kernel`` (the caller vouches for one CPU device and ``kernels.cpu.available()``): a
     heads-first float32 cache runs ``kernels.cpu.decode_attention``, which reads each row only up to its
     position (``width`` is then moot), and reads the positions rows share (``shared``: ``(lead [B], length [B])``,
-    see ``kernels.cpu.decode_attention``) once for all of them; other paths ignore ``shared``.
+    see ``kernels.cpu.decode_attention``) once for all of them; other paths ignore ``shared``. With ``cpu_kernel``
+    a float32 cache in the ``[B, S, Hkv, D]`` layout without a window runs ``kernels.cpu.chunk_attention`` (the
+    prompt phases).
+
+    ``layer`` (a scalar): the caches are the model's stacked ``[L, ...]`` caches and this is the layer to read (the
+    CPU kernel reads it in place; the other paths slice it).
     """
     impl = resolve_impl(impl)
+    if (cpu_kernel and not heads_first and impl == "xla" and sliding_window is None
+            and k_cache.dtype == v_cache.dtype == jnp.float32):
+        return cpu_kernels.chunk_attention(q, k_cache, v_cache, q_offset, layer).astype(q.dtype)
+    if layer is not None:
+        k_cache, v_cache = k_cache[layer], v_cache[layer]
     if heads_first:
         if q.shape[1] != 1 or impl != "xla":
             raise ValueError(f"a heads-first cache serves one new token per row on the xla path (got "

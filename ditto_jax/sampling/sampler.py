@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.mesh import logical_to_spec
 from ditto_jax.model import KVCache, LayerCache, decode_step, decode_weights, init_cache, init_layer_cache, read_widths
 from ditto_jax.sampling.compile_cache import SavedJit
@@ -135,12 +136,13 @@ def _finish_codes(tokens, stop_ids, num_generated, max_new, lengths, max_len, em
     return jnp.where(emit, code, FINISH_NONE)
 
 
-def prefix_fill_fn(graphdef, params, pool: KVCache, rows: jax.Array, tokens: jax.Array):
-    """Compute the keys/values of ``G`` prefixes ``tokens [G, P]`` into pool rows ``rows [G]`` (``>= R``: padding)."""
+def prefix_fill_fn(graphdef, params, pool: KVCache, rows: jax.Array, tokens: jax.Array, *, cpu_kernel: bool = False):
+    """Compute the keys/values of ``G`` prefixes ``tokens [G, P]`` into pool rows ``rows [G]`` (``>= R``: padding).
+    ``cpu_kernel``: one CPU device with ``kernels.cpu`` (``StepFunctions.build``), the attention by its kernel."""
     model = nnx.merge(graphdef, params)
     g, p = tokens.shape
     small = init_cache(model.cfg, g, p)
-    _, small = model(tokens, cache=small, return_hidden=True)
+    _, small = model(tokens, cache=small, return_hidden=True, cpu_kernel=cpu_kernel)
     r, c = rows[:, None], jnp.arange(p)[None, :]
     return pool.replace(k=pool.k.at[:, r, c].set(small.k.astype(pool.k.dtype), mode="drop"),
                         v=pool.v.at[:, r, c].set(small.v.astype(pool.v.dtype), mode="drop"))
@@ -161,7 +163,7 @@ def _slot_prefix(cache: KVCache | LayerCache, slots: jax.Array, width: int) -> t
 def prefill_fn(graphdef, params, state: SlotState, pool: KVCache | None, tables, slots: jax.Array,
                prompts: jax.Array, lengths: jax.Array, src_rows: jax.Array, prefix_len: jax.Array,
                suffix: jax.Array, rows: RowParams, *, cfg: SamplerConfig, from_slots: bool = False,
-               final: bool = True):
+               final: bool = True, cpu_kernel: bool = False):
     """Prefill ``G`` prompts into ``slots [G]`` (``>= B`` = padding row) and sample their first tokens.
 
     ``prompts [G, W]`` are the whole prompts (true ``lengths [G]``; for the repetition penalty), ``suffix
@@ -172,7 +174,7 @@ def prefill_fn(graphdef, params, state: SlotState, pool: KVCache | None, tables,
 
     ``final=False`` (chunked prefill): the prompt continues in a later call; ``lengths`` is the length so far.
     Only the keys/values are written and the slot stays inactive: nothing is sampled (the returned tokens,
-    log-probabilities and codes are placeholders)."""
+    log-probabilities and codes are placeholders). ``cpu_kernel``: as ``prefix_fill_fn``'s."""
     model = nnx.merge(graphdef, params)
     g, ps = suffix.shape
     mcfg = model.cfg
@@ -186,7 +188,7 @@ def prefill_fn(graphdef, params, state: SlotState, pool: KVCache | None, tables,
     else:
         small = KVCache(k=jnp.pad(pool.k[:, src_rows, :pp], pad), v=jnp.pad(pool.v[:, src_rows, :pp], pad),
                         lengths=prefix_len)
-    hidden, small = model(suffix, cache=small, return_hidden=True)
+    hidden, small = model(suffix, cache=small, return_hidden=True, cpu_kernel=cpu_kernel)
     if not final:
         return _write_slots(state, small, slots, lengths, active=False), *_placeholders(g)
     last = jnp.take_along_axis(hidden, (lengths - prefix_len - 1)[:, None, None], axis=1)[:, 0]
@@ -477,16 +479,21 @@ class StepFunctions:
     def build(cls, graphdef: Any, cfg: SamplerConfig, mcfg: Any, mesh: jax.sharding.Mesh | None,
               state_shardings: SlotState | None) -> "StepFunctions":
         """New jitted functions (nothing compiled yet; each compiles per argument shape on first call)."""
-        del mesh  # part of the sharing key only; the shardings carry it
         out_state = None if state_shardings is None else (state_shardings, None, None, None)
-        static = repr((graphdef, cfg, mcfg, state_shardings, decode_compiler_options()))
-        prefill = SavedJit(jax.jit(functools.partial(prefill_fn, graphdef, cfg=cfg), donate_argnums=(1,),
+        # one CPU device (no mesh: the sampler commits the arrays to one): the prompt phases' attention by
+        # kernels.cpu, as the decode step's (decode_weights' check)
+        cpu_kernel = ((mesh is None or mesh.devices.size == 1) and jax.default_backend() == "cpu"
+                      and cpu_kernels.available())
+        static = repr((graphdef, cfg, mcfg, state_shardings, decode_compiler_options(), cpu_kernel))
+        prefill = SavedJit(jax.jit(functools.partial(prefill_fn, graphdef, cfg=cfg, cpu_kernel=cpu_kernel),
+                                   donate_argnums=(1,),
                                    out_shardings=out_state, static_argnames=("from_slots", "final")),
                            "prefill", static)
         decode = SavedJit(jax.jit(functools.partial(decode_fn, graphdef, cfg=cfg, mcfg=mcfg), donate_argnums=(1,),
                                   out_shardings=out_state, compiler_options=decode_compiler_options(),
                                   static_argnames=("width",)), "decode", static)
-        prefix_fill = SavedJit(jax.jit(functools.partial(prefix_fill_fn, graphdef), donate_argnums=(1,)),
+        prefix_fill = SavedJit(jax.jit(functools.partial(prefix_fill_fn, graphdef, cpu_kernel=cpu_kernel),
+                                       donate_argnums=(1,)),
                                "prefix_fill", static)
         return cls(prefill, decode, prefix_fill)
 

@@ -66,6 +66,64 @@ inline v16 exp_nonpositive(v16 x) {
 // Ask for the cache line holding p in L2 (a hint: never faults, so it may point past the end of a buffer).
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
 
+// Few-row matmuls over weights packed in tiles of 32 columns, [N / 32, K, 32] (small_matmul.cc, chunk_attention.cc).
+constexpr int64_t kTile = 32;  // columns per packed tile
+
+// One tile of packed float32 weights (small_matmul.cc has the GGUF-block sources with the same interface).
+struct F32 {
+  const float* w;  // tile [K, 32]
+  void at_block(int64_t) {}
+  void row(int64_t k, v16& w0, v16& w1) const { w0 = load16(w + k * kTile); w1 = load16(w + k * kTile + 16); }
+  const void* prefetch_row(int64_t k) const { return w + k * kTile; }
+  static constexpr int64_t kRowBytes = kTile * 4;
+};
+
+// Rows [0, R) of x against one tile; R <= 8 (a template, so the accumulators stay in registers). Each step of k
+// prefetches the 64-byte lines of [pf + k * pf_step, pf + (k + 1) * pf_step), at least one (never faults: it may
+// point past the end of the weight).
+template <int R, typename Src>
+void tile_rows(const float* x, int64_t ldx, Src src, int64_t k_len, float* y, int64_t ldy, const char* pf,
+               int64_t pf_step) {
+  v16 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) { acc0[r] = v16{}; acc1[r] = v16{}; }
+  for (int64_t k0 = 0; k0 < k_len; k0 += kTile) {
+    src.at_block(k0 / kTile);
+    const int64_t k1 = k0 + kTile < k_len ? k0 + kTile : k_len;
+    for (int64_t k = k0; k < k1; ++k) {
+      prefetch(pf + k * pf_step);
+      for (int64_t b = 64; b < pf_step; b += 64) prefetch(pf + k * pf_step + b);
+      v16 w0, w1;
+      src.row(k, w0, w1);
+      for (int r = 0; r < R; ++r) {
+        const float xv = x[r * ldx + k];
+        acc0[r] += xv * w0;
+        acc1[r] += xv * w1;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) { store16(y + r * ldy, acc0[r]); store16(y + r * ldy + 16, acc1[r]); }
+}
+
+// Rows [0, m) of x against one tile, 8 rows at a time, no prefetching (operands already in cache).
+template <typename Src>
+void rows_against_tile(const float* x, int64_t ldx, int64_t m, Src src, int64_t k_len, float* y, int64_t ldy) {
+  const char* pf = static_cast<const char*>(src.prefetch_row(0));
+  for (int64_t r0 = 0; r0 < m; r0 += 8) {
+    const float* xr = x + r0 * ldx;
+    float* yr = y + r0 * ldy;
+    switch (m - r0 < 8 ? m - r0 : 8) {
+      case 1: tile_rows<1>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
+      case 2: tile_rows<2>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
+      case 3: tile_rows<3>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
+      case 4: tile_rows<4>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
+      case 5: tile_rows<5>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
+      case 6: tile_rows<6>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
+      case 7: tile_rows<7>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
+      default: tile_rows<8>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
+    }
+  }
+}
+
 // The kernels' worker threads: one fewer than the CPUs this process may run on (DITTO_CPU_KERNEL_THREADS
 // overrides), started on first use. A decode step calls the kernels ~150 times, 0.05-0.3 ms each; waking a
 // sleeping thread (or one of XLA's pool) for each call costs about as much as the call, so a worker spins for a

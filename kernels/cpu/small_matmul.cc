@@ -6,28 +6,22 @@
 #include "common.h"
 
 namespace ffi = xla::ffi;
+using ditto::F32;
+using ditto::kTile;
+using ditto::tile_rows;
 using ditto::v16;
 
 namespace {
 
-constexpr int64_t kTile = 32;  // columns per packed tile
 // Bytes of the tile requested this far ahead of use (16 float rows): the hardware prefetchers alone kept one thread
 // at 7.6 GB/s of a 12.5 GB/s read rate on a 2-core Xeon VM (sapphire rapids class), 10.5 with this; no change on
 // Zen 4.
 constexpr int64_t kAheadBytes = 2048;
 
-// Where a tile's weights come from: F32 reads packed floats; Quant decodes GGUF-style blocks in registers,
+// Where a tile's weights come from: ditto::F32 (common.h) reads packed floats; Quant decodes GGUF-style blocks in registers,
 // w = q * d + m with q a 4-bit (Bits 4, unsigned) or 8-bit (Bits 8, signed) integer and d, m per 32 rows of k
 // and column. For the GGUF formats kept (Q4_0, Q4_1, Q8_0) q * d is exact in float32, so w is bit for bit the
 // float32 value their dequantisation gives, and the sums below are the float kernel's, in the same order.
-struct F32 {
-  const float* w;  // tile [K, 32]
-  void at_block(int64_t) {}
-  void row(int64_t k, v16& w0, v16& w1) const { w0 = ditto::load16(w + k * kTile); w1 = ditto::load16(w + k * kTile + 16); }
-  const void* prefetch_row(int64_t k) const { return w + k * kTile; }
-  static constexpr int64_t kRowBytes = kTile * 4;
-};
-
 template <int Bits>
 struct Quant {
   const uint8_t* q;    // tile [K, 32 * Bits / 8]: 4 bits, byte j holds column j (low nibble) and j + 16 (high)
@@ -55,32 +49,6 @@ struct Quant {
   const void* prefetch_row(int64_t k) const { return q + k * (kTile * Bits / 8); }
   static constexpr int64_t kRowBytes = kTile * Bits / 8;
 };
-
-// Rows [0, R) of x against one tile; R <= 8 (a template, so the accumulators stay in registers). Each step of k
-// prefetches the 64-byte lines of [pf + k * pf_step, pf + (k + 1) * pf_step), at least one (never faults: it may
-// point past the end of the weight).
-template <int R, typename Src>
-void tile_rows(const float* x, int64_t ldx, Src src, int64_t k_len, float* y, int64_t ldy, const char* pf,
-               int64_t pf_step) {
-  v16 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) { acc0[r] = v16{}; acc1[r] = v16{}; }
-  for (int64_t k0 = 0; k0 < k_len; k0 += kTile) {
-    src.at_block(k0 / kTile);
-    const int64_t k1 = k0 + kTile < k_len ? k0 + kTile : k_len;
-    for (int64_t k = k0; k < k1; ++k) {
-      ditto::prefetch(pf + k * pf_step);
-      for (int64_t b = 64; b < pf_step; b += 64) ditto::prefetch(pf + k * pf_step + b);
-      v16 w0, w1;
-      src.row(k, w0, w1);
-      for (int r = 0; r < R; ++r) {
-        const float xv = x[r * ldx + k];
-        acc0[r] += xv * w0;
-        acc1[r] += xv * w1;
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) { ditto::store16(y + r * ldy, acc0[r]); ditto::store16(y + r * ldy + 16, acc1[r]); }
-}
 
 // All m rows of x against tile t (src set to that tile), 8 rows at a time; `first`: no earlier call prefetched it.
 template <typename Src>
