@@ -30,26 +30,12 @@ struct Shape {
 };
 
 // Scores of rows [0, m) (row = g * tn + i: query head g, token t0 + i) over keys [0, n), softmax-normalised in
-// place, zero past each row's last visible key and up to n32.
+// place over each row's visible keys, zero past them up to n32.
 void softmax_rows(float* sc, int64_t m, int64_t tn, int64_t n, int64_t n32, int64_t first_visible_end) {
   for (int64_t r = 0; r < m; ++r) {
     float* row = sc + r * n32;
     const int64_t c = std::min(n, first_visible_end + r % tn);  // keys [0, c) visible to this query
-    float mx = -INFINITY;
-    for (int64_t s = 0; s < c; ++s) mx = row[s] > mx ? row[s] : mx;
-    const int64_t cv = c / 16 * 16;
-    const v16 vm = ditto::splat(mx);
-    v16 acc{};
-    for (int64_t s = 0; s < cv; s += 16) {
-      const v16 e = ditto::exp_nonpositive(ditto::load16(row + s) - vm);
-      ditto::store16(row + s, e);
-      acc += e;
-    }
-    float total = 0.0f;
-    for (int i = 0; i < 16; ++i) total += acc[i];
-    for (int64_t s = cv; s < c; ++s) total += (row[s] = std::exp(row[s] - mx));
-    const float inv = 1.0f / total;
-    for (int64_t s = 0; s < c; ++s) row[s] *= inv;
+    ditto::softmax_row(row, c, 1.0f);
     std::fill(row + c, row + n32, 0.0f);
   }
 }

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -61,6 +62,33 @@ inline v16 exp_nonpositive(v16 x) {
   v16 scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return y * scale;
+}
+
+// row[s] = softmax(row * scale)[s] over s < n, in place (n >= 1), in float32.
+inline void softmax_row(float* row, int64_t n, float scale) {
+  const int64_t nv = n / 16 * 16;
+  // The maximum 16 lanes at a time (a scalar loop's compare-and-select chain took a third of the decode
+  // attention's time); the same value (a maximum does not depend on the order; NaNs are skipped either way).
+  v16 mv = splat(-INFINITY);
+  for (int64_t s = 0; s < nv; s += 16) {
+    const v16 x = load16(row + s);
+    mv = x > mv ? x : mv;
+  }
+  float m = -INFINITY;
+  for (int i = 0; i < 16; ++i) m = mv[i] > m ? mv[i] : m;
+  for (int64_t s = nv; s < n; ++s) m = row[s] > m ? row[s] : m;
+  m *= scale;
+  v16 tv{};
+  for (int64_t s = 0; s < nv; s += 16) {
+    const v16 e = exp_nonpositive(load16(row + s) * scale - m);
+    store16(row + s, e);
+    tv += e;
+  }
+  float total = 0.0f;
+  for (int i = 0; i < 16; ++i) total += tv[i];
+  for (int64_t s = nv; s < n; ++s) total += (row[s] = std::exp(row[s] * scale - m));
+  const float inv = 1.0f / total;
+  for (int64_t s = 0; s < n; ++s) row[s] *= inv;
 }
 
 // Ask for the cache line holding p in L2 (a hint: never faults, so it may point past the end of a buffer).

@@ -99,32 +99,7 @@ void values_block(const float* p, int64_t ld, const float* v_first, int64_t spli
 }
 
 void softmax_rows(float* sc, int64_t g_len, int64_t n, float scale) {
-  const int64_t nv = n / 16 * 16;
-  for (int64_t g = 0; g < g_len; ++g) {
-    float* row = sc + g * n;
-    // The maximum 16 lanes at a time (a scalar loop's compare-and-select chain took a third of the kernel's
-    // time); the same value (a maximum does not depend on the order; NaNs are skipped either way).
-    v16 mv = ditto::splat(-INFINITY);
-    for (int64_t s = 0; s < nv; s += 16) {
-      const v16 x = ditto::load16(row + s);
-      mv = x > mv ? x : mv;
-    }
-    float m = -INFINITY;
-    for (int i = 0; i < 16; ++i) m = mv[i] > m ? mv[i] : m;
-    for (int64_t s = nv; s < n; ++s) m = row[s] > m ? row[s] : m;
-    m *= scale;
-    v16 tv{};
-    for (int64_t s = 0; s < nv; s += 16) {
-      const v16 e = ditto::exp_nonpositive(ditto::load16(row + s) * scale - m);
-      ditto::store16(row + s, e);
-      tv += e;
-    }
-    float total = 0.0f;
-    for (int i = 0; i < 16; ++i) total += tv[i];
-    for (int64_t s = nv; s < n; ++s) total += (row[s] = std::exp(row[s] * scale - m));
-    const float inv = 1.0f / total;
-    for (int64_t s = 0; s < n; ++s) row[s] *= inv;
-  }
+  for (int64_t g = 0; g < g_len; ++g) ditto::softmax_row(sc + g * n, n, scale);
 }
 
 // One row's view of one kv head: its queries [G, D], its keys [D, S] and values [S, D], the lead row's (for
