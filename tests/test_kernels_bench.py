@@ -135,9 +135,12 @@ def test_bench_cpu_kernels_checks_and_times_both_paths():
     result = bench_cpu_kernels.run(args)
     assert result["errors"] == 0, result["rows"]
     assert [(r["case"], r["batch"]) for r in result["rows"]] == [
-        (case, b) for b in (3, 9) for case in ("matmul chain", "head", "attention")]
+        (case, b) for b in (3, 9) for case in ("matmul chain", "head", "attention", "prompt attention", "sampler")]
     for r in result["rows"]:
         assert r["xla_ms"] > 0 and r["kernel_ms"] > 0 and r["speedup"] > 0 and r["max_abs_diff"] < 1e-4
+    sampler = result["rows"][4]
+    assert sampler["vocab"] > 0 and 0.9 <= sampler["agree"] <= 1.0
+    assert result["rows"][3]["new_tokens"] == 32 and result["rows"][3]["positions"][1] <= 80 - 32
     chain = result["rows"][0]
     assert chain["matrices"] == 2 * 4 + 1  # q/k/v, o, gate/up, down per layer, then the head
     assert 0.9 * 80 * 0.8 - 1 <= result["rows"][2]["positions"][0] <= result["rows"][2]["positions"][1] < 80

@@ -6,12 +6,18 @@ decode shapes, in the model's own code paths (``model.layers.decode_matmul`` ove
   head), every weight read from memory once per pass (the whole model's weights, as in decoding);
 - head: the head alone (one wide weight);
 - attention: one new token per row against every layer's heads-first float32 cache, rows at
-  ``--fill`` of ``--cache-len`` (spread by +-10%).
+  ``--fill`` of ``--cache-len`` (spread by +-10%);
+- prompt attention: ``--prompt-tokens`` new tokens per row after ``--fill`` of the cache, every layer of the
+  stacked ``[L, B, S, Hkv, D]`` cache (a prefill after a cached prefix; ``kernels.cpu.chunk_attention``);
+- sampler: ``sampling.logits.select_tokens`` on ``[B, vocab]`` logits with the paper's decoding (temperature 0.7,
+  top-p 0.8, repetition penalty 1.1 on 5% of the tokens), XLA's against ``kernels.cpu.select_tokens``.
 
 The two implementations alternate round by round in one process (these machines drift); each figure is the
 median over rounds, GB/s counts the bytes each read must touch (weights; keys and values up to each row's
-position). Every case is also checked: the kernel's output against XLA's (``max_abs_diff``); a case that
-disagrees beyond float32 rounding is an error in the result, not a timing.
+position; the logits for the sampler). Every case is also checked: the kernel's output against XLA's
+(``max_abs_diff``; for the sampler the log-probabilities of the rows whose tokens agree, and ``agree``, the share
+of rows whose sampled tokens agree: float rounding may move a draw across a boundary); a case that disagrees
+beyond float32 rounding is an error in the result, not a timing.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (the median is reported)")
     parser.add_argument("--iters", type=int, default=10, help="calls per round")
     parser.add_argument("--layers", type=int, default=None, help="use this many layers (default: the model's)")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="new tokens per row (prompt attention)")
 
 
 def _weights(cfg: Any, layers: int, rng: Any) -> list[Any]:
@@ -133,6 +140,81 @@ def _attention_case(cfg: Any, layers: int, batch: int, args: argparse.Namespace,
     return row
 
 
+def _prompt_attention_case(cfg: Any, layers: int, batch: int, args: argparse.Namespace,
+                           rng: Any) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ditto_jax.model.attention import cached_attention
+
+    hkv, hq, hd, s, t = cfg.num_kv_heads, cfg.num_heads, cfg.dim_per_head, args.cache_len, args.prompt_tokens
+    k = jnp.asarray(rng.standard_normal((layers, batch, s, hkv, hd), dtype=np.float32))
+    v = jnp.asarray(rng.standard_normal((layers, batch, s, hkv, hd), dtype=np.float32))
+    q = jnp.asarray(rng.standard_normal((batch, t, hq, hd), dtype=np.float32))
+    centre = args.fill * s
+    off = np.clip(rng.uniform(0.9 * centre, 1.1 * centre, batch).astype(np.int32), 0, max(s - t, 0))
+
+    def step(kernel: bool):
+        @jax.jit
+        def run(q, k, v, off):  # every layer of the stacked cache, as the prompt phases read it
+            return jnp.stack([cached_attention(q, k, v, q_offset=off, impl="xla", cpu_kernel=kernel,
+                                               layer=jnp.int32(i)) for i in range(layers)])
+        return run
+
+    xla_fn, kernel_fn = step(False), step(True)
+    offj = jnp.asarray(off)
+    diff = float(jnp.max(jnp.abs(xla_fn(q, k, v, offj) - kernel_fn(q, k, v, offj))))
+    t_run = _rounds({"xla": lambda: xla_fn(q, k, v, offj), "kernel": lambda: kernel_fn(q, k, v, offj)},
+                    args.rounds, args.iters)
+    read = sum(min(int(o) + t, s) for o in off) * hkv * hd * 2 * 4 * layers  # keys and values the queries see
+    row = {"case": "prompt attention", "batch": batch, "layers": layers, "cache_len": s, "new_tokens": t,
+           "positions": [int(off.min()), int(off.max())], "mbytes": round(read / 1e6, 1),
+           "xla_ms": round(t_run["xla"] * 1e3, 3), "kernel_ms": round(t_run["kernel"] * 1e3, 3),
+           "xla_gbs": round(read / t_run["xla"] / 1e9, 1), "kernel_gbs": round(read / t_run["kernel"] / 1e9, 1),
+           "speedup": round(t_run["xla"] / t_run["kernel"], 2), "max_abs_diff": diff}
+    if not diff <= 1e-4:
+        row["error"] = f"kernel and XLA disagree: max |diff| {diff:.3g}"
+    return row
+
+
+def _sampler_case(cfg: Any, batch: int, args: argparse.Namespace, rng: Any) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ditto_jax.sampling.logits import select_tokens
+
+    vocab = cfg.vocab_size
+    logits = jnp.asarray(rng.standard_normal((batch, vocab), dtype=np.float32) * 3.0)
+    presence = jnp.asarray(rng.random((batch, vocab)) < 0.05)
+    rows = {"temperature": jnp.full((batch,), 0.7, jnp.float32), "top_k": jnp.zeros((batch,), jnp.int32),
+            "top_p": jnp.full((batch,), 0.8, jnp.float32),
+            "repetition_penalty": jnp.full((batch,), 1.1, jnp.float32)}
+    keys = jax.random.split(jax.random.key(0), batch)
+
+    def step(kernel: bool):
+        @jax.jit
+        def run(logits):
+            return select_tokens(logits, presence=presence, keys=keys, max_top_k=64, kernel=kernel, **rows)
+        return run
+
+    xla_fn, kernel_fn = step(False), step(True)
+    (x_tok, x_lp), (k_tok, k_lp) = (tuple(map(np.asarray, f(logits))) for f in (xla_fn, kernel_fn))
+    same = x_tok == k_tok
+    diff = float(np.max(np.abs(x_lp[same] - k_lp[same]))) if same.any() else float("inf")
+    t = _rounds({"xla": lambda: xla_fn(logits), "kernel": lambda: kernel_fn(logits)}, args.rounds, args.iters)
+    nbytes = batch * vocab * 4
+    row = {"case": "sampler", "batch": batch, "vocab": vocab, "mbytes": round(nbytes / 1e6, 1),
+           "xla_ms": round(t["xla"] * 1e3, 3), "kernel_ms": round(t["kernel"] * 1e3, 3),
+           "xla_gbs": round(nbytes / t["xla"] / 1e9, 1), "kernel_gbs": round(nbytes / t["kernel"] / 1e9, 1),
+           "speedup": round(t["xla"] / t["kernel"], 2), "max_abs_diff": diff, "agree": round(float(same.mean()), 3)}
+    if not (diff <= 1e-4 and same.mean() >= 0.9):
+        row["error"] = (f"kernel and XLA sampler disagree: tokens agree in {same.mean():.0%} of rows, log-probability "
+                        f"max |diff| {diff:.3g}")
+    return row
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every case for every ``--batch``; returns the result dict (``rows``, one per case and batch)."""
     import jax
@@ -154,6 +236,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(_matmul_case("matmul chain", weights, batch, args, rng))
         rows.append(_matmul_case("head", weights[-1:], batch, args, rng))
         rows.append(_attention_case(cfg, layers, batch, args, rng))
+        rows.append(_prompt_attention_case(cfg, layers, batch, args, rng))
+        rows.append(_sampler_case(cfg, batch, args, rng))
     return {"bench": "cpu-kernels", "config": args.config, "layers": layers, "cpu": _cpu_name(),
             "cores": len(os.sched_getaffinity(0)), "kernel_threads": os.environ.get("DITTO_CPU_KERNEL_THREADS"),
             "rounds": args.rounds, "iters": args.iters, "rows": rows, "errors": sum("error" in r for r in rows)}
@@ -169,7 +253,7 @@ def _cpu_name() -> str:
 
 def table(result: dict[str, Any]) -> str:
     """Markdown: one line per case and batch."""
-    lines = [f"CPU decode kernels against XLA ({result['config']}, {result['layers']} layers, {result['cores']} "
+    lines = [f"CPU kernels against XLA ({result['config']}, {result['layers']} layers, {result['cores']} "
              f"cores, {result['rounds']} alternating rounds, medians)", "",
              "| case | B | MB read | XLA ms | kernel ms | XLA GB/s | kernel GB/s | speed-up | max abs diff |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
