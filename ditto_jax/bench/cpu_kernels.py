@@ -72,6 +72,25 @@ def _rounds(fns: dict[str, Callable[[], Any]], rounds: int, iters: int) -> dict[
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _timed(case: str, batch: int, nbytes: int, t: dict[str, float], diff: float, **extra: Any) -> dict[str, Any]:
+    """One result row: the medians ``t`` of both paths, the bytes a call must touch, the check's difference."""
+    return {"case": case, "batch": batch, **extra, "mbytes": round(nbytes / 1e6, 1),
+            "xla_ms": round(t["xla"] * 1e3, 3), "kernel_ms": round(t["kernel"] * 1e3, 3),
+            "xla_gbs": round(nbytes / t["xla"] / 1e9, 1), "kernel_gbs": round(nbytes / t["kernel"] / 1e9, 1),
+            "speedup": round(t["xla"] / t["kernel"], 2), "max_abs_diff": diff}
+
+
+def _both(make: Callable[[bool], Callable[..., Any]], operands: tuple[Any, ...],
+          args: argparse.Namespace) -> tuple[float, dict[str, float]]:
+    """``make(kernel)`` -> a function of ``operands``: the two outputs' max |difference| and both medians."""
+    import jax.numpy as jnp
+
+    xla_fn, kernel_fn = make(False), make(True)
+    diff = float(jnp.max(jnp.abs(xla_fn(*operands) - kernel_fn(*operands))))
+    t = _rounds({"xla": lambda: xla_fn(*operands), "kernel": lambda: kernel_fn(*operands)}, args.rounds, args.iters)
+    return diff, t
+
+
 def _matmul_case(name: str, weights: list[Any], batch: int, args: argparse.Namespace, rng: Any) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
@@ -93,10 +112,7 @@ def _matmul_case(name: str, weights: list[Any], batch: int, args: argparse.Names
     scale = float(jnp.max(jnp.abs(xla)))
     t = _rounds({"xla": lambda: chain(xs, plain), "kernel": lambda: chain(xs, packed)}, args.rounds, args.iters)
     nbytes = sum(w.nbytes for w in weights)
-    row = {"case": name, "batch": batch, "matrices": len(weights), "mbytes": round(nbytes / 1e6, 1),
-           "xla_ms": round(t["xla"] * 1e3, 3), "kernel_ms": round(t["kernel"] * 1e3, 3),
-           "xla_gbs": round(nbytes / t["xla"] / 1e9, 1), "kernel_gbs": round(nbytes / t["kernel"] / 1e9, 1),
-           "speedup": round(t["xla"] / t["kernel"], 2), "max_abs_diff": diff}
+    row = _timed(name, batch, nbytes, t, diff, matrices=len(weights))
     if not diff <= 1e-4 * max(scale, 1.0):
         row["error"] = f"kernel and XLA disagree: max |diff| {diff:.3g} (outputs up to {scale:.3g})"
     return row
@@ -124,17 +140,10 @@ def _attention_case(cfg: Any, layers: int, batch: int, args: argparse.Namespace,
                                                sliding_window=window, cpu_kernel=kernel) for k, v in zip(ks, vs)])
         return run
 
-    xla_fn, kernel_fn = step(False), step(True)
-    posj = jnp.asarray(pos)
-    diff = float(jnp.max(jnp.abs(xla_fn(q, ks, vs, posj) - kernel_fn(q, ks, vs, posj))))
-    t = _rounds({"xla": lambda: xla_fn(q, ks, vs, posj), "kernel": lambda: kernel_fn(q, ks, vs, posj)},
-                args.rounds, args.iters)
+    diff, t = _both(step, (q, ks, vs, jnp.asarray(pos)), args)
     read = sum(int(p) + 1 for p in pos) * hkv * hd * 2 * 4 * layers  # keys and values up to each row's position
-    row = {"case": "attention", "batch": batch, "layers": layers, "cache_len": s,
-           "positions": [int(pos.min()), int(pos.max())], "mbytes": round(read / 1e6, 1),
-           "xla_ms": round(t["xla"] * 1e3, 3), "kernel_ms": round(t["kernel"] * 1e3, 3),
-           "xla_gbs": round(read / t["xla"] / 1e9, 1), "kernel_gbs": round(read / t["kernel"] / 1e9, 1),
-           "speedup": round(t["xla"] / t["kernel"], 2), "max_abs_diff": diff}
+    row = _timed("attention", batch, read, t, diff, layers=layers, cache_len=s,
+                 positions=[int(pos.min()), int(pos.max())])
     if not diff <= 1e-4:
         row["error"] = f"kernel and XLA disagree: max |diff| {diff:.3g}"
     return row
@@ -162,17 +171,10 @@ def _prompt_attention_case(cfg: Any, layers: int, batch: int, args: argparse.Nam
                                                layer=jnp.int32(i)) for i in range(layers)])
         return run
 
-    xla_fn, kernel_fn = step(False), step(True)
-    offj = jnp.asarray(off)
-    diff = float(jnp.max(jnp.abs(xla_fn(q, k, v, offj) - kernel_fn(q, k, v, offj))))
-    t_run = _rounds({"xla": lambda: xla_fn(q, k, v, offj), "kernel": lambda: kernel_fn(q, k, v, offj)},
-                    args.rounds, args.iters)
+    diff, t_run = _both(step, (q, k, v, jnp.asarray(off)), args)
     read = sum(min(int(o) + t, s) for o in off) * hkv * hd * 2 * 4 * layers  # keys and values the queries see
-    row = {"case": "prompt attention", "batch": batch, "layers": layers, "cache_len": s, "new_tokens": t,
-           "positions": [int(off.min()), int(off.max())], "mbytes": round(read / 1e6, 1),
-           "xla_ms": round(t_run["xla"] * 1e3, 3), "kernel_ms": round(t_run["kernel"] * 1e3, 3),
-           "xla_gbs": round(read / t_run["xla"] / 1e9, 1), "kernel_gbs": round(read / t_run["kernel"] / 1e9, 1),
-           "speedup": round(t_run["xla"] / t_run["kernel"], 2), "max_abs_diff": diff}
+    row = _timed("prompt attention", batch, read, t_run, diff, layers=layers, cache_len=s, new_tokens=t,
+                 positions=[int(off.min()), int(off.max())])
     if not diff <= 1e-4:
         row["error"] = f"kernel and XLA disagree: max |diff| {diff:.3g}"
     return row
@@ -205,10 +207,8 @@ def _sampler_case(cfg: Any, batch: int, args: argparse.Namespace, rng: Any) -> d
     diff = float(np.max(np.abs(x_lp[same] - k_lp[same]))) if same.any() else float("inf")
     t = _rounds({"xla": lambda: xla_fn(logits), "kernel": lambda: kernel_fn(logits)}, args.rounds, args.iters)
     nbytes = batch * vocab * 4
-    row = {"case": "sampler", "batch": batch, "vocab": vocab, "mbytes": round(nbytes / 1e6, 1),
-           "xla_ms": round(t["xla"] * 1e3, 3), "kernel_ms": round(t["kernel"] * 1e3, 3),
-           "xla_gbs": round(nbytes / t["xla"] / 1e9, 1), "kernel_gbs": round(nbytes / t["kernel"] / 1e9, 1),
-           "speedup": round(t["xla"] / t["kernel"], 2), "max_abs_diff": diff, "agree": round(float(same.mean()), 3)}
+    row = _timed("sampler", batch, nbytes, t, diff, vocab=vocab)
+    row["agree"] = round(float(same.mean()), 3)
     if not (diff <= 1e-4 and same.mean() >= 0.9):
         row["error"] = (f"kernel and XLA sampler disagree: tokens agree in {same.mean():.0%} of rows, log-probability "
                         f"max |diff| {diff:.3g}")
