@@ -64,28 +64,44 @@ inline v16 exp_nonpositive(v16 x) {
   return y * scale;
 }
 
+// The largest and the sum of a vector's 16 lanes (the sum from lane 0 up).
+inline float hmax(v16 v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+inline float hsum(v16 v) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// max(x[0 .. n)) (-inf for n == 0), 16 lanes at a time (a scalar loop's compare-and-select chain took a third of
+// the decode attention's time); the same value in any order (NaNs are skipped either way).
+inline float row_max(const float* x, int64_t n) {
+  const int64_t nv = n / 16 * 16;
+  v16 m = splat(-INFINITY);
+  for (int64_t i = 0; i < nv; i += 16) {
+    const v16 v = load16(x + i);
+    m = v > m ? v : m;
+  }
+  float out = hmax(m);
+  for (int64_t i = nv; i < n; ++i) out = x[i] > out ? x[i] : out;
+  return out;
+}
+
 // row[s] = softmax(row * scale)[s] over s < n, in place (n >= 1), in float32.
 inline void softmax_row(float* row, int64_t n, float scale) {
   const int64_t nv = n / 16 * 16;
-  // The maximum 16 lanes at a time (a scalar loop's compare-and-select chain took a third of the decode
-  // attention's time); the same value (a maximum does not depend on the order; NaNs are skipped either way).
-  v16 mv = splat(-INFINITY);
-  for (int64_t s = 0; s < nv; s += 16) {
-    const v16 x = load16(row + s);
-    mv = x > mv ? x : mv;
-  }
-  float m = -INFINITY;
-  for (int i = 0; i < 16; ++i) m = mv[i] > m ? mv[i] : m;
-  for (int64_t s = nv; s < n; ++s) m = row[s] > m ? row[s] : m;
-  m *= scale;
+  const float m = row_max(row, n) * scale;
   v16 tv{};
   for (int64_t s = 0; s < nv; s += 16) {
     const v16 e = exp_nonpositive(load16(row + s) * scale - m);
     store16(row + s, e);
     tv += e;
   }
-  float total = 0.0f;
-  for (int i = 0; i < 16; ++i) total += tv[i];
+  float total = hsum(tv);
   for (int64_t s = nv; s < n; ++s) total += (row[s] = std::exp(row[s] * scale - m));
   const float inv = 1.0f / total;
   for (int64_t s = 0; s < n; ++s) row[s] *= inv;

@@ -19,6 +19,8 @@
 #include "common.h"
 
 namespace ffi = xla::ffi;
+using ditto::hsum;
+using ditto::row_max;
 using ditto::v16;
 
 namespace {
@@ -28,30 +30,6 @@ int64_t block_size(int64_t vocab) {
   for (int64_t bs : {256, 512, 128, 64})
     if (vocab % bs == 0) return bs;
   return 256;
-}
-
-float hmax(v16 v) {
-  float m = v[0];
-  for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
-float hsum(v16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
-
-float row_max(const float* x, int64_t n) {
-  const int64_t nv = n / 16 * 16;
-  v16 m = ditto::splat(-INFINITY);
-  for (int64_t i = 0; i < nv; i += 16) {
-    const v16 v = ditto::load16(x + i);
-    m = v > m ? v : m;
-  }
-  float out = nv > 0 ? hmax(m) : -INFINITY;
-  for (int64_t i = nv; i < n; ++i) out = x[i] > out ? x[i] : out;
-  return out;
 }
 
 // log(sum(exp(x))) over a row.
@@ -131,25 +109,29 @@ struct Row {
   const float* u;  // [rounds]
 };
 
-// A row's scores from its logits: the repetition penalty on present tokens, then the constraint mask.
+// The constraint automata: the transition table and each constraint's token classes.
 struct Constraint {
   const int32_t *next_state, *token_class;  // [S, C], [NC, V]
   int64_t states, classes, constraints;
 };
 
-void row_scores(const float* logits, const bool* presence, float penalty, int32_t cstate, int32_t ccon,
-                const Constraint& c, int64_t vocab, float* out) {
+// A row's scores: its logits with the repetition penalty on present tokens, then the constraint mask, written to
+// `out`; the logits themselves where neither applies (no copy).
+const float* row_scores(const float* logits, const bool* presence, float penalty, int32_t cstate, int32_t ccon,
+                        const Constraint& c, int64_t vocab, float* out) {
   const bool penalise = penalty != 1.0f;
+  if (!penalise && cstate < 0) return logits;
   for (int64_t i = 0; i < vocab; ++i) {
     const float l = logits[i];
     out[i] = penalise && presence[i] ? (l < 0.0f ? l * penalty : l / penalty) : l;
   }
-  if (cstate < 0) return;
+  if (cstate < 0) return out;
   // indices clamped into range, as XLA's gathers do
   const int64_t st = std::min<int64_t>(cstate, c.states - 1), con = std::clamp<int64_t>(ccon, 0, c.constraints - 1);
   const int32_t *cls = c.token_class + con * vocab, *next = c.next_state + st * c.classes;
   for (int64_t i = 0; i < vocab; ++i)
     if (next[std::clamp<int64_t>(cls[i], 0, c.classes - 1)] < 0) out[i] = -INFINITY;
+  return out;
 }
 
 int32_t sample_row(const Row& row, int64_t vocab, int64_t rounds, std::vector<float>& e, std::vector<float>& sums,
@@ -219,8 +201,8 @@ ffi::Error SelectTokensImpl(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::PRED>
     thread_local std::vector<float> scores, e, sums, scratch;
     const float* row_logits = lp + b * vocab;
     scores.resize(vocab);
-    row_scores(row_logits, pres + b * vocab, pen[b], cs[b], cc[b], con, vocab, scores.data());
-    const Row row{scores.data(), tp[b], kp[b], pp[b], up + b * rounds};
+    const Row row{row_scores(row_logits, pres + b * vocab, pen[b], cs[b], cc[b], con, vocab, scores.data()), tp[b],
+                  kp[b], pp[b], up + b * rounds};
     const int32_t j = row.temperature > 0.0f ? sample_row(row, vocab, rounds, e, sums, scratch)
                                              : first_argmax(row.scores, vocab);
     tok[b] = j;
