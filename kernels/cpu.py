@@ -380,25 +380,26 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Arra
 
 
 def select_tokens(logits: jax.Array, presence: jax.Array | None, penalty: jax.Array,
-                  constraint: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None, temperature: jax.Array,
-                  kth: jax.Array, top_p: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+                  constraint: tuple[tuple[jax.Array, jax.Array], jax.Array, jax.Array] | None,
+                  temperature: jax.Array, kth: jax.Array, top_p: jax.Array,
+                  u: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The next token of each row and its log-probability under ``logits`` (``available()`` must hold).
 
     ``logits [B, V]`` float32, raw. The scores are ``logits`` with the repetition ``penalty [B]`` on the tokens
-    ``presence [B, V]`` marks (``None``: none), then ``-inf`` where ``constraint = (next_state [S, C],
-    token_class [NC, V], cstate [B], ccon [B])`` allows no transition (rows with ``cstate < 0``, or ``None``:
-    unconstrained). Per row: ``temperature`` (``<= 0``: the first index of the largest score), ``kth`` (keep
-    ``scores / temperature >= kth``; ``-inf``: all), ``top_p``; ``u [B, R]`` uniforms in ``[0, 1)``, one a round:
-    rounds ``0 .. R - 2`` draw by pivot rejection, round ``R - 1`` from the exact nucleus found by sorting
-    (``sampling.logits.sample_nucleus`` with ``max_rounds = R - 1`` and the same uniforms). Returns ``(tokens [B]
-    int32, logprobs [B] float32)``."""
+    ``presence [B, V]`` marks (``None``: none), then ``-inf`` where ``constraint = ((next_state [S, C],
+    token_class [NC, V]), cstate [B], ccon [B])`` (``sampling.logits.constraint_mask``'s) allows no transition
+    (rows with ``cstate < 0``, or ``None``: unconstrained). Per row: ``temperature`` (``<= 0``: the first index
+    of the largest score), ``kth`` (keep ``scores / temperature >= kth``; ``-inf``: all), ``top_p``; ``u [B, R]``
+    uniforms in ``[0, 1)``, one a round: rounds ``0 .. R - 2`` draw by pivot rejection, round ``R - 1`` from the
+    exact nucleus found by sorting (``sampling.logits.sample_nucleus`` with ``max_rounds = R - 1`` and the same
+    uniforms). Returns ``(tokens [B] int32, logprobs [B] float32)``."""
     b, v = logits.shape
     if presence is None:
         presence = jnp.zeros((b, v), bool)
     if constraint is None:
-        constraint = (jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, v), jnp.int32), jnp.full((b,), -1, jnp.int32),
+        constraint = ((jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, v), jnp.int32)), jnp.full((b,), -1, jnp.int32),
                       jnp.zeros((b,), jnp.int32))
-    next_state, token_class, cstate, ccon = constraint
+    (next_state, token_class), cstate, ccon = constraint
     if (presence.shape != (b, v) or u.ndim != 2 or u.shape[0] != b or u.shape[1] < 1 or next_state.ndim != 2
             or token_class.ndim != 2 or token_class.shape[1] != v
             or any(jnp.shape(a) != (b,) for a in (penalty, cstate, ccon, temperature, kth, top_p))):

@@ -160,16 +160,17 @@ def sample_nucleus(e: jax.Array, top_p: jax.Array, keys: jax.Array, active: jax.
     return jax.lax.while_loop(cond, body, init)[2]
 
 
-def select_tokens(logits: jax.Array, *, constraint: tuple[tuple[jax.Array, jax.Array], jax.Array, jax.Array] | None = None,
-                  presence: jax.Array | None,
+def select_tokens(logits: jax.Array, *, presence: jax.Array | None,
+                  constraint: tuple[tuple[jax.Array, jax.Array], jax.Array, jax.Array] | None = None,
                   temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, repetition_penalty: jax.Array,
                   keys: jax.Array, max_top_k: int, max_rounds: int = 32,
                   kernel: bool = False) -> tuple[jax.Array, jax.Array]:
     """Choose the next token of every row. Returns ``(tokens [B] int32, logprobs [B])``.
 
-    ``logits [B, V]`` float32 (raw model output); ``constraint = (tables, cstate, ccon)`` masks the tokens
-    each constrained row may not take (``constraint_mask``); ``presence [B, V]`` bool marks tokens already seen (repetition penalty); per-row
-    ``temperature/top_k/top_p/repetition_penalty [B]``; ``keys [B]`` typed PRNG keys for this step.
+    ``logits [B, V]`` float32 (raw model output); ``constraint = (tables, cstate, ccon)`` masks the tokens each
+    constrained row may not take (``constraint_mask``); ``presence [B, V]`` bool marks tokens already seen
+    (repetition penalty); per-row ``temperature/top_k/top_p/repetition_penalty [B]``; ``keys [B]`` typed PRNG keys
+    for this step.
     The log-probability is under the raw distribution (``log_softmax(logits)``).
 
     ``kernel`` (the caller vouches for ``kernels.cpu.available()`` and one CPU device): everything after the
@@ -190,8 +191,7 @@ def select_tokens(logits: jax.Array, *, constraint: tuple[tuple[jax.Array, jax.A
         t = jnp.where(temperature > 0, temperature, 1.0)
         kth = jax.lax.cond(jnp.any(top_k > 0), lambda l: top_k_threshold(penalised_masked(l), top_k, max_top_k) / t,
                            lambda l: jnp.full(l.shape[:1], NEG_INF, l.dtype), logits)
-        tables = None if constraint is None else (*constraint[0], *constraint[1:])
-        return cpu_kernels.select_tokens(logits, presence, repetition_penalty, tables, temperature, kth, top_p,
+        return cpu_kernels.select_tokens(logits, presence, repetition_penalty, constraint, temperature, kth, top_p,
                                          _round_uniforms(keys, max_rounds + 1))
     scores = penalised_masked(logits)
     raw_lse = jax.nn.logsumexp(logits, axis=-1)

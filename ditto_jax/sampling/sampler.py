@@ -123,9 +123,9 @@ def _choose(logits, s: SlotState | RowParams, presence, cstate, ccon, num_genera
     keys = jax.vmap(lambda kd, n: jax.random.fold_in(jax.random.wrap_key_data(kd, impl="threefry2x32"), n))(
         s.key, num_generated)
     tokens, logprobs = select_tokens(
-        logits, constraint=(tables, cstate, ccon), presence=presence, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-        repetition_penalty=s.repetition_penalty, keys=keys, max_top_k=cfg.max_top_k, max_rounds=cfg.max_rounds,
-        kernel=kernel)
+        logits, constraint=(tables, cstate, ccon), presence=presence, temperature=s.temperature, top_k=s.top_k,
+        top_p=s.top_p, repetition_penalty=s.repetition_penalty, keys=keys, max_top_k=cfg.max_top_k,
+        max_rounds=cfg.max_rounds, kernel=kernel)
     return tokens, logprobs
 
 
