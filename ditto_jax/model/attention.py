@@ -71,6 +71,14 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, segme
     raise ValueError(f"attention implementation {impl!r} not in xla|pallas|cudnn|auto")
 
 
+def _cpu_decode_kernel(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, impl: str, heads_first: bool,
+                       cpu_kernel: bool) -> bool:
+    """Whether ``kernels.cpu.decode_attention`` serves this call: one new token per row on the xla path against a
+    heads-first float32 cache, the caller vouching for the kernels (``cpu_kernel``)."""
+    return (heads_first and cpu_kernel and q.shape[1] == 1 and resolve_impl(impl) == "xla"
+            and k_cache.dtype == v_cache.dtype == jnp.float32)
+
+
 def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *,
                      lengths: jax.Array, impl: str, sliding_window: int | None = None, heads_first: bool = False,
                      width: int | None = None, cpu_kernel: bool = False,
@@ -80,7 +88,7 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
     v_cache)``. On the CPU kernel path (see ``cached_attention``) ``kernels.cpu.decode_attention`` writes them in
     place itself (XLA's scatter of one key per row into the heads-first ``[B, Hkv, D, S]`` keys is strided: 0.45 ms
     of a 15 ms step for the 40M model at 16 rows)."""
-    if heads_first and cpu_kernel and k_cache.dtype == v_cache.dtype == jnp.float32 and q.shape[1] == 1:
+    if _cpu_decode_kernel(q, k_cache, v_cache, impl, heads_first, cpu_kernel):
         o, k_cache, v_cache = cpu_kernels.decode_attention(q[:, 0], k_cache, v_cache, lengths, sliding_window,
                                                            shared=shared, new_kv=(k[:, 0], v[:, 0]))
         return o.astype(q.dtype)[:, None], k_cache, v_cache
@@ -126,7 +134,7 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
         if q.shape[1] != 1 or impl != "xla":
             raise ValueError(f"a heads-first cache serves one new token per row on the xla path (got "
                              f"{q.shape[1]} tokens, attention {impl!r}); build the cache with heads_first=False")
-        if cpu_kernel and k_cache.dtype == v_cache.dtype == jnp.float32:
+        if _cpu_decode_kernel(q, k_cache, v_cache, impl, heads_first, cpu_kernel):
             o = cpu_kernels.decode_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window, shared=shared)
             return o.astype(q.dtype)[:, None]
         return heads_first_query_attention(q[:, 0], k_cache, v_cache, q_offset, sliding_window, width)[:, None]
