@@ -155,6 +155,13 @@ def available() -> bool:
     return _load() is None
 
 
+def usable_on(devices: Any) -> bool:
+    """Whether the kernels can run a computation placed on ``devices`` (an iterable of JAX devices): exactly one,
+    a CPU, and ``available()``. Callers that vouch for the kernels (``cpu_kernel=True``) decide by this."""
+    devices = list(devices)
+    return len(devices) == 1 and devices[0].platform == "cpu" and available()
+
+
 def reason() -> str | None:
     """Why the kernels cannot run (``None`` when they can)."""
     return _load()

@@ -329,8 +329,7 @@ def decode_weights(model: Transformer, *, cpu_kernel: bool | None = None) -> Dec
     one CPU device and the kernels are available."""
     embed = model.embed_tokens[...]
     if cpu_kernel is None:
-        cpu_kernel = (model.cfg.compute_dtype == jnp.float32 and len(embed.sharding.device_set) == 1
-                      and next(iter(embed.sharding.device_set)).platform == "cpu" and cpu_kernels.available())
+        cpu_kernel = model.cfg.compute_dtype == jnp.float32 and cpu_kernels.usable_on(embed.sharding.device_set)
     params = _layer_weights(model.layers) | {
         "embed": embed, "norm": model.norm[...], "head": None if model.lm_head is None else model.lm_head[...]}
     build = _decode_source(model) if cpu_kernel and model.cfg.compute_dtype == jnp.float32 else None

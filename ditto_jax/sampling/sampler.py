@@ -480,10 +480,9 @@ class StepFunctions:
               state_shardings: SlotState | None) -> "StepFunctions":
         """New jitted functions (nothing compiled yet; each compiles per argument shape on first call)."""
         out_state = None if state_shardings is None else (state_shardings, None, None, None)
-        # one CPU device (no mesh: the sampler commits the arrays to one): the prompt phases' attention by
-        # kernels.cpu, as the decode step's (decode_weights' check)
-        cpu_kernel = ((mesh is None or mesh.devices.size == 1) and jax.default_backend() == "cpu"
-                      and cpu_kernels.available())
+        # one CPU device (no mesh: the sampler commits the arrays to the first): the prompt phases' attention by
+        # kernels.cpu, decided as decode_weights decides the decode step's
+        cpu_kernel = cpu_kernels.usable_on(jax.local_devices()[:1] if mesh is None else mesh.devices.flat)
         static = repr((graphdef, cfg, mcfg, state_shardings, decode_compiler_options(), cpu_kernel))
         prefill = SavedJit(jax.jit(functools.partial(prefill_fn, graphdef, cfg=cfg, cpu_kernel=cpu_kernel),
                                    donate_argnums=(1,),
