@@ -263,3 +263,38 @@ def test_chunk_attention_refuses_mismatched_shapes():
         cpu_kernels.chunk_attention(q, k, k[:, :, :1], jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
         cpu_kernels.chunk_attention(jnp.zeros((2, 4, 3, 8)), k, k, jnp.zeros((2,), jnp.int32))
+
+
+def test_matmul_loads_openblas_here():
+    assert cpu_kernels.matmul_available(), cpu_kernels.matmul_reason()
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (37, 19, 3), (5, 64, 130), (300, 33, 17), (67, 0, 9)])
+def test_matmul_equals_numpy(trans_a, trans_b, m, k, n):
+    """Rows split (M >= N) or columns split (N > M) over the workers, parts that are not multiples of 16, one row,
+    an empty contraction; either operand read transposed in place."""
+    rng = np.random.RandomState(m * 100 + k + n)
+    a, b = rng.randn(m, k).astype(np.float32), rng.randn(k, n).astype(np.float32)
+    a_in, b_in = (a.T.copy() if trans_a else a), (b.T.copy() if trans_b else b)
+    got = np.asarray(jax.jit(lambda x, y: cpu_kernels.matmul(x, y, trans_a=trans_a, trans_b=trans_b))(a_in, b_in))
+    assert got.shape == (m, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b.astype(np.float64), rtol=1e-5, atol=1e-5 * np.sqrt(k + 1))
+
+
+def test_matmul_refuses_what_it_cannot_multiply():
+    a = jnp.zeros((4, 8), jnp.float32)
+    with pytest.raises(ValueError, match="do not multiply"):
+        cpu_kernels.matmul(a, jnp.zeros((4, 8), jnp.float32))
+    with pytest.raises(ValueError, match="float32 matrices"):
+        cpu_kernels.matmul(a.astype(jnp.bfloat16), jnp.zeros((8, 2), jnp.bfloat16))
+    with pytest.raises(ValueError, match="float32 matrices"):
+        cpu_kernels.matmul(jnp.zeros((2, 4, 8), jnp.float32), jnp.zeros((8, 2), jnp.float32))
+
+
+def test_matmul_switched_off_says_why():
+    code = "from ditto_jax.kernels import cpu; print(cpu.available(), cpu.matmul_available(), cpu.matmul_reason())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "DITTO_CPU_BLAS": "0"}).stdout
+    assert out.strip() == "True False switched off (DITTO_CPU_BLAS=0)"

@@ -1,4 +1,5 @@
-"""kernels/ depends only on jax (and numpy / the standard library): DESIGN.md's bottom layer.
+"""kernels/ depends only on jax (and numpy / the standard library): DESIGN.md's bottom layer. One addition:
+``scipy_openblas32``, which only locates the OpenBLAS library that ``kernels.cpu.matmul`` calls (no Python API).
 
 import-linter cannot see this folder (it is mapped to ``ditto_jax.kernels`` by pyproject's package-dir, outside
 the ``ditto_jax/`` tree it walks), so the rule is checked here on the source.
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-ALLOWED_ROOTS = {"jax", "jaxlib", "numpy", "ditto_jax"} | set(sys.stdlib_module_names)
+ALLOWED_ROOTS = {"jax", "jaxlib", "numpy", "scipy_openblas32", "ditto_jax"} | set(sys.stdlib_module_names)
 
 
 def _imports(path: Path):
@@ -21,7 +22,7 @@ def _imports(path: Path):
             yield node.lineno, node.module or ""
 
 
-def test_kernels_import_only_jax_numpy_stdlib_and_themselves():
+def test_kernels_import_only_jax_numpy_openblas_stdlib_and_themselves():
     files = sorted(KERNELS.glob("*.py"))
     assert files, KERNELS
     bad = []

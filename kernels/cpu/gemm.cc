@@ -1,0 +1,64 @@
+// c[M, N] = op(a) @ op(b) in float32 through OpenBLAS's sgemm (scipy-openblas32, loaded by kernels/cpu.py), for
+// the large products of a training step and a prompt phase.
+//
+// XLA's CPU dots ran the 40M model's products at 185-265 GFLOP/s on a 2-core Xeon VM where OpenBLAS runs them at
+// 275-320 (the tied head's [4096, 512] x [512, 32000]: 185-200 against 290), and XLA copies the activations
+// transposed before every weight-gradient dot; sgemm reads either operand transposed in place. OpenBLAS runs
+// single-threaded here: the kernels' own workers (common.h) split the rows of c, or its columns when it has more,
+// so that its threads never spin beside XLA's between calls.
+#include "common.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// cblas_sgemm's signature; the enum arguments as the ints of cblas.h (row-major 101, no transpose 111, transpose 112).
+typedef void (*Sgemm)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
+Sgemm g_sgemm = nullptr;
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c, bool trans_a,
+                    bool trans_b) {
+  if (g_sgemm == nullptr) return ffi::Error::Internal("ditto_gemm: no sgemm was set (kernels/cpu.py loads OpenBLAS)");
+  const auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2) return ffi::Error::InvalidArgument("ditto_gemm: 2-D operands");
+  const int64_t m = cd[0], n = cd[1], k = trans_a ? ad[0] : ad[1], lda = ad[1], ldb = bd[1];
+  if ((trans_a ? ad[1] : ad[0]) != m || (trans_b ? bd[1] : bd[0]) != k || (trans_b ? bd[0] : bd[1]) != n)
+    return ffi::Error::InvalidArgument("ditto_gemm: operand shapes do not multiply to the output's");
+  const float* pa = a.typed_data();
+  const float* pb = b.typed_data();
+  float* pc = c->typed_data();
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::memset(pc, 0, sizeof(float) * m * n);
+    return ffi::Error::Success();
+  }
+  const int ta = trans_a ? kTrans : kNoTrans, tb = trans_b ? kTrans : kNoTrans;
+  // Two parts a thread (16-row or 16-column multiples): a thread slowed by XLA's work takes fewer of them.
+  const bool by_rows = m >= n;
+  const int64_t total = by_rows ? m : n, parts = 2 * ditto::thread_count();
+  const int64_t step = ((total + parts - 1) / parts + 15) / 16 * 16;
+  ditto::parallel_for((total + step - 1) / step, 1, [&](int64_t i) {
+    const int64_t lo = i * step, len = std::min(step, total - lo);
+    if (by_rows) {
+      g_sgemm(kRowMajor, ta, tb, len, n, k, 1.0f, trans_a ? pa + lo : pa + lo * lda, lda, pb, ldb, 0.0f, pc + lo * n, n);
+    } else {
+      g_sgemm(kRowMajor, ta, tb, m, len, k, 1.0f, pa, lda, trans_b ? pb + lo * ldb : pb + lo, ldb, 0.0f, pc + lo, n);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// kernels/cpu.py passes OpenBLAS's cblas_sgemm (the library set to one thread) before registering the handler.
+extern "C" void ditto_set_sgemm(void* fn) { g_sgemm = reinterpret_cast<Sgemm>(fn); }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DittoGemm, GemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b"));
