@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.mesh import MeshConfig, batch_sharding, make_mesh
 from ditto_jax.model import create_model, load_model_config, transformer
 from ditto_jax.model.layers import linear
@@ -30,8 +31,10 @@ def _batch(b: int = 8, t: int = 32, vocab: int = 2048, seed: int = 0) -> dict[st
     return {"tokens": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": mask, "segment_ids": seg, "positions": pos}
 
 
+@pytest.mark.parametrize("cpu_kernel", [False, True])
 @pytest.mark.parametrize("vocab_major", [True, False])
-def test_chunked_loss_and_grads_match_reference(vocab_major: bool) -> None:
+def test_chunked_loss_and_grads_match_reference(vocab_major: bool, cpu_kernel: bool) -> None:
+    """``cpu_kernel``: the three products of each chunk run ``kernels.cpu.matmul`` (one CPU device)."""
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
     h = jax.random.normal(k1, (3, 32, 16))
     w = jax.random.normal(k2, (40, 16) if vocab_major else (16, 40)) * 0.3
@@ -39,13 +42,13 @@ def test_chunked_loss_and_grads_match_reference(vocab_major: bool) -> None:
     m = (jax.random.uniform(k3, (3, 32)) > 0.4).astype(jnp.float32)
 
     def fused(h, w):
-        return chunked_cross_entropy(h, w, t, m, vocab_major, 8)[0]
+        return chunked_cross_entropy(h, w, t, m, vocab_major, 8, cpu_kernel)[0]
 
     def ref(h, w):
         return reference_cross_entropy(h, w, t, m, vocab_major)[0]
 
     np.testing.assert_allclose(fused(h, w), ref(h, w), rtol=1e-5)
-    np.testing.assert_allclose(chunked_cross_entropy(h, w, t, m, vocab_major, 8)[1],
+    np.testing.assert_allclose(chunked_cross_entropy(h, w, t, m, vocab_major, 8, cpu_kernel)[1],
                                reference_cross_entropy(h, w, t, m, vocab_major)[1])
     gf, gr = jax.grad(fused, argnums=(0, 1))(h, w), jax.grad(ref, argnums=(0, 1))(h, w)
     for a, b in zip(gf, gr):
@@ -95,6 +98,25 @@ def test_linear_vjp_is_the_matmul_vjp() -> None:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_linear_on_the_cpu_kernel_is_the_matmul_and_its_vjp() -> None:
+    """``cpu_kernel=True``: the product and both gradients run ``kernels.cpu.matmul`` (the weight gradient reading
+    the activations transposed in place) and equal XLA's; the compiled step holds the custom calls."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
+    w = jax.random.normal(jax.random.PRNGKey(2), (8, 12))
+    g = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 12))
+
+    def both(x, w, g):
+        out, vjp = jax.vjp(lambda x, w: linear(x, w, True), x, w)
+        return out, *vjp(g)
+
+    got = jax.jit(both)(x, w, g)
+    ref_out, ref_vjp = jax.vjp(jnp.matmul, x, w)
+    for a, b in zip(got, (ref_out, *ref_vjp(g))):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert jax.jit(both).lower(x, w, g).as_text().count("ditto_gemm") == 3
+
+
 def test_chunk_must_divide_sequence() -> None:
     h = jnp.zeros((1, 10, 4))
     with pytest.raises(ValueError, match="multiple of the loss chunk"):
@@ -123,24 +145,28 @@ def _run(mesh_cfg: MeshConfig, accum: int, steps: int = 2):
     shardings = jax.tree.map(lambda x: x.sharding, state)
     fn = steplib.compile_train_step(graphdef, shardings, tx, lr_schedule(OptimConfig(), 10), accum=accum,
                                     loss_chunk=16, mesh=mesh)
-    fn = fn.lower(state, steplib.abstract_batch(8, 32, mesh)).compile()
+    lowered = fn.lower(state, steplib.abstract_batch(8, 32, mesh))
+    fn, kernel = lowered.compile(), "ditto_gemm" in lowered.as_text()
     history = []
     for i in range(steps):
         batch = {k: jax.device_put(v, batch_sharding(mesh, 2)) for k, v in _batch(seed=i).items()}
         ref = _model_loss(graphdef, state.params, batch)
         state, metrics = fn(state, batch)
         history.append((ref, {k: float(v) for k, v in metrics.items()}))
-    return jax.device_get(state.params), history, shardings
+    return jax.device_get(state.params), history, shardings, kernel
 
 
 def test_step_loss_is_the_masked_token_mean_and_invariant_to_accumulation_and_mesh() -> None:
-    base, hist, _ = _run(MeshConfig(data=1), accum=1)
+    """One CPU device: the products run ``kernels.cpu.matmul``; eight: XLA's dots, the same numbers."""
+    base, hist, _, kernel = _run(MeshConfig(data=1), accum=1)
+    assert kernel == cpu_kernels.matmul_available()
     for ref, m in hist:
         assert m["loss"] == pytest.approx(ref, rel=1e-5)
         assert m["finite"] == 1.0 and m["grad_norm"] > 0
     assert hist[1][1]["loss"] < hist[0][0] + 1.0  # sane magnitude (~log vocab)
     for mesh_cfg, accum in [(MeshConfig(data=2, fsdp=2, tensor=2), 2)]:
-        params, hist2, shardings = _run(mesh_cfg, accum)
+        params, hist2, shardings, kernel = _run(mesh_cfg, accum)
+        assert not kernel
         for (_, a), (_, b) in zip(hist, hist2):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
             assert a["tokens"] == b["tokens"]

@@ -122,7 +122,10 @@ def jax_timers(model: Any, cfg: Any, mesh: Any, batch: dict[str, np.ndarray], *,
 
     timers = [Timer("jax_train", train, [])]
     if forward:
-        fwd = jax.jit(lambda p, ids: steplib.merge_model(graphdef, p)(ids))
+        from ditto_jax.kernels import cpu as cpu_kernels
+
+        cpu_kernel = cpu_kernels.usable_on(mesh.devices.flat)  # as the train step decides
+        fwd = jax.jit(lambda p, ids: steplib.merge_model(graphdef, p)(ids, cpu_kernel=cpu_kernel))
         timers.append(Timer("jax_forward", lambda: fwd(holder["state"].params, gb["tokens"]).block_until_ready(), []))
     return timers, {"compile_s": compile_s}
 

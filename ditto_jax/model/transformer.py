@@ -115,7 +115,10 @@ class Transformer(nnx.Module):
           cache: a ``KVCache``; the new tokens are written at ``cache.lengths`` and attend to the cache.
           return_hidden: return the final normalised hidden states instead of logits.
           cpu_kernel: the caller vouches for one CPU device and ``kernels.cpu.available()``: the attention over
-            a float32 cache runs ``kernels.cpu.chunk_attention`` (see ``cached_attention``).
+            a float32 cache runs ``kernels.cpu.chunk_attention`` (see ``cached_attention``), the float32
+            projections and the head run ``kernels.cpu.matmul`` (``layers.linear``), and a full pass loops over
+            the layers in Python instead of scanning them (a scan stacks every layer's saved activations into
+            ``[L, ...]`` buffers: 40M model, B8 S512, 2-core CPU, ~9% of a train step).
 
         Returns:
           logits ``[B, T, vocab]`` (float32), or ``(logits, new_cache)`` when a cache is given.
@@ -133,10 +136,10 @@ class Transformer(nnx.Module):
 
         if cache is None:
             def body(h, w):
-                return _decoder_layer(h, w, cfg, cos, sin, segment_ids=segment_ids), None
+                return _decoder_layer(h, w, cfg, cos, sin, segment_ids=segment_ids, cpu_kernel=cpu_kernel), None
 
             body = _maybe_remat(body, cfg.remat)
-            x, _ = _scan_or_loop(body, x, weights, cfg)
+            x, _ = _scan_or_loop(body, x, weights, cfg, unroll=cpu_kernel)
             new_cache = None
         else:
             # The whole cache rides in the carry and is updated by scatter: in place inside jit, no per-layer copy.
@@ -152,22 +155,23 @@ class Transformer(nnx.Module):
             new_cache = KVCache(k=k_all, v=v_all, lengths=cache.lengths + t)
 
         x = rms_norm(x, self.norm[...], cfg.rms_norm_eps)
-        out = x if return_hidden else self.logits(x)
+        out = x if return_hidden else self.logits(x, cpu_kernel)
         return out if new_cache is None else (out, new_cache)
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """Project final hidden states ``[..., H]`` to float32 logits ``[..., vocab]``."""
-        if self.lm_head is None:
-            w = self.embed_tokens[...].astype(self.cfg.compute_dtype)
-            out = jnp.einsum("...h,vh->...v", hidden, w, preferred_element_type=jnp.float32)
-        else:
-            w = self.lm_head[...].astype(self.cfg.compute_dtype)
-            out = jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=jnp.float32)
-        return out
+    def logits(self, hidden: jax.Array, cpu_kernel: bool = False) -> jax.Array:
+        """Project final hidden states ``[..., H]`` to float32 logits ``[..., vocab]`` (``cpu_kernel``: see
+        ``__call__``)."""
+        tied = self.lm_head is None
+        w = (self.embed_tokens if tied else self.lm_head)[...].astype(self.cfg.compute_dtype)
+        if cpu_kernel and hidden.dtype == w.dtype == jnp.float32 and cpu_kernels.matmul_available():
+            rows = cpu_kernels.matmul(hidden.reshape(-1, hidden.shape[-1]), w, trans_b=tied)
+            return rows.reshape(*hidden.shape[:-1], rows.shape[-1])
+        spec = "...h,vh->...v" if tied else "...h,hv->...v"
+        return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
 
 
-def _scan_or_loop(body, carry, xs, cfg: ModelConfig):
-    if cfg.scan_layers:
+def _scan_or_loop(body, carry, xs, cfg: ModelConfig, unroll: bool = False):
+    if cfg.scan_layers and not unroll:
         return jax.lax.scan(body, carry, xs)
     for i in range(cfg.num_layers):
         carry, _ = body(carry, jax.tree.map(lambda a: a[i], xs))
@@ -180,7 +184,8 @@ def _maybe_remat(fn, policy: str):
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 
-def _qkv(x: jax.Array, w: dict[str, Any], cfg: ModelConfig, cos: jax.Array, sin: jax.Array, fuse: bool = True):
+def _qkv(x: jax.Array, w: dict[str, Any], cfg: ModelConfig, cos: jax.Array, sin: jax.Array, fuse: bool = True,
+         cpu_kernel: bool = False):
     """Normed, projected, rotated ``q, k, v``; ``fuse=False`` never concatenates the projections (see ``_finish``)."""
     dt = cfg.compute_dtype
     b, t, _ = x.shape
@@ -193,7 +198,7 @@ def _qkv(x: jax.Array, w: dict[str, Any], cfg: ModelConfig, cos: jax.Array, sin:
             qkv = qkv + w["qkv_bias"]
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
     elif fuse and _fuse_projections():
-        qkv = linear(h, jnp.concatenate([w["q"], w["k"], w["v"]], axis=-1).astype(dt))
+        qkv = linear(h, jnp.concatenate([w["q"], w["k"], w["v"]], axis=-1).astype(dt), cpu_kernel)
         if "qb" in w:
             qkv = qkv + jnp.concatenate([w["qb"], w["kb"], w["vb"]], axis=-1).astype(dt)
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
@@ -209,7 +214,8 @@ def _qkv(x: jax.Array, w: dict[str, Any], cfg: ModelConfig, cos: jax.Array, sin:
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def _finish(x: jax.Array, attn: jax.Array, w: dict[str, Any], cfg: ModelConfig, fuse: bool = True) -> jax.Array:
+def _finish(x: jax.Array, attn: jax.Array, w: dict[str, Any], cfg: ModelConfig, fuse: bool = True,
+            cpu_kernel: bool = False) -> jax.Array:
     """Attention output projection and MLP with their residuals. ``fuse=False`` (the cached forward: no gradient)
     never concatenates gate/up (nor ``_qkv``'s q/k/v): the fused product pays for training, where its input gradient
     is one matmul, but in a prompt phase the per-call concatenation of the weights cost more than it saved
@@ -223,13 +229,13 @@ def _finish(x: jax.Array, attn: jax.Array, w: dict[str, Any], cfg: ModelConfig, 
         f = gate_up.shape[-1] // 2
         return x + decode_matmul(jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:], w["down"])
     fuse = fuse and _fuse_projections()
-    mm = linear if fuse else jnp.matmul
-    x = x + mm(attn.reshape(b, t, -1), w["o"].astype(dt))
+    attn = attn.reshape(b, t, -1)
+    x = x + (linear(attn, w["o"].astype(dt), cpu_kernel) if fuse else attn @ w["o"].astype(dt))
     h = rms_norm(x, w["ln2"], cfg.rms_norm_eps)
     if fuse:
         f = w["gate"].shape[-1]
-        gate_up = linear(h, jnp.concatenate([w["gate"], w["up"]], axis=-1).astype(dt))
-        return x + linear(jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:], w["down"].astype(dt))
+        gate_up = linear(h, jnp.concatenate([w["gate"], w["up"]], axis=-1).astype(dt), cpu_kernel)
+        return x + linear(jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:], w["down"].astype(dt), cpu_kernel)
     return x + swiglu(h, w["gate"].astype(dt), w["up"].astype(dt), w["down"].astype(dt))
 
 
@@ -244,10 +250,10 @@ def _fuse_projections() -> bool:
     return jax.default_backend() == "cpu" if FUSE_PROJECTIONS is None else FUSE_PROJECTIONS
 
 
-def _decoder_layer(x, w, cfg: ModelConfig, cos, sin, *, segment_ids):
-    q, k, v = _qkv(x, w, cfg, cos, sin)
+def _decoder_layer(x, w, cfg: ModelConfig, cos, sin, *, segment_ids, cpu_kernel=False):
+    q, k, v = _qkv(x, w, cfg, cos, sin, cpu_kernel=cpu_kernel)
     attn = full_attention(q, k, v, impl=cfg.attention, segment_ids=segment_ids, sliding_window=cfg.sliding_window)
-    return _finish(x, attn, w, cfg)
+    return _finish(x, attn, w, cfg, cpu_kernel=cpu_kernel)
 
 
 def _decoder_layer_cached(x, w, idx, cfg: ModelConfig, cos, sin, k_all, v_all, lengths, cpu_kernel=False):

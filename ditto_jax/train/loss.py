@@ -14,6 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ditto_jax.kernels import cpu as cpu_kernels
+
 
 def _chunks(x: jax.Array, chunk: int) -> jax.Array:
     """``[B, T, ...] -> [T // chunk, B, chunk, ...]`` (the scan axis first; the batch axis keeps its sharding)."""
@@ -21,14 +23,26 @@ def _chunks(x: jax.Array, chunk: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
 
 
-def _logits(h: jax.Array, w: jax.Array, vocab_major: bool) -> jax.Array:
+def _rows(x: jax.Array) -> jax.Array:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _blas(h: jax.Array, w: jax.Array, cpu_kernel: bool) -> bool:
+    """Whether the chunk's three products run ``kernels.cpu.matmul`` (the caller vouches for one CPU device)."""
+    return cpu_kernel and h.dtype == w.dtype == jnp.float32 and cpu_kernels.matmul_available()
+
+
+def _logits(h: jax.Array, w: jax.Array, vocab_major: bool, cpu_kernel: bool = False) -> jax.Array:
+    w = w.astype(h.dtype)
+    if _blas(h, w, cpu_kernel):
+        return cpu_kernels.matmul(_rows(h), w, trans_b=vocab_major).reshape(*h.shape[:-1], -1)
     spec = "bch,vh->bcv" if vocab_major else "bch,hv->bcv"
-    return jnp.einsum(spec, h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
 
 
-def _chunk_stats(h, w, t, m, vocab_major):
+def _chunk_stats(h, w, t, m, vocab_major, cpu_kernel=False):
     """Loss sum, correct count and the softmax pieces for one chunk."""
-    lg = _logits(h, w, vocab_major)
+    lg = _logits(h, w, vocab_major, cpu_kernel)
     mx = jnp.max(lg, axis=-1, keepdims=True)
     e = jnp.exp(lg - mx)
     s = jnp.sum(e, axis=-1, keepdims=True)
@@ -49,9 +63,9 @@ def _check(hidden: jax.Array, targets: jax.Array, chunk: int) -> int:
     return chunk
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def chunked_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Array, mask: jax.Array,
-                          vocab_major: bool, chunk: int) -> tuple[jax.Array, jax.Array]:
+                          vocab_major: bool, chunk: int, cpu_kernel: bool = False) -> tuple[jax.Array, jax.Array]:
     """Sum over positions of ``mask * CE(hidden @ W, targets)`` and the masked count of correct argmaxes.
 
     Args:
@@ -59,6 +73,7 @@ def chunked_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Arr
       weight: the head, ``[V, H]`` when ``vocab_major`` (tied embeddings) else ``[H, V]``.
       targets: int32 ``[B, T]``; mask: float ``[B, T]`` (0 drops a position).
       chunk: positions per chunk (``T`` must be a multiple, or smaller than it).
+      cpu_kernel: the caller vouches for one CPU device: float32 products run ``kernels.cpu.matmul``.
 
     Returns:
       ``(loss_sum, correct_sum)`` as float32 scalars; only ``loss_sum`` is differentiable.
@@ -67,7 +82,7 @@ def chunked_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Arr
 
     def body(carry, xs):
         h, t, m = xs
-        loss, correct, _, _ = _chunk_stats(h, weight, t, m, vocab_major)
+        loss, correct, _, _ = _chunk_stats(h, weight, t, m, vocab_major, cpu_kernel)
         return (carry[0] + loss, carry[1] + correct), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -76,7 +91,7 @@ def chunked_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Arr
     return loss, correct
 
 
-def _fwd(hidden, weight, targets, mask, vocab_major, chunk):
+def _fwd(hidden, weight, targets, mask, vocab_major, chunk, cpu_kernel):
     chunk = _check(hidden, targets, chunk)
     w = weight.astype(hidden.dtype)
     vocab = w.shape[0] if vocab_major else w.shape[1]
@@ -84,10 +99,14 @@ def _fwd(hidden, weight, targets, mask, vocab_major, chunk):
     def body(carry, xs):
         loss_acc, correct_acc, dw = carry
         h, t, m = xs
-        loss, correct, e, s = _chunk_stats(h, w, t, m, vocab_major)
+        loss, correct, e, s = _chunk_stats(h, w, t, m, vocab_major, cpu_kernel)
         # d loss / d logits = (softmax - onehot) * mask
         p = e * (m[..., None] / s) - jax.nn.one_hot(t, vocab, dtype=e.dtype) * m[..., None]
         p = p.astype(h.dtype)
+        if _blas(h, w, cpu_kernel):  # the same three products, the transposed operands read in place
+            dh = cpu_kernels.matmul(_rows(p), w, trans_b=not vocab_major).reshape(h.shape)
+            dw = dw + cpu_kernels.matmul(_rows(h), _rows(p), trans_a=True)
+            return (loss_acc + loss, correct_acc + correct, dw), dh
         if vocab_major:
             dh = jnp.einsum("bcv,vh->bch", p, w, preferred_element_type=jnp.float32)
         else:
@@ -107,7 +126,7 @@ def _fwd(hidden, weight, targets, mask, vocab_major, chunk):
     return (loss, correct), (dh, dw.astype(weight.dtype), targets, mask)
 
 
-def _bwd(vocab_major, chunk, res, g):
+def _bwd(vocab_major, chunk, cpu_kernel, res, g):
     dh, dw, targets, mask = res
     g_loss = g[0]
     return ((g_loss * dh).astype(dh.dtype), (g_loss * dw).astype(dw.dtype),

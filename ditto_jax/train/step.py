@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.mesh import batch_sharding, param_shardings
 from ditto_jax.model import Transformer
 from ditto_jax.train.loss import chunked_cross_entropy
@@ -53,14 +54,16 @@ def _head(model: Transformer) -> tuple[jax.Array, bool]:
     return model.lm_head[...], False
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: dict[str, Any], batch: Batch, loss_chunk: int
-              ) -> tuple[jax.Array, jax.Array]:
-    """``(sum of masked token losses, masked correct count)`` for one (micro-)batch."""
+def loss_sums(graphdef: nnx.GraphDef, params: dict[str, Any], batch: Batch, loss_chunk: int,
+              cpu_kernel: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``(sum of masked token losses, masked correct count)`` for one (micro-)batch. ``cpu_kernel``: the caller
+    vouches for one CPU device (the model's and the loss's float32 products run ``kernels.cpu.matmul``)."""
     model = merge_model(graphdef, params)
     hidden = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                   return_hidden=True)
+                   return_hidden=True, cpu_kernel=cpu_kernel)
     weight, vocab_major = _head(model)
-    return chunked_cross_entropy(hidden, weight, batch["targets"], batch["loss_mask"], vocab_major, loss_chunk)
+    return chunked_cross_entropy(hidden, weight, batch["targets"], batch["loss_mask"], vocab_major, loss_chunk,
+                                 cpu_kernel)
 
 
 def _micro_batches(batch: Batch, accum: int, mesh: Mesh | None) -> Batch:
@@ -82,10 +85,12 @@ def _micro_batches(batch: Batch, accum: int, mesh: Mesh | None) -> Batch:
 
 
 def grads_and_stats(graphdef: nnx.GraphDef, params: dict[str, Any], batch: Batch, *, accum: int,
-                    loss_chunk: int, mesh: Mesh | None) -> tuple[Any, dict[str, jax.Array]]:
+                    loss_chunk: int, mesh: Mesh | None, cpu_kernel: bool = False
+                    ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradients of the mean token loss over the whole batch (all micro-steps normalised by one token count)."""
     tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-    value_and_grad = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk), has_aux=True)
+    value_and_grad = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk, cpu_kernel),
+                                        has_aux=True)
     if accum == 1:
         (loss_sum, correct), grad_sum = value_and_grad(params, batch)
     else:
@@ -103,10 +108,11 @@ def grads_and_stats(graphdef: nnx.GraphDef, params: dict[str, Any], batch: Batch
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, accum: int, loss_chunk: int, mesh: Mesh | None
+               schedule: optax.Schedule, accum: int, loss_chunk: int, mesh: Mesh | None, cpu_kernel: bool = False
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over a global batch; returns the new state and scalar metrics."""
-    grads, stats = grads_and_stats(graphdef, state.params, batch, accum=accum, loss_chunk=loss_chunk, mesh=mesh)
+    grads, stats = grads_and_stats(graphdef, state.params, batch, accum=accum, loss_chunk=loss_chunk, mesh=mesh,
+                                   cpu_kernel=cpu_kernel)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -117,10 +123,10 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: o
     return new_state, metrics
 
 
-def eval_step(params: dict[str, Any], batch: Batch, *, graphdef: nnx.GraphDef, loss_chunk: int
-              ) -> dict[str, jax.Array]:
+def eval_step(params: dict[str, Any], batch: Batch, *, graphdef: nnx.GraphDef, loss_chunk: int,
+              cpu_kernel: bool = False) -> dict[str, jax.Array]:
     """Sums for validation: ``loss_sum``, ``correct`` and ``tokens`` (the caller divides)."""
-    loss_sum, correct = loss_sums(graphdef, params, batch, loss_chunk)
+    loss_sum, correct = loss_sums(graphdef, params, batch, loss_chunk, cpu_kernel)
     return {"loss_sum": loss_sum, "correct": correct, "tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
 
 
@@ -169,9 +175,10 @@ def compile_train_step(graphdef: nnx.GraphDef, shardings: TrainState, tx: optax.
                        schedule: optax.Schedule, *, accum: int, loss_chunk: int, mesh: Mesh
                        ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """``jax.jit`` of ``train_step``: the state's shardings in and out, the batch sharded over the data axes,
-    metrics replicated, the state donated (updated in place). Call ``.lower(...).compile()`` to compile once."""
+    metrics replicated, the state donated (updated in place). Call ``.lower(...).compile()`` to compile once.
+    On one CPU device the products run ``kernels.cpu.matmul`` (``cpu_kernel`` of ``loss_sums``)."""
     fn = _bind(train_step, graphdef=graphdef, tx=tx, schedule=schedule, accum=accum, loss_chunk=loss_chunk,
-               mesh=mesh)
+               mesh=mesh, cpu_kernel=cpu_kernels.usable_on(mesh.devices.flat))
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(shardings, batch_shardings(mesh)), out_shardings=(shardings, replicated),
                    donate_argnums=0)
@@ -180,7 +187,7 @@ def compile_train_step(graphdef: nnx.GraphDef, shardings: TrainState, tx: optax.
 def compile_eval_step(graphdef: nnx.GraphDef, shardings: TrainState, *, loss_chunk: int, mesh: Mesh
                       ) -> Callable[[dict[str, Any], Batch], dict[str, jax.Array]]:
     """``jax.jit`` of ``eval_step`` (parameters not donated)."""
-    fn = _bind(eval_step, graphdef=graphdef, loss_chunk=loss_chunk)
+    fn = _bind(eval_step, graphdef=graphdef, loss_chunk=loss_chunk, cpu_kernel=cpu_kernels.usable_on(mesh.devices.flat))
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(shardings.params, batch_shardings(mesh)), out_shardings=replicated)
 
