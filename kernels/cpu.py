@@ -155,6 +155,8 @@ def _load() -> str | None:
         _log.warning("CPU decode kernels unavailable, decoding keeps XLA's ops: %s", e)
         return f"{type(e).__name__}: {e}"
     _lib = lib
+    global _blas_reason
+    _blas_reason = _load_openblas(lib)
     return None
 
 
@@ -164,27 +166,30 @@ def available() -> bool:
 
 
 _blas: ctypes.CDLL | None = None
+_blas_reason: str | None = "not loaded"
 
 
-@functools.cache
-def _load_blas() -> str | None:
-    """Load OpenBLAS for ``matmul`` once per process (one thread: the kernels' workers split the products);
-    ``None`` when it runs, else the reason it cannot."""
+def _load_openblas(lib: ctypes.CDLL) -> str | None:
+    """Hand OpenBLAS's ``sgemm`` to the kernels (the library set to one thread: the kernels' workers split the
+    products); ``None`` when it runs, else the reason it cannot. Part of ``_load``, so that an executable holding
+    the ``matmul`` custom call (a saved one too) finds it set in any process that loaded the kernels."""
     global _blas
-    if (why := _load()) is not None:
-        return why
     if os.environ.get("DITTO_CPU_BLAS", "1") == "0":
         return "switched off (DITTO_CPU_BLAS=0)"
     try:
         blas = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True)))
         blas.scipy_openblas_set_num_threads(1)
-        _lib.ditto_set_sgemm.argtypes = [ctypes.c_void_p]
-        _lib.ditto_set_sgemm(ctypes.cast(blas.scipy_cblas_sgemm, ctypes.c_void_p))
+        lib.ditto_set_sgemm.argtypes = [ctypes.c_void_p]
+        lib.ditto_set_sgemm(ctypes.cast(blas.scipy_cblas_sgemm, ctypes.c_void_p))
     except (OSError, AttributeError, IndexError) as e:
         _log.warning("OpenBLAS (scipy-openblas32) unavailable, large CPU products keep XLA's dots: %s", e)
         return f"{type(e).__name__}: {e}"
     _blas = blas
     return None
+
+
+def _load_blas() -> str | None:
+    return _load() or _blas_reason
 
 
 def matmul_available() -> bool:

@@ -298,3 +298,13 @@ def test_matmul_switched_off_says_why():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "DITTO_CPU_BLAS": "0"}).stdout
     assert out.strip() == "True False switched off (DITTO_CPU_BLAS=0)"
+
+
+def test_an_executable_holding_the_matmul_call_runs_once_the_kernels_load():
+    """A saved executable (``sampling.compile_cache.SavedJit``) is not traced again, so nothing calls ``matmul``
+    before it runs: loading the kernels must already hand OpenBLAS's sgemm over."""
+    code = ("import jax, jax.numpy as jnp; from ditto_jax.kernels import cpu; assert cpu.available(); "
+            "out = jax.ffi.ffi_call(cpu.GEMM, jax.ShapeDtypeStruct((2, 3), jnp.float32))(jnp.ones((2, 4)), "
+            "jnp.ones((4, 3)), trans_a=False, trans_b=False); print(float(out.sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "24.0"

@@ -177,6 +177,8 @@ def _process_fingerprint() -> bytes:
         parts = [_sources_digest(), jax.__version__, jaxlib.__version__, os.environ.get("XLA_FLAGS", ""),
                  device.platform, device.device_kind, str(jax.local_device_count()), str(jax.process_count()),
                  getattr(device.client, "platform_version", ""), platform.machine(), cpu_kernels.cpu_signature(),
+                 # kernels.cpu.matmul's custom call needs OpenBLAS at run time: its absence must miss the cache
+                 repr(device.platform != "cpu" or cpu_kernels.matmul_available()),
                  repr(jax.config.jax_enable_x64), repr(jax.config.jax_default_matmul_precision)]
         _fingerprint = hashlib.sha256("\0".join(map(str, parts)).encode()).digest()
     return _fingerprint
