@@ -25,6 +25,11 @@
   185-265 GFLOP/s, these 275-320). ``matmul_available()`` says whether it can run (``DITTO_CPU_BLAS=0`` turns it
   off), ``matmul_reason()`` why not.
 
+- ``causal_attention(q, k, v, segment_ids)``: causal self-attention over whole packed rows for training (q
+  ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]``), differentiable: forward and backward kernels whose products run
+  OpenBLAS's ``sgemm`` on 64-row query blocks against the keys they see, the operands read in place; the forward
+  keeps each row's log-sum-exp, the backward recomputes the probabilities. Needs ``matmul_available()``.
+
 - ``dequantize_gguf(kind, blocks)``: a host function for loading GGUF files, the float32 values of Q4_0/Q4_1/Q8_0
   blocks exactly as ``gguf``'s NumPy dequantisation gives them, ~10x faster (SmolLM2-135M: 1.09 s -> 0.1 s).
 
@@ -64,7 +69,7 @@ import scipy_openblas32
 TILE = 32
 MATMUL, ATTENTION, SELECT = "ditto_small_matmul", "ditto_decode_attention", "ditto_select_tokens"
 ATTENTION_UPDATE, CHUNK_ATTENTION = "ditto_decode_attention_update", "ditto_chunk_attention"
-GEMM = "ditto_gemm"
+GEMM, CAUSAL, CAUSAL_BWD = "ditto_gemm", "ditto_causal_attention", "ditto_causal_attention_backward"
 QUANT_MATMUL = {4: "ditto_small_matmul_q4", 8: "ditto_small_matmul_q8"}
 FOLDER = Path(__file__).resolve().parent / "cpu"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -149,6 +154,7 @@ def _load() -> str | None:
         for target, symbol in ((MATMUL, lib.DittoSmallMatmul), (ATTENTION, lib.DittoDecodeAttention),
                                (SELECT, lib.DittoSelectTokens), (ATTENTION_UPDATE, lib.DittoDecodeAttentionUpdate),
                                (CHUNK_ATTENTION, lib.DittoChunkAttention), (GEMM, lib.DittoGemm),
+                               (CAUSAL, lib.DittoCausalAttention), (CAUSAL_BWD, lib.DittoCausalAttentionBackward),
                                (QUANT_MATMUL[4], lib.DittoSmallMatmulQ4), (QUANT_MATMUL[8], lib.DittoSmallMatmulQ8)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (BuildError, OSError, AttributeError) as e:
@@ -215,6 +221,49 @@ def matmul(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool =
     if (why := _load_blas()) is not None:
         raise RuntimeError(f"the CPU matmul cannot run here: {why}")
     return jax.ffi.ffi_call(GEMM, jax.ShapeDtypeStruct((m, n), jnp.float32))(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                     sm_scale: float | None = None) -> jax.Array:
+    """Causal self-attention over whole rows, q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]`` float32, segment ids
+    ``[B, S]`` int32 (query ``i`` sees key ``j <= i`` of its own segment, as ``reference.attention_mask`` says) ->
+    ``[B, S, Hq, D]`` float32; differentiable in q, k and v (``matmul_available()`` must hold)."""
+    return _causal_fwd(q, k, v, segment_ids, sm_scale)[0]
+
+
+def _causal_check(q, k, v, segment_ids):
+    b, s, hq, d = q.shape
+    if (k.shape != v.shape or k.ndim != 4 or k.shape[:2] != (b, s) or k.shape[3] != d or hq % k.shape[2]
+            or segment_ids.shape != (b, s) or {q.dtype, k.dtype, v.dtype} != {jnp.dtype(jnp.float32)}):
+        raise ValueError(f"causal_attention: q {q.dtype}{q.shape}, k {k.dtype}{k.shape}, v {v.dtype}{v.shape}, "
+                         f"segment ids {segment_ids.shape} (want float32 q [B, S, Hq, D], k/v [B, S, Hkv, D] with "
+                         f"Hq a multiple of Hkv, segment ids [B, S])")
+    if (why := _load_blas()) is not None:
+        raise RuntimeError(f"the CPU causal attention cannot run here: {why}")
+
+
+def _causal_fwd(q, k, v, segment_ids, sm_scale):
+    _causal_check(q, k, v, segment_ids)
+    b, s, hq, d = q.shape
+    scale = float(d**-0.5 if sm_scale is None else sm_scale)
+    seg = segment_ids.astype(jnp.int32)
+    out, lse = jax.ffi.ffi_call(CAUSAL, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                         jax.ShapeDtypeStruct((b, hq, s), jnp.float32)))(q, k, v, seg, scale=np.float32(scale))
+    return out, (q, k, v, seg, out, lse)
+
+
+def _causal_bwd(sm_scale, res, g):
+    q, k, v, seg, out, lse = res
+    scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+    shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
+              jax.ShapeDtypeStruct(v.shape, jnp.float32))
+    dq, dk, dv = jax.ffi.ffi_call(CAUSAL_BWD, shapes)(q, k, v, seg, out, lse, g.astype(jnp.float32),
+                                                       scale=np.float32(scale))
+    return dq, dk, dv, None
+
+
+causal_attention.defvjp(_causal_fwd, _causal_bwd)
 
 
 def usable_on(devices: Any) -> bool:

@@ -280,6 +280,17 @@ class Workers {
 
 inline int64_t thread_count() { return Workers::get().size(); }
 
+// OpenBLAS's cblas_sgemm (row-major), handed over by kernels/cpu.py through ditto_set_sgemm (gemm.cc); nullptr until
+// then. The library runs one thread: callers split their work over the workers above.
+typedef void (*Sgemm)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
+inline Sgemm g_sgemm = nullptr;
+
+// c[m, n] = alpha * op(a) @ op(b) + beta * c, row-major, op the transpose where asked.
+inline void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  g_sgemm(101, trans_a ? 112 : 111, trans_b ? 112 : 111, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 // Run fn(i) for i in [0, n) on the calling thread and the kernels' workers, `grab` indices at a time.
 template <typename Fn>
 void parallel_for(int64_t n, int64_t grab, const Fn& fn) {

@@ -12,15 +12,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// cblas_sgemm's signature; the enum arguments as the ints of cblas.h (row-major 101, no transpose 111, transpose 112).
-typedef void (*Sgemm)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
-Sgemm g_sgemm = nullptr;
-
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-
 ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c, bool trans_a,
                     bool trans_b) {
-  if (g_sgemm == nullptr) return ffi::Error::Internal("ditto_gemm: no sgemm was set (kernels/cpu.py loads OpenBLAS)");
+  if (ditto::g_sgemm == nullptr) return ffi::Error::Internal("ditto_gemm: no sgemm was set (kernels/cpu.py loads OpenBLAS)");
   const auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
   if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2) return ffi::Error::InvalidArgument("ditto_gemm: 2-D operands");
   const int64_t m = cd[0], n = cd[1], k = trans_a ? ad[0] : ad[1], lda = ad[1], ldb = bd[1];
@@ -34,7 +28,6 @@ ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Resul
     std::memset(pc, 0, sizeof(float) * m * n);
     return ffi::Error::Success();
   }
-  const int ta = trans_a ? kTrans : kNoTrans, tb = trans_b ? kTrans : kNoTrans;
   // Two parts a thread (16-row or 16-column multiples): a thread slowed by XLA's work takes fewer of them.
   const bool by_rows = m >= n;
   const int64_t total = by_rows ? m : n, parts = 2 * ditto::thread_count();
@@ -42,9 +35,9 @@ ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Resul
   ditto::parallel_for((total + step - 1) / step, 1, [&](int64_t i) {
     const int64_t lo = i * step, len = std::min(step, total - lo);
     if (by_rows) {
-      g_sgemm(kRowMajor, ta, tb, len, n, k, 1.0f, trans_a ? pa + lo : pa + lo * lda, lda, pb, ldb, 0.0f, pc + lo * n, n);
+      ditto::sgemm(trans_a, trans_b, len, n, k, 1.0f, trans_a ? pa + lo : pa + lo * lda, lda, pb, ldb, 0.0f, pc + lo * n, n);
     } else {
-      g_sgemm(kRowMajor, ta, tb, m, len, k, 1.0f, pa, lda, trans_b ? pb + lo * ldb : pb + lo, ldb, 0.0f, pc + lo, n);
+      ditto::sgemm(trans_a, trans_b, m, len, k, 1.0f, pa, lda, trans_b ? pb + lo * ldb : pb + lo, ldb, 0.0f, pc + lo, n);
     }
   });
   return ffi::Error::Success();
@@ -53,7 +46,7 @@ ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Resul
 }  // namespace
 
 // kernels/cpu.py passes OpenBLAS's cblas_sgemm (the library set to one thread) before registering the handler.
-extern "C" void ditto_set_sgemm(void* fn) { g_sgemm = reinterpret_cast<Sgemm>(fn); }
+extern "C" void ditto_set_sgemm(void* fn) { ditto::g_sgemm = reinterpret_cast<ditto::Sgemm>(fn); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DittoGemm, GemmImpl,
                               ffi::Ffi::Bind()
