@@ -57,11 +57,17 @@ def _pallas_full(q, k, v, segment_ids):
 
 
 def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, segment_ids: jax.Array | None,
-                   sliding_window: int | None = None) -> jax.Array:
-    """Causal self-attention over a whole (possibly packed) sequence: q ``[B,T,Hq,D]``, k/v ``[B,T,Hkv,D]``."""
+                   sliding_window: int | None = None, cpu_kernel: bool = False) -> jax.Array:
+    """Causal self-attention over a whole (possibly packed) sequence: q ``[B,T,Hq,D]``, k/v ``[B,T,Hkv,D]``.
+    ``cpu_kernel``: the caller vouches for one CPU device; float32 attention under the ``xla`` implementation then
+    runs ``kernels.cpu.causal_attention`` (forward and backward kernels) when OpenBLAS is there."""
     impl = resolve_impl(impl)
     if sliding_window is not None:
         return attention_reference(q, k, v, causal=True, segment_ids=segment_ids, sliding_window=sliding_window)
+    if (impl == "xla" and cpu_kernel and q.dtype == k.dtype == v.dtype == jnp.float32
+            and cpu_kernels.matmul_available()):
+        seg = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+        return cpu_kernels.causal_attention(q, k, v, seg)
     if impl == "xla":  # same result as the reference; skips the masked upper triangle (2-4x faster on CPU)
         return blocked_causal_attention(q, k, v, segment_ids)
     if impl == "cudnn" and segment_ids is None:

@@ -115,8 +115,9 @@ class Transformer(nnx.Module):
           cache: a ``KVCache``; the new tokens are written at ``cache.lengths`` and attend to the cache.
           return_hidden: return the final normalised hidden states instead of logits.
           cpu_kernel: the caller vouches for one CPU device and ``kernels.cpu.available()``: the attention over
-            a float32 cache runs ``kernels.cpu.chunk_attention`` (see ``cached_attention``), the float32
-            projections and the head run ``kernels.cpu.matmul`` (``layers.linear``), and a full pass loops over
+            a float32 cache runs ``kernels.cpu.chunk_attention`` (see ``cached_attention``), a full pass's
+            attention ``kernels.cpu.causal_attention`` (see ``full_attention``), the float32 projections and
+            the head run ``kernels.cpu.matmul`` (``layers.linear``), and a full pass loops over
             the layers in Python instead of scanning them (a scan stacks every layer's saved activations into
             ``[L, ...]`` buffers: 40M model, B8 S512, 2-core CPU, ~9% of a train step).
 
@@ -252,7 +253,8 @@ def _fuse_projections() -> bool:
 
 def _decoder_layer(x, w, cfg: ModelConfig, cos, sin, *, segment_ids, cpu_kernel=False):
     q, k, v = _qkv(x, w, cfg, cos, sin, cpu_kernel=cpu_kernel)
-    attn = full_attention(q, k, v, impl=cfg.attention, segment_ids=segment_ids, sliding_window=cfg.sliding_window)
+    attn = full_attention(q, k, v, impl=cfg.attention, segment_ids=segment_ids, sliding_window=cfg.sliding_window,
+                          cpu_kernel=cpu_kernel)
     return _finish(x, attn, w, cfg, cpu_kernel=cpu_kernel)
 
 
