@@ -194,18 +194,20 @@ def _load_openblas(lib: ctypes.CDLL) -> str | None:
     return None
 
 
-def _load_blas() -> str | None:
+def matmul_reason() -> str | None:
+    """Why ``matmul`` cannot run (``None`` when it can: the kernels and OpenBLAS load)."""
     return _load() or _blas_reason
 
 
 def matmul_available() -> bool:
     """Whether ``matmul`` can run here (the kernels and OpenBLAS load)."""
-    return _load_blas() is None
+    return matmul_reason() is None
 
 
-def matmul_reason() -> str | None:
-    """Why ``matmul`` cannot run (``None`` when it can)."""
-    return _load_blas()
+def matmul_serves(cpu_kernel: bool, *operands: jax.Array) -> bool:
+    """Whether ``matmul`` (and ``causal_attention``) take these operands from a caller that vouches for one CPU
+    device (``cpu_kernel``): all float32 and ``matmul_available()``; otherwise the caller keeps XLA's ops."""
+    return cpu_kernel and all(x.dtype == jnp.float32 for x in operands) and matmul_available()
 
 
 def matmul(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
@@ -218,9 +220,18 @@ def matmul(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool =
     if k != kb:
         raise ValueError(f"matmul: op(a) {(m, k)} and op(b) {(kb, n)} do not multiply "
                          f"(trans_a={trans_a}, trans_b={trans_b})")
-    if (why := _load_blas()) is not None:
+    if (why := matmul_reason()) is not None:
         raise RuntimeError(f"the CPU matmul cannot run here: {why}")
     return jax.ffi.ffi_call(GEMM, jax.ShapeDtypeStruct((m, n), jnp.float32))(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+def matmul_rows(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """``matmul`` over ``a``'s leading axes as rows: without ``trans_a``, ``a [..., K] @ op(b)`` -> ``[..., N]``;
+    with it, ``a [..., M]`` and ``b [..., N]`` (the same leading axes) contract over those axes -> ``[M, N]`` (a
+    weight gradient)."""
+    out = matmul(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]) if trans_a else b, trans_a=trans_a,
+                 trans_b=trans_b)
+    return out if trans_a else out.reshape(*a.shape[:-1], out.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -239,27 +250,29 @@ def _causal_check(q, k, v, segment_ids):
         raise ValueError(f"causal_attention: q {q.dtype}{q.shape}, k {k.dtype}{k.shape}, v {v.dtype}{v.shape}, "
                          f"segment ids {segment_ids.shape} (want float32 q [B, S, Hq, D], k/v [B, S, Hkv, D] with "
                          f"Hq a multiple of Hkv, segment ids [B, S])")
-    if (why := _load_blas()) is not None:
+    if (why := matmul_reason()) is not None:
         raise RuntimeError(f"the CPU causal attention cannot run here: {why}")
+
+
+def _softmax_scale(q: jax.Array, sm_scale: float | None) -> np.float32:
+    return np.float32(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
 
 
 def _causal_fwd(q, k, v, segment_ids, sm_scale):
     _causal_check(q, k, v, segment_ids)
-    b, s, hq, d = q.shape
-    scale = float(d**-0.5 if sm_scale is None else sm_scale)
+    b, s, hq, _ = q.shape
     seg = segment_ids.astype(jnp.int32)
     out, lse = jax.ffi.ffi_call(CAUSAL, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                                         jax.ShapeDtypeStruct((b, hq, s), jnp.float32)))(q, k, v, seg, scale=np.float32(scale))
+                                         jax.ShapeDtypeStruct((b, hq, s), jnp.float32)))(
+        q, k, v, seg, scale=_softmax_scale(q, sm_scale))
     return out, (q, k, v, seg, out, lse)
 
 
 def _causal_bwd(sm_scale, res, g):
     q, k, v, seg, out, lse = res
-    scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
-    shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
-              jax.ShapeDtypeStruct(v.shape, jnp.float32))
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     dq, dk, dv = jax.ffi.ffi_call(CAUSAL_BWD, shapes)(q, k, v, seg, out, lse, g.astype(jnp.float32),
-                                                       scale=np.float32(scale))
+                                                       scale=_softmax_scale(q, sm_scale))
     return dq, dk, dv, None
 
 

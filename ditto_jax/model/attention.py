@@ -64,8 +64,7 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str, segme
     impl = resolve_impl(impl)
     if sliding_window is not None:
         return attention_reference(q, k, v, causal=True, segment_ids=segment_ids, sliding_window=sliding_window)
-    if (impl == "xla" and cpu_kernel and q.dtype == k.dtype == v.dtype == jnp.float32
-            and cpu_kernels.matmul_available()):
+    if impl == "xla" and cpu_kernels.matmul_serves(cpu_kernel, q, k, v):
         seg = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
         return cpu_kernels.causal_attention(q, k, v, seg)
     if impl == "xla":  # same result as the reference; skips the masked upper triangle (2-4x faster on CPU)

@@ -101,24 +101,15 @@ def linear(x: jax.Array, w: jax.Array, cpu_kernel: bool = False) -> jax.Array:
     return _linear_fwd(x, w, cpu_kernel)[0]
 
 
-def _blas(x: jax.Array, w: jax.Array, cpu_kernel: bool) -> bool:
-    return cpu_kernel and x.dtype == w.dtype == jnp.float32 and cpu_kernels.matmul_available()
-
-
-def _rows(x: jax.Array) -> jax.Array:
-    return x.reshape(-1, x.shape[-1])
-
-
 def _linear_fwd(x, w, cpu_kernel):
-    y = cpu_kernels.matmul(_rows(x), w).reshape(*x.shape[:-1], w.shape[-1]) if _blas(x, w, cpu_kernel) else x @ w
+    y = cpu_kernels.matmul_rows(x, w) if cpu_kernels.matmul_serves(cpu_kernel, x, w) else x @ w
     return y, (x, w)
 
 
 def _linear_bwd(cpu_kernel, res, g):
     x, w = res
-    if _blas(x, w, cpu_kernel) and g.dtype == jnp.float32:
-        dx = cpu_kernels.matmul(_rows(g), w, trans_b=True).reshape(x.shape)
-        return dx, cpu_kernels.matmul(_rows(x), _rows(g), trans_a=True)
+    if cpu_kernels.matmul_serves(cpu_kernel, x, w, g):
+        return cpu_kernels.matmul_rows(g, w, trans_b=True), cpu_kernels.matmul_rows(x, g, trans_a=True)
     return (jnp.einsum("...f,df->...d", g, w).astype(x.dtype),
             jnp.einsum("...d,...f->df", x, g).astype(w.dtype))
 

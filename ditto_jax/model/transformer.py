@@ -164,9 +164,8 @@ class Transformer(nnx.Module):
         ``__call__``)."""
         tied = self.lm_head is None
         w = (self.embed_tokens if tied else self.lm_head)[...].astype(self.cfg.compute_dtype)
-        if cpu_kernel and hidden.dtype == w.dtype == jnp.float32 and cpu_kernels.matmul_available():
-            rows = cpu_kernels.matmul(hidden.reshape(-1, hidden.shape[-1]), w, trans_b=tied)
-            return rows.reshape(*hidden.shape[:-1], rows.shape[-1])
+        if cpu_kernels.matmul_serves(cpu_kernel, hidden, w):
+            return cpu_kernels.matmul_rows(hidden, w, trans_b=tied)
         spec = "...h,vh->...v" if tied else "...h,hv->...v"
         return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
 

@@ -23,19 +23,10 @@ def _chunks(x: jax.Array, chunk: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
 
 
-def _rows(x: jax.Array) -> jax.Array:
-    return x.reshape(-1, x.shape[-1])
-
-
-def _blas(h: jax.Array, w: jax.Array, cpu_kernel: bool) -> bool:
-    """Whether the chunk's three products run ``kernels.cpu.matmul`` (the caller vouches for one CPU device)."""
-    return cpu_kernel and h.dtype == w.dtype == jnp.float32 and cpu_kernels.matmul_available()
-
-
 def _logits(h: jax.Array, w: jax.Array, vocab_major: bool, cpu_kernel: bool = False) -> jax.Array:
     w = w.astype(h.dtype)
-    if _blas(h, w, cpu_kernel):
-        return cpu_kernels.matmul(_rows(h), w, trans_b=vocab_major).reshape(*h.shape[:-1], -1)
+    if cpu_kernels.matmul_serves(cpu_kernel, h, w):
+        return cpu_kernels.matmul_rows(h, w, trans_b=vocab_major)
     spec = "bch,vh->bcv" if vocab_major else "bch,hv->bcv"
     return jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
 
@@ -103,9 +94,9 @@ def _fwd(hidden, weight, targets, mask, vocab_major, chunk, cpu_kernel):
         # d loss / d logits = (softmax - onehot) * mask
         p = e * (m[..., None] / s) - jax.nn.one_hot(t, vocab, dtype=e.dtype) * m[..., None]
         p = p.astype(h.dtype)
-        if _blas(h, w, cpu_kernel):  # the same three products, the transposed operands read in place
-            dh = cpu_kernels.matmul(_rows(p), w, trans_b=not vocab_major).reshape(h.shape)
-            dw = dw + cpu_kernels.matmul(_rows(h), _rows(p), trans_a=True)
+        if cpu_kernels.matmul_serves(cpu_kernel, h, w):  # the same three products, transposes read in place
+            dh = cpu_kernels.matmul_rows(p, w, trans_b=not vocab_major)
+            dw = dw + cpu_kernels.matmul_rows(h, p, trans_a=True)
             return (loss_acc + loss, correct_acc + correct, dw), dh
         if vocab_major:
             dh = jnp.einsum("bcv,vh->bch", p, w, preferred_element_type=jnp.float32)

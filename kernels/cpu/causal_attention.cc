@@ -16,8 +16,9 @@ namespace {
 
 constexpr int64_t kBlock = 64;  // query rows a block
 
+// The operands' shapes and the strides derived from them (q/o rows ldq apart, k/v rows ldk apart).
 struct Dims {
-  int64_t b, s, hq, hkv, d;
+  int64_t b, s, hq, hkv, d, group, ldq, ldk, s_pad;
 };
 
 // The keys row `pos` (segment `seg_r`) may see among [0, n): j <= pos and seg[j] == seg_r, 16 at a time.
@@ -63,26 +64,25 @@ std::vector<int32_t> padded_segments(const int32_t* seg, int64_t s) {
   return out;
 }
 
-ffi::Error Check(const Dims& d, const ffi::Span<const int64_t>& kd, const ffi::Span<const int64_t>& sd) {
-  if (kd.size() != 4 || kd[0] != d.b || kd[1] != d.s || kd[3] != d.d || d.hkv == 0 || d.hq % d.hkv)
+// The dims of q [B, S, Hq, D], k [B, S, Hkv, D] and segment ids [B, S] into `d`, or why they do not fit.
+ffi::Error Layout(const ffi::Span<const int64_t>& qd, const ffi::Span<const int64_t>& kd,
+                  const ffi::Span<const int64_t>& sd, Dims& d) {
+  if (qd.size() != 4 || kd.size() != 4 || kd[0] != qd[0] || kd[1] != qd[1] || kd[3] != qd[3] || kd[2] == 0 ||
+      qd[2] % kd[2])
     return ffi::Error::InvalidArgument("ditto_causal_attention: q [B, S, Hq, D], k/v [B, S, Hkv, D], Hq % Hkv == 0");
-  if (sd.size() != 2 || sd[0] != d.b || sd[1] != d.s)
+  if (sd.size() != 2 || sd[0] != qd[0] || sd[1] != qd[1])
     return ffi::Error::InvalidArgument("ditto_causal_attention: segment ids [B, S]");
   if (ditto::g_sgemm == nullptr) return ffi::Error::Internal("ditto_causal_attention: no sgemm was set");
+  d = Dims{qd[0], qd[1], qd[2], kd[2], qd[3], qd[2] / kd[2], qd[2] * qd[3], kd[2] * qd[3], pad16(qd[1])};
   return ffi::Error::Success();
-}
-
-Dims DimsOf(const ffi::Span<const int64_t>& qd, const ffi::Span<const int64_t>& kd) {
-  return Dims{qd[0], qd[1], qd[2], kd.size() == 4 ? kd[2] : 0, qd[3]};
 }
 
 ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                        ffi::Buffer<ffi::S32> segments, ffi::ResultBuffer<ffi::F32> out,
                        ffi::ResultBuffer<ffi::F32> lse, float scale) {
-  if (q.dimensions().size() != 4) return ffi::Error::InvalidArgument("ditto_causal_attention: q [B, S, Hq, D]");
-  const Dims d = DimsOf(q.dimensions(), k.dimensions());
-  if (auto e = Check(d, k.dimensions(), segments.dimensions()); e.failure()) return e;
-  const int64_t group = d.hq / d.hkv, ldq = d.hq * d.d, ldk = d.hkv * d.d, s_pad = pad16(d.s);
+  Dims d;
+  if (auto e = Layout(q.dimensions(), k.dimensions(), segments.dimensions(), d); e.failure()) return e;
+  const int64_t group = d.group, ldq = d.ldq, ldk = d.ldk, s_pad = d.s_pad;
   ditto::parallel_for(d.b * d.hq, 1, [&](int64_t task) {
     const int64_t b = task / d.hq, h = task % d.hq, hk = h / group;
     const float* qh = q.typed_data() + b * d.s * ldq + h * d.d;
@@ -114,10 +114,9 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
                         ffi::Buffer<ffi::S32> segments, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
                         ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                         ffi::ResultBuffer<ffi::F32> dv, float scale) {
-  if (q.dimensions().size() != 4) return ffi::Error::InvalidArgument("ditto_causal_attention: q [B, S, Hq, D]");
-  const Dims d = DimsOf(q.dimensions(), k.dimensions());
-  if (auto e = Check(d, k.dimensions(), segments.dimensions()); e.failure()) return e;
-  const int64_t group = d.hq / d.hkv, ldq = d.hq * d.d, ldk = d.hkv * d.d, s_pad = pad16(d.s);
+  Dims d;
+  if (auto e = Layout(q.dimensions(), k.dimensions(), segments.dimensions(), d); e.failure()) return e;
+  const int64_t group = d.group, ldq = d.ldq, ldk = d.ldk, s_pad = d.s_pad;
   // One task a (row, kv head): it owns that head's dk and dv and its query heads' dq, so nothing is shared.
   ditto::parallel_for(d.b * d.hkv, 1, [&](int64_t task) {
     const int64_t b = task / d.hkv, hk = task % d.hkv;
