@@ -153,3 +153,55 @@ def test_an_entry_lost_again_and_again_is_saved_again_each_time(tmp_path):
         assert abs(float(total) - 12 * np.tanh(1.0)) < 1e-5 and entries == "1", done.stderr[-2000:]
         for p in (tmp_path / "jax-cache" / "executables").glob("lost-*.pkl"):
             p.unlink()
+
+
+def test_cache_size_is_parsed_with_units_and_bad_values_name_the_variable(monkeypatch):
+    assert compile_cache.resolve_max_size("4G") == 4 * 1000**3
+    assert compile_cache.resolve_max_size("4GiB") == 4 << 30
+    assert compile_cache.resolve_max_size(" 500 MiB ") == 500 << 20
+    assert compile_cache.resolve_max_size("123") == 123
+    assert compile_cache.resolve_max_size("-1") == compile_cache.resolve_max_size("unlimited") == -1
+    monkeypatch.delenv(compile_cache.MAX_SIZE_ENV, raising=False)
+    assert compile_cache.resolve_max_size() == compile_cache.DEFAULT_MAX_SIZE
+    monkeypatch.setenv(compile_cache.MAX_SIZE_ENV, "2M")
+    assert compile_cache.resolve_max_size() == 2_000_000
+    with pytest.raises(ValueError, match="DITTO_JAX_COMPILATION_CACHE_MAX_SIZE='four gigs'"):
+        compile_cache.resolve_max_size("four gigs")
+
+
+def _entry(path, size, when):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    os.utime(path, (when, when))
+    return path
+
+
+def test_the_cache_is_pruned_least_recently_used_first_across_both_stores(tmp_path):
+    t = 1_700_000_000
+    old_jax = _entry(tmp_path / "jit_a-1-cache", 300, t)  # created first, used last (its -atime record)
+    (tmp_path / "jit_a-1-atime").write_bytes(int((t + 50) * 1e9).to_bytes(8, "little"))
+    mid_jax = _entry(tmp_path / "jit_b-2-cache", 300, t + 20)  # no record: its creation time
+    (tmp_path / "jit_b-2-atime").write_bytes(b"")  # unreadable record: creation time too
+    old_saved = _entry(tmp_path / "executables" / "decode-x.pkl", 300, t + 10)
+    new_saved = _entry(tmp_path / "executables" / "prefill-y.pkl", 300, t + 40)
+    other = _entry(tmp_path / "executables" / "notes.txt", 5000, t)  # not an entry: never counted or deleted
+    assert compile_cache.prune_cache(tmp_path, -1) == (0, 0)
+    assert compile_cache.prune_cache(tmp_path, 1200) == (0, 0)
+    assert compile_cache.prune_cache(tmp_path, 700) == (2, 600)  # the two least recently used
+    assert not old_saved.exists() and not mid_jax.exists() and not (tmp_path / "jit_b-2-atime").exists()
+    assert old_jax.exists() and new_saved.exists() and other.exists()
+    assert compile_cache.prune_cache(tmp_path, 0) == (2, 600)
+    assert not old_jax.exists() and not (tmp_path / "jit_a-1-atime").exists() and other.exists()
+
+
+def test_enabling_the_cache_prunes_it_and_says_so(tmp_path):
+    """In a fresh process (JAX decides on its cache once per process): an over-full folder is cut to the bound,
+    the most recently used entries kept, and the deletion reported."""
+    for i in range(4):
+        _entry(tmp_path / "executables" / f"step-{i}.pkl", 1000, 1_700_000_000 + i)
+    code = "from ditto_jax.sampling.compile_cache import enable_compilation_cache as e; print(e())"
+    env = dict(os.environ, DITTO_JAX_COMPILATION_CACHE=str(tmp_path), DITTO_JAX_COMPILATION_CACHE_MAX_SIZE="2500")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in (tmp_path / "executables").glob("*.pkl")) == ["step-2.pkl", "step-3.pkl"]
+    assert "deleted 2 least recently used entries" in run.stderr and run.stdout.strip() == str(tmp_path)

@@ -17,6 +17,12 @@ versions and flags of JAX and XLA, the device, the function's static configurati
 dtypes and shardings), so a later process loads them ready to run without tracing or lowering either (JAX's own
 cache is keyed by the lowered program, so each hit still pays both: ~1.8 s of a SmolLM2 run's 2.1 s).
 ``preload_saved`` starts loading the most recently used of them on a background thread before the model loads.
+
+The folder is bounded: ``$DITTO_JAX_COMPILATION_CACHE_MAX_SIZE`` (bytes, or with a suffix: ``500M``, ``4G``,
+``4GiB``; ``-1``/``unlimited`` for no bound; default 4 GiB) is checked each time the cache is enabled (each
+loaded engine), and the
+least recently used entries of both stores are deleted until it fits (a saved executable's time is its last use;
+a JAX entry's its creation, JAX recording no use). What was deleted is printed (count and bytes).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import logging
 import os
 import pickle
 import platform
+import re
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -41,12 +49,17 @@ from jax.experimental import serialize_executable
 
 import ditto_jax
 from ditto_jax import kernels
+from ditto_jax.config import ConfigError
 from ditto_jax.fileio import atomic_write_bytes
 from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.model import transformer
 
 ENV = "DITTO_JAX_COMPILATION_CACHE"
+MAX_SIZE_ENV = "DITTO_JAX_COMPILATION_CACHE_MAX_SIZE"
+DEFAULT_MAX_SIZE = 4 << 30
 _OFF = {"off", "0", "none", "false", "no", ""}
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+          "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 
 _TRACE = "/jax/core/compile/jaxpr_trace_duration"
 _LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
@@ -80,9 +93,72 @@ def resolve_cache_dir(path: str | os.PathLike | None = None) -> Path | None:
     return Path(value).expanduser()
 
 
+def resolve_max_size(value: str | None = None) -> int:
+    """The cache's bound in bytes from ``value`` (else ``$DITTO_JAX_COMPILATION_CACHE_MAX_SIZE``, else 4 GiB):
+    a number of bytes, or one with a suffix (``K``/``M``/``G``/``T`` powers of 1000, ``KiB``/``MiB``/``GiB``/``TiB``
+    of 1024, ``B`` optional); ``-1`` or ``unlimited`` for none (returned as -1)."""
+    text = os.environ.get(MAX_SIZE_ENV) if value is None else value
+    if text is None or not text.strip():
+        return DEFAULT_MAX_SIZE
+    norm = text.strip().lower()
+    if norm in {"-1", "unlimited", "none", "inf"}:
+        return -1
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?", norm)
+    if match is None:
+        raise ConfigError(f"{MAX_SIZE_ENV}={text!r}: expected bytes, e.g. 4G, 500MiB, 1000000, or -1 for no bound")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def _last_use(path: Path, stat: os.stat_result) -> float:
+    """When an entry was last used: a JAX entry's ``-atime`` record when JAX kept one, else the file's mtime
+    (``SavedJit`` touches its entries on each use)."""
+    if path.name.endswith("-cache"):
+        try:
+            return int.from_bytes((path.parent / (path.name[:-len("-cache")] + "-atime")).read_bytes(), "little") / 1e9
+        except (OSError, ValueError):
+            pass
+    return stat.st_mtime
+
+
+def prune_cache(folder: str | os.PathLike, max_bytes: int) -> tuple[int, int]:
+    """Delete the least recently used entries of the cache at ``folder`` (JAX's ``*-cache`` files with their
+    ``-atime`` records, and ``executables/*.pkl``) until the entries take at most ``max_bytes``; returns (entries
+    deleted, bytes freed). Nothing with ``max_bytes < 0``. Entries another process deletes meanwhile are skipped;
+    one deleted while another process wants it is a cache miss there (compiled again)."""
+    if max_bytes < 0:
+        return 0, 0
+    root = Path(folder)
+    entries = []
+    for path in [*root.glob("*-cache"), *root.glob("executables/*.pkl")]:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        entries.append((_last_use(path, stat), stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    removed = freed = 0
+    for _, size, path in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _log.warning("compilation cache entry %s not deleted (%s)", path, exc)
+            continue
+        else:
+            removed, freed = removed + 1, freed + size
+        if path.name.endswith("-cache"):
+            (path.parent / (path.name[:-len("-cache")] + "-atime")).unlink(missing_ok=True)
+        total -= size
+    return removed, freed
+
+
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:
-    """Point JAX's persistent compilation cache at ``resolve_cache_dir(path)`` (created) and cache every
-    executable; returns the folder, or None when switched off. Also starts the compile-time meter."""
+    """Point JAX's persistent compilation cache at ``resolve_cache_dir(path)`` (created), cache every
+    executable, and keep the folder within ``resolve_max_size()`` (least recently used entries deleted first,
+    reported); returns the folder, or None when switched off. Also starts the compile-time meter."""
     global _enabled_dir
     start_compile_meter()
     folder = resolve_cache_dir(path)
@@ -96,6 +172,11 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     except OSError as exc:  # a read-only home: run without the cache rather than fail
         print(f"warning: compilation cache {folder} not usable ({exc}); compiling without it")
         return None
+    max_bytes = resolve_max_size()
+    removed, freed = prune_cache(folder, max_bytes)
+    if removed:
+        print(f"compilation cache {folder}: deleted {removed} least recently used entries ({freed / 2**20:.0f} MiB) "
+              f"to stay within {max_bytes / 2**30:.2f} GiB (${MAX_SIZE_ENV})", file=sys.stderr)
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
