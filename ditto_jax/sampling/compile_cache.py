@@ -19,10 +19,9 @@ cache is keyed by the lowered program, so each hit still pays both: ~1.8 s of a 
 ``preload_saved`` starts loading the most recently used of them on a background thread before the model loads.
 
 The folder is bounded: ``$DITTO_JAX_COMPILATION_CACHE_MAX_SIZE`` (bytes, or with a suffix: ``500M``, ``4G``,
-``4GiB``; ``-1``/``unlimited`` for no bound; default 4 GiB) is checked each time the cache is enabled (each
-loaded engine), and the
-least recently used entries of both stores are deleted until it fits (a saved executable's time is its last use;
-a JAX entry's its creation, JAX recording no use). What was deleted is printed (count and bytes).
+``4GiB``; ``-1``/``unlimited`` for no bound; default 4 GiB) is checked each time the cache is enabled (each loaded
+engine), and the least recently used entries of both stores are deleted until it fits (a saved executable's time
+is its last use; a JAX entry's its creation, JAX recording no use). What was deleted is printed (count and bytes).
 """
 
 from __future__ import annotations
