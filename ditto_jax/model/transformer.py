@@ -117,9 +117,10 @@ class Transformer(nnx.Module):
           cpu_kernel: the caller vouches for one CPU device and ``kernels.cpu.available()``: the attention over
             a float32 cache runs ``kernels.cpu.chunk_attention`` (see ``cached_attention``), a full pass's
             attention ``kernels.cpu.causal_attention`` (see ``full_attention``), the float32 projections and
-            the head run ``kernels.cpu.matmul`` (``layers.linear``). The layers stay scanned: unrolled, the 40M
-            model's train step (8 layers) was 8% faster, SmolLM2-135M's (30 layers) 2.5x slower, XLA's dots or
-            not (2-core CPU, 2026-12-07).
+            the head run ``kernels.cpu.matmul`` (``layers.linear``), and a full pass loops over the layers in
+            Python instead of scanning them (a scan stacks every layer's saved activations into ``[L, ...]``
+            buffers: train step on a 2-core CPU, 40M model B8 S512 5.53 -> 5.04 s, SmolLM2-135M B2 S512 6.08 ->
+            5.51 s, 2026-12-07).
 
         Returns:
           logits ``[B, T, vocab]`` (float32), or ``(logits, new_cache)`` when a cache is given.
@@ -140,7 +141,7 @@ class Transformer(nnx.Module):
                 return _decoder_layer(h, w, cfg, cos, sin, segment_ids=segment_ids, cpu_kernel=cpu_kernel), None
 
             body = _maybe_remat(body, cfg.remat)
-            x, _ = _scan_or_loop(body, x, weights, cfg)
+            x, _ = _scan_or_loop(body, x, weights, cfg, unroll=cpu_kernel)
             new_cache = None
         else:
             # The whole cache rides in the carry and is updated by scatter: in place inside jit, no per-layer copy.
@@ -170,11 +171,16 @@ class Transformer(nnx.Module):
         return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
 
 
-def _scan_or_loop(body, carry, xs, cfg: ModelConfig):
-    if cfg.scan_layers:
+def _scan_or_loop(body, carry, xs, cfg: ModelConfig, unroll: bool = False):
+    if cfg.scan_layers and not unroll:
         return jax.lax.scan(body, carry, xs)
-    for i in range(cfg.num_layers):
-        carry, _ = body(carry, jax.tree.map(lambda a: a[i], xs))
+    # One split of each stacked array, not a slice a layer: a slice's gradient is a zero-padded full stack, so L
+    # slices made L full-size gradient stacks to sum (SmolLM2, 30 layers: 13 GB of temporaries a step); the
+    # split's gradient is one concatenation.
+    n = cfg.num_layers
+    per_layer = jax.tree.map(lambda a: [p.reshape(a.shape[1:]) for p in jax.lax.split(a, [1] * n)], xs)
+    for i in range(n):
+        carry, _ = body(carry, jax.tree.map(lambda parts: parts[i], per_layer, is_leaf=lambda t: isinstance(t, list)))
     return carry, None
 
 
