@@ -31,7 +31,7 @@ from ditto_jax.hf.load import build_model
 from ditto_jax.hf.mapping import expected_tensors
 from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.model.config import ModelConfig
-from ditto_jax.model.transformer import Transformer, set_decode_source
+from ditto_jax.model.transformer import FUSED, Transformer, set_decode_source
 from ditto_jax.tokenizer import HFTokenizer, byte_alphabet
 
 # general.architecture -> (gguf's architecture enum, our architecture)
@@ -294,11 +294,6 @@ def _one_cpu_device(mesh: Mesh | None) -> bool:
     return len(list(devices)) == 1 and jax.default_backend() == "cpu"
 
 
-# the decode matrices and the HF projections they fuse, in order (columns side by side)
-_DECODE_PARTS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
-                 "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
-
-
 def decode_blocks(model: GGUFModel, cfg: ModelConfig) -> dict[str, Any]:
     """The decode step's matrices kept in the file's blocks, for ``set_decode_source``: per layer the fused
     ``qkv``/``o``/``gate_up``/``down`` whose parts are all of one kept type (``kernels.cpu.GGUF_KINDS``) and
@@ -319,7 +314,7 @@ def decode_blocks(model: GGUFModel, cfg: ModelConfig) -> dict[str, Any]:
     layers = []
     for i in range(cfg.num_layers):
         out = {}
-        for name, parts in _DECODE_PARTS.items():
+        for name, parts in FUSED.items():
             found = [weight(f"model.layers.{i}.{p}.weight") for p in parts]
             if all(f is not None for f in found) and len({f.bits for f in found}) == 1:
                 out[name] = found[0] if len(found) == 1 else cpu_kernels.concat_quant(found)

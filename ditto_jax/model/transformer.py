@@ -298,8 +298,13 @@ class DecodeWeights:
     source_blocks: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
 
 
-PACKED = ("qkv", "o", "gate_up", "down")  # the per-layer matrices ``decode_weights`` may pack for the CPU kernel
-_SOURCES = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}  # stacked names
+# the per-layer matrices ``decode_weights`` fuses (and may pack for the CPU kernel) and the projections they join,
+# in order (columns side by side), named as the layer's modules and their Hugging Face tensors are
+FUSED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+         "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+PACKED = tuple(FUSED)
+# the same parts by their names in ``_layer_weights`` ("self_attn.q_proj" -> "q")
+_SOURCES = {n: tuple(p.rsplit(".", 1)[-1].removesuffix("_proj") for p in parts) for n, parts in FUSED.items()}
 
 
 DecodeSource = Callable[[], dict[str, Any]]
