@@ -180,17 +180,19 @@ def test_the_cache_is_pruned_least_recently_used_first_across_both_stores(tmp_pa
     t = 1_700_000_000
     old_jax = _entry(tmp_path / "jit_a-1-cache", 300, t)  # created first, used last (its -atime record)
     (tmp_path / "jit_a-1-atime").write_bytes(int((t + 50) * 1e9).to_bytes(8, "little"))
-    mid_jax = _entry(tmp_path / "jit_b-2-cache", 300, t + 20)  # no record: its creation time
-    (tmp_path / "jit_b-2-atime").write_bytes(b"")  # unreadable record: creation time too
+    mid_jax = _entry(tmp_path / "jit_b-2-cache", 300, t + 45)
+    (tmp_path / "jit_b-2-atime").write_bytes(b"")  # an unreadable record: its creation time counts
     old_saved = _entry(tmp_path / "executables" / "decode-x.pkl", 300, t + 10)
     new_saved = _entry(tmp_path / "executables" / "prefill-y.pkl", 300, t + 40)
     other = _entry(tmp_path / "executables" / "notes.txt", 5000, t)  # not an entry: never counted or deleted
     assert compile_cache.prune_cache(tmp_path, -1) == (0, 0)
     assert compile_cache.prune_cache(tmp_path, 1200) == (0, 0)
     assert compile_cache.prune_cache(tmp_path, 700) == (2, 600)  # the two least recently used
-    assert not old_saved.exists() and not mid_jax.exists() and not (tmp_path / "jit_b-2-atime").exists()
-    assert old_jax.exists() and new_saved.exists() and other.exists()
-    assert compile_cache.prune_cache(tmp_path, 0) == (2, 600)
+    assert not old_saved.exists() and not new_saved.exists()
+    assert old_jax.exists() and mid_jax.exists() and other.exists()
+    assert compile_cache.prune_cache(tmp_path, 300) == (1, 300)
+    assert not mid_jax.exists() and not (tmp_path / "jit_b-2-atime").exists() and old_jax.exists()
+    assert compile_cache.prune_cache(tmp_path, 0) == (1, 300)
     assert not old_jax.exists() and not (tmp_path / "jit_a-1-atime").exists() and other.exists()
 
 

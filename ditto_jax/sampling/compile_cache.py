@@ -73,6 +73,7 @@ _stats = {"trace_s": 0.0, "lower_s": 0.0, "backend_compile_s": 0.0, "cache_load_
           "saved_preloaded": 0, "saved_preload_s": 0.0}
 _listening = False
 _enabled_dir: str | None = None
+_pruned: set[tuple[str, int]] = set()  # (folder, bound) pairs this process has pruned
 _log = logging.getLogger(__name__)
 
 
@@ -108,14 +109,17 @@ def resolve_max_size(value: str | None = None) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
 
 
-def _last_use(path: Path, stat: os.stat_result) -> float:
-    """When an entry was last used: a JAX entry's ``-atime`` record when JAX kept one, else the file's mtime
-    (``SavedJit`` touches its entries on each use)."""
-    if path.name.endswith("-cache"):
+def _last_use(path: Path, stat: os.stat_result, records: set[str]) -> float:
+    """When an entry was last used: a JAX entry's ``-atime`` record when JAX kept one (``records``: the names of
+    those present), else the file's mtime (``SavedJit`` touches its entries on each use)."""
+    record = path.name[:-len("-cache")] + "-atime" if path.name.endswith("-cache") else None
+    if record in records:
         try:
-            return int.from_bytes((path.parent / (path.name[:-len("-cache")] + "-atime")).read_bytes(), "little") / 1e9
-        except (OSError, ValueError):
-            pass
+            stamp = (path.parent / record).read_bytes()
+        except OSError:
+            stamp = b""
+        if len(stamp) == 8:  # nanoseconds, little-endian, as JAX writes it
+            return int.from_bytes(stamp, "little") / 1e9
     return stat.st_mtime
 
 
@@ -127,13 +131,14 @@ def prune_cache(folder: str | os.PathLike, max_bytes: int) -> tuple[int, int]:
     if max_bytes < 0:
         return 0, 0
     root = Path(folder)
+    records = {p.name for p in root.glob("*-atime")}
     entries = []
     for path in [*root.glob("*-cache"), *root.glob("executables/*.pkl")]:
         try:
             stat = path.stat()
         except OSError:
             continue
-        entries.append((_last_use(path, stat), stat.st_size, path))
+        entries.append((_last_use(path, stat, records), stat.st_size, path))
     total = sum(size for _, size, _ in entries)
     removed = freed = 0
     for _, size, path in sorted(entries, key=lambda e: e[0]):
@@ -172,7 +177,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
         print(f"warning: compilation cache {folder} not usable ({exc}); compiling without it")
         return None
     max_bytes = resolve_max_size()
-    removed, freed = prune_cache(folder, max_bytes)
+    removed, freed = (0, 0) if (str(folder), max_bytes) in _pruned else prune_cache(folder, max_bytes)
+    _pruned.add((str(folder), max_bytes))  # once a process: later engines' own entries are this run's
     if removed:
         print(f"compilation cache {folder}: deleted {removed} least recently used entries ({freed / 2**20:.0f} MiB) "
               f"to stay within {max_bytes / 2**30:.2f} GiB (${MAX_SIZE_ENV})", file=sys.stderr)
