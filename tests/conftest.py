@@ -1,6 +1,7 @@
-"""Every test process keeps its compiled executables in a folder of its own test session, not in the user's
-``~/.cache/ditto-jax/jax-cache``: the suite neither fills the user's cache with test programs nor depends on what
-earlier runs left there (as on a fresh CI machine). A folder given in ``$DITTO_JAX_COMPILATION_CACHE`` is kept."""
+"""The test run keeps its compiled executables in a folder of its own (shared by the xdist workers of one run), not
+in the user's ``~/.cache/ditto-jax/jax-cache``: the suite neither fills the user's cache with test programs nor
+depends on what earlier runs left there (as on a fresh CI machine). A folder given in
+``$DITTO_JAX_COMPILATION_CACHE`` is kept."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _session_compilation_cache(tmp_path_factory):
+def _run_compilation_cache(tmp_path_factory):
     if "DITTO_JAX_COMPILATION_CACHE" in os.environ:
         yield
         return
-    os.environ["DITTO_JAX_COMPILATION_CACHE"] = str(tmp_path_factory.mktemp("jax-cache"))
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: .../pytest-N/popen-gwK
+    folder = root / "jax-cache"
+    folder.mkdir(exist_ok=True)
+    os.environ["DITTO_JAX_COMPILATION_CACHE"] = str(folder)
     yield
     os.environ.pop("DITTO_JAX_COMPILATION_CACHE", None)
