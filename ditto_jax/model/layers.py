@@ -117,6 +117,15 @@ def _linear_bwd(cpu_kernel, res, g):
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
+def head_logits(hidden: jax.Array, w: jax.Array, vocab_major: bool, cpu_kernel: bool = False) -> jax.Array:
+    """Float32 logits ``[..., V]`` of ``hidden [..., H]`` against the head ``w`` (``[V, H]`` when ``vocab_major``, the
+    tied embedding; else ``[H, V]``), of the caller's dtype. ``cpu_kernel``: see ``linear``."""
+    if cpu_kernels.matmul_serves(cpu_kernel, hidden, w):
+        return cpu_kernels.matmul_rows(hidden, w, trans_b=vocab_major)
+    spec = "...h,vh->...v" if vocab_major else "...h,hv->...v"
+    return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
+
+
 def decode_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w`` for a ``DecodeWeights`` matrix: a packed ``[N/32, K, 32]`` weight or a ``QuantWeight`` (CPU,
     float32; see ``kernels.cpu``) runs the few-row kernel, a ``[K, N]`` one XLA's dot."""

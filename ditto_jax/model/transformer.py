@@ -26,6 +26,7 @@ from ditto_jax.model.layers import (
     StackedNorm,
     apply_rope,
     decode_matmul,
+    head_logits,
     linear,
     param,
     rms_norm,
@@ -165,10 +166,7 @@ class Transformer(nnx.Module):
         ``__call__``)."""
         tied = self.lm_head is None
         w = (self.embed_tokens if tied else self.lm_head)[...].astype(self.cfg.compute_dtype)
-        if cpu_kernels.matmul_serves(cpu_kernel, hidden, w):
-            return cpu_kernels.matmul_rows(hidden, w, trans_b=tied)
-        spec = "...h,vh->...v" if tied else "...h,hv->...v"
-        return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
+        return head_logits(hidden, w, tied, cpu_kernel)
 
 
 def _scan_or_loop(body, carry, xs, cfg: ModelConfig, unroll: bool = False):

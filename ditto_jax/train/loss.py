@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ditto_jax.kernels import cpu as cpu_kernels
+from ditto_jax.model.layers import head_logits
 
 
 def _chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -23,17 +24,9 @@ def _chunks(x: jax.Array, chunk: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
 
 
-def _logits(h: jax.Array, w: jax.Array, vocab_major: bool, cpu_kernel: bool = False) -> jax.Array:
-    w = w.astype(h.dtype)
-    if cpu_kernels.matmul_serves(cpu_kernel, h, w):
-        return cpu_kernels.matmul_rows(h, w, trans_b=vocab_major)
-    spec = "bch,vh->bcv" if vocab_major else "bch,hv->bcv"
-    return jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
-
-
 def _chunk_stats(h, w, t, m, vocab_major, cpu_kernel=False):
     """Loss sum, correct count and the softmax pieces for one chunk."""
-    lg = _logits(h, w, vocab_major, cpu_kernel)
+    lg = head_logits(h, w.astype(h.dtype), vocab_major, cpu_kernel)
     mx = jnp.max(lg, axis=-1, keepdims=True)
     e = jnp.exp(lg - mx)
     s = jnp.sum(e, axis=-1, keepdims=True)
