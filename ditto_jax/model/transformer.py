@@ -176,9 +176,10 @@ def _scan_or_loop(body, carry, xs, cfg: ModelConfig, unroll: bool = False):
     # slices made L full-size gradient stacks to sum (SmolLM2, 30 layers: 13 GB of temporaries a step); the
     # split's gradient is one concatenation.
     n = cfg.num_layers
-    per_layer = jax.tree.map(lambda a: [p.reshape(a.shape[1:]) for p in jax.lax.split(a, [1] * n)], xs)
+    leaves, tree = jax.tree.flatten(xs)
+    parts = [[p.reshape(a.shape[1:]) for p in jax.lax.split(a, [1] * n)] for a in leaves]
     for i in range(n):
-        carry, _ = body(carry, jax.tree.map(lambda parts: parts[i], per_layer, is_leaf=lambda t: isinstance(t, list)))
+        carry, _ = body(carry, jax.tree.unflatten(tree, [layers[i] for layers in parts]))
     return carry, None
 
 
