@@ -19,9 +19,10 @@ cache is keyed by the lowered program, so each hit still pays both: ~1.8 s of a 
 ``preload_saved`` starts loading the most recently used of them on a background thread before the model loads.
 
 The folder is bounded: ``$DITTO_JAX_COMPILATION_CACHE_MAX_SIZE`` (bytes, or with a suffix: ``500M``, ``4G``,
-``4GiB``; ``-1``/``unlimited`` for no bound; default 4 GiB) is checked each time the cache is enabled (each loaded
-engine), and the least recently used entries of both stores are deleted until it fits (a saved executable's time
-is its last use; a JAX entry's its creation, JAX recording no use). What was deleted is printed (count and bytes).
+``4GiB``; ``-1``/``unlimited`` for no bound; default 4 GiB) is checked once a process, when the cache is first
+enabled (by the first loaded engine), and the least recently used entries of both stores are deleted until it fits
+(a saved executable's time is its last use; a JAX entry's its ``-atime`` record where JAX kept one, else its
+creation). What was deleted is printed (count and bytes).
 """
 
 from __future__ import annotations
@@ -109,13 +110,18 @@ def resolve_max_size(value: str | None = None) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
 
 
+def _record(path: Path) -> Path | None:
+    """JAX's ``-atime`` record beside its cache entry ``KEY-cache`` (None for a saved executable)."""
+    return path.with_name(path.name.removesuffix("-cache") + "-atime") if path.name.endswith("-cache") else None
+
+
 def _last_use(path: Path, stat: os.stat_result, records: set[str]) -> float:
     """When an entry was last used: a JAX entry's ``-atime`` record when JAX kept one (``records``: the names of
     those present), else the file's mtime (``SavedJit`` touches its entries on each use)."""
-    record = path.name[:-len("-cache")] + "-atime" if path.name.endswith("-cache") else None
-    if record in records:
+    record = _record(path)
+    if record is not None and record.name in records:
         try:
-            stamp = (path.parent / record).read_bytes()
+            stamp = record.read_bytes()
         except OSError:
             stamp = b""
         if len(stamp) == 8:  # nanoseconds, little-endian, as JAX writes it
@@ -153,16 +159,16 @@ def prune_cache(folder: str | os.PathLike, max_bytes: int) -> tuple[int, int]:
             continue
         else:
             removed, freed = removed + 1, freed + size
-        if path.name.endswith("-cache"):
-            (path.parent / (path.name[:-len("-cache")] + "-atime")).unlink(missing_ok=True)
+        if (record := _record(path)) is not None:
+            record.unlink(missing_ok=True)
         total -= size
     return removed, freed
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:
     """Point JAX's persistent compilation cache at ``resolve_cache_dir(path)`` (created), cache every
-    executable, and keep the folder within ``resolve_max_size()`` (least recently used entries deleted first,
-    reported); returns the folder, or None when switched off. Also starts the compile-time meter."""
+    executable, and keep the folder within ``resolve_max_size()`` (once a process; least recently used entries
+    deleted first, reported); returns the folder, or None when switched off. Also starts the compile-time meter."""
     global _enabled_dir
     start_compile_meter()
     folder = resolve_cache_dir(path)
