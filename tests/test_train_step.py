@@ -14,7 +14,7 @@ from ditto_jax.mesh import MeshConfig, batch_sharding, make_mesh
 from ditto_jax.model import create_model, load_model_config, transformer
 from ditto_jax.model.layers import linear
 from ditto_jax.train import step as steplib
-from ditto_jax.train.loss import chunked_cross_entropy, reference_cross_entropy
+from ditto_jax.train.loss import AUTO_CHUNK_BYTES, auto_chunk, chunked_cross_entropy, reference_cross_entropy
 from ditto_jax.train.optim import OptimConfig, decay_mask, lr_schedule, make_optimizer
 
 
@@ -121,6 +121,46 @@ def test_chunk_must_divide_sequence() -> None:
     h = jnp.zeros((1, 10, 4))
     with pytest.raises(ValueError, match="multiple of the loss chunk"):
         chunked_cross_entropy(h, jnp.zeros((8, 4)), jnp.zeros((1, 10), jnp.int32), jnp.ones((1, 10)), True, 4)
+
+
+@pytest.mark.parametrize("rows, seq_len, vocab, budget, want", [
+    (8, 512, 32000, 128 * 2**20, 128),   # the 40M benchmark: 1,024 tokens, 125 MiB
+    (2, 512, 49152, 128 * 2**20, 256),   # SmolLM2 at its preset's batch: 256 x 2 x 49152 x 4 = 96 MiB
+    (1, 100, 10, 2**20, 100),            # everything fits: one chunk
+    (8, 96, 1000, 8 * 24 * 1000 * 4, 24),  # exactly at the budget
+    (8, 96, 1000, 8 * 24 * 1000 * 4 - 1, 16),  # one byte less: the next divisor down
+    (8, 509, 32000, 128 * 2**20, 509),   # a prime length: one chunk rather than 509 of one position
+    (64, 8192, 152000, 2**30, 16),       # more rows than fit: a small chunk, never zero
+    (4096, 64, 152000, 2**20, 1),
+])
+def test_auto_chunk_is_the_longest_divisor_within_the_budget(rows, seq_len, vocab, budget, want) -> None:
+    chunk = auto_chunk(rows, seq_len, vocab, budget)
+    assert chunk == want and seq_len % chunk == 0
+
+
+def test_loss_chunk_for_counts_the_rows_of_one_device() -> None:
+    assert steplib.loss_chunk_for(64, 8, 32, 1000, None) == 32  # given: at most the length
+    assert steplib.loss_chunk_for(16, 8, 32, 1000, None) == 16
+    vocab = AUTO_CHUNK_BYTES["cpu"] // (4 * 16 * 4)  # 16 rows x 4 positions fill the CPU budget
+    one = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    assert steplib.loss_chunk_for(None, 16, 64, vocab, one) == 4
+    eight = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])  # the batch over data x fsdp
+    assert steplib.loss_chunk_for(None, 16, 64, vocab, eight) == 16
+
+
+def test_step_with_the_chosen_chunk_equals_a_given_chunk() -> None:
+    cfg = load_model_config("model/tiny")
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    tx = make_optimizer(OptimConfig(peak_lr=1e-3, end_lr=1e-4), 10)
+    batch = {k: jax.device_put(v, batch_sharding(mesh, 2)) for k, v in _batch(seed=0).items()}
+    losses = []
+    for chunk in (None, 8):
+        graphdef, state = steplib.init_state(create_model(cfg, mesh=mesh, seed=0), tx, mesh, seed=0)
+        fn = steplib.compile_train_step(graphdef, jax.tree.map(lambda x: x.sharding, state), tx,
+                                        lr_schedule(OptimConfig(), 10), accum=2, loss_chunk=chunk, mesh=mesh)
+        losses.append(float(fn(state, batch)[1]["loss"]))
+    assert steplib.loss_chunk_for(None, 4, 32, cfg.vocab_size, mesh) == 32  # tiny: one chunk, not 8 positions
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def _model_loss(graphdef, params, batch) -> float:

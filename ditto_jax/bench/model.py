@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up round)")
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers (torch) on the same weights")
-    parser.add_argument("--loss-chunk", type=int, default=512, help="positions per chunk of the fused head + loss")
+    parser.add_argument("--loss-chunk", type=int, default=None,
+                        help="positions per chunk of the fused head + loss (default: chosen as training chooses it, "
+                             "train.loss_chunk: null)")
     parser.add_argument("--override", action="append", default=[], help="model config override, e.g. remat=full")
     parser.add_argument("--no-forward", action="store_true", help="skip the forward-only measurement")
 
@@ -95,8 +97,8 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict
             "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))}
 
 
-def jax_timers(model: Any, cfg: Any, mesh: Any, batch: dict[str, np.ndarray], *, accum: int, loss_chunk: int,
-               forward: bool) -> tuple[list[Timer], dict[str, float]]:
+def jax_timers(model: Any, cfg: Any, mesh: Any, batch: dict[str, np.ndarray], *, accum: int,
+               loss_chunk: int | None, forward: bool) -> tuple[list[Timer], dict[str, float]]:
     """Timers for the real (compiled-once, donated) train step and, optionally, the logits forward."""
     import jax
 
@@ -110,9 +112,10 @@ def jax_timers(model: Any, cfg: Any, mesh: Any, batch: dict[str, np.ndarray], *,
     graphdef, state = steplib.init_state(model, tx, mesh, seed=0)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     b, s = batch["tokens"].shape
-    step = steplib.compile_train_step(graphdef, shardings, tx, schedule, accum=accum, loss_chunk=min(loss_chunk, s),
+    step = steplib.compile_train_step(graphdef, shardings, tx, schedule, accum=accum, loss_chunk=loss_chunk,
                                       mesh=mesh).lower(state, steplib.abstract_batch(b, s, mesh)).compile()
     compile_s = time.perf_counter() - t0
+    chunk = steplib.loss_chunk_for(loss_chunk, b // accum, s, cfg.vocab_size, mesh)
     gb = global_batch(batch, mesh)
     holder = {"state": state}
 
@@ -127,7 +130,7 @@ def jax_timers(model: Any, cfg: Any, mesh: Any, batch: dict[str, np.ndarray], *,
         cpu_kernel = cpu_kernels.usable_on(mesh.devices.flat)  # as the train step decides
         fwd = jax.jit(lambda p, ids: steplib.merge_model(graphdef, p)(ids, cpu_kernel=cpu_kernel))
         timers.append(Timer("jax_forward", lambda: fwd(holder["state"].params, gb["tokens"]).block_until_ready(), []))
-    return timers, {"compile_s": compile_s}
+    return timers, {"compile_s": compile_s, "loss_chunk": chunk}
 
 
 def torch_timers(model: Any, cfg: Any, batch: dict[str, np.ndarray], *, accum: int, forward: bool,
@@ -256,7 +259,7 @@ def table(result: dict[str, Any]) -> str:
     if "train_ratio_vs_hf" not in result:
         return ""
     return (f"train step: {result['train_ratio_vs_hf']:.2f}x transformers; "
-            f"forward: {result.get('forward_ratio_vs_hf', float('nan')):.2f}x")
+            f"forward: {result.get('forward_ratio_vs_hf', float('nan')):.2f}x (loss chunk {result['loss_chunk']})")
 
 
 def _argv(args: argparse.Namespace) -> list[str]:

@@ -25,7 +25,9 @@ class TrainConfig(StrictModel):
 
     steps: int = pydantic.Field(gt=0, description="optimizer steps (the schedule spans them)")
     grad_accum: int = pydantic.Field(1, gt=0, description="micro-steps per optimizer step")
-    loss_chunk: int = pydantic.Field(512, gt=0, description="positions per chunk of the fused head + loss")
+    loss_chunk: int | None = pydantic.Field(
+        None, gt=0, description="positions per chunk of the fused head + loss; null: chosen for the run, the longest "
+        "whose float32 logits stay within 128 MiB a device on CPU, 1 GiB on an accelerator (train.loss.auto_chunk)")
     seed: int = 0
 
 
@@ -86,7 +88,7 @@ class SFTConfig(StrictModel):
         if batch % accum:
             raise ValueError(f"data.global_batch_size ({batch}) must be a multiple of train.grad_accum ({accum})")
         seq, chunk = self.data.seq_len, self.train.loss_chunk
-        if chunk < seq and seq % chunk:
+        if chunk is not None and chunk < seq and seq % chunk:
             raise ValueError(f"data.seq_len ({seq}) must be a multiple of train.loss_chunk ({chunk})")
         if not self.data.paths:
             raise ValueError("data.paths is empty: give corpus files, folders or globs "

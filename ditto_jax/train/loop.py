@@ -165,7 +165,9 @@ def run_training(cfg: SFTConfig, workdir: str | Path) -> TrainResult:
     eval_step = None
     if eval_pipe is not None:
         eval_step = steplib.compile_eval_step(graphdef, shardings, loss_chunk=cfg.train.loss_chunk, mesh=mesh)
-    _say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
+    chunk = steplib.loss_chunk_for(cfg.train.loss_chunk, batch // cfg.train.grad_accum, seq, model_cfg.vocab_size, mesh)
+    _say(f"compiled the train step in {time.perf_counter() - t0:.1f}s (loss chunk: {chunk} positions"
+         f"{'' if cfg.train.loss_chunk else ', chosen for this run'})")
 
     peak, peak_source = device_peak_flops(model_cfg.dtype)
     flops_per_token = model_cfg.flops_per_token(seq)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.mesh import batch_sharding, param_shardings
 from ditto_jax.model import Transformer
-from ditto_jax.train.loss import chunked_cross_entropy
+from ditto_jax.train.loss import AUTO_CHUNK_BYTES, AUTO_CHUNK_BYTES_ACCELERATOR, auto_chunk, chunked_cross_entropy
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 Batch = dict[str, jax.Array]
@@ -54,15 +54,35 @@ def _head(model: Transformer) -> tuple[jax.Array, bool]:
     return model.lm_head[...], False
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: dict[str, Any], batch: Batch, loss_chunk: int,
-              cpu_kernel: bool = False) -> tuple[jax.Array, jax.Array]:
+def loss_chunk_for(loss_chunk: int | None, rows: int, seq_len: int, vocab: int, mesh: Mesh | None) -> int:
+    """Positions a chunk of the fused head + loss for a (micro-)batch of ``rows x seq_len``: ``loss_chunk`` as given
+    (at most ``seq_len``), or for ``None`` ``loss.auto_chunk`` over the rows one device holds, within
+    ``AUTO_CHUNK_BYTES`` of its platform."""
+    if loss_chunk is not None:
+        return min(loss_chunk, seq_len)
+    shards, platform = 1, jax.default_backend()
+    if mesh is not None:
+        spec = batch_sharding(mesh, 2).spec
+        axes = spec[0] if len(spec) else None
+        for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+            shards *= mesh.shape[axis]
+        platform = mesh.devices.flat[0].platform
+    budget = AUTO_CHUNK_BYTES.get(platform, AUTO_CHUNK_BYTES_ACCELERATOR)
+    return auto_chunk(-(-rows // shards), seq_len, vocab, budget)
+
+
+def loss_sums(graphdef: nnx.GraphDef, params: dict[str, Any], batch: Batch, loss_chunk: int | None,
+              cpu_kernel: bool = False, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
     """``(sum of masked token losses, masked correct count)`` for one (micro-)batch. ``cpu_kernel``: the caller
-    vouches for one CPU device (the model's and the loss's float32 products run ``kernels.cpu.matmul``)."""
+    vouches for one CPU device (the model's and the loss's float32 products run ``kernels.cpu.matmul``).
+    ``loss_chunk``/``mesh``: see ``loss_chunk_for``."""
     model = merge_model(graphdef, params)
     hidden = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                    return_hidden=True, cpu_kernel=cpu_kernel)
     weight, vocab_major = _head(model)
-    return chunked_cross_entropy(hidden, weight, batch["targets"], batch["loss_mask"], vocab_major, loss_chunk,
+    rows, seq_len = batch["tokens"].shape
+    chunk = loss_chunk_for(loss_chunk, rows, seq_len, weight.shape[0 if vocab_major else 1], mesh)
+    return chunked_cross_entropy(hidden, weight, batch["targets"], batch["loss_mask"], vocab_major, chunk,
                                  cpu_kernel)
 
 
@@ -85,11 +105,11 @@ def _micro_batches(batch: Batch, accum: int, mesh: Mesh | None) -> Batch:
 
 
 def grads_and_stats(graphdef: nnx.GraphDef, params: dict[str, Any], batch: Batch, *, accum: int,
-                    loss_chunk: int, mesh: Mesh | None, cpu_kernel: bool = False
+                    loss_chunk: int | None, mesh: Mesh | None, cpu_kernel: bool = False
                     ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradients of the mean token loss over the whole batch (all micro-steps normalised by one token count)."""
     tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-    value_and_grad = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk, cpu_kernel),
+    value_and_grad = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk, cpu_kernel, mesh),
                                         has_aux=True)
     if accum == 1:
         (loss_sum, correct), grad_sum = value_and_grad(params, batch)
@@ -108,8 +128,8 @@ def grads_and_stats(graphdef: nnx.GraphDef, params: dict[str, Any], batch: Batch
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, accum: int, loss_chunk: int, mesh: Mesh | None, cpu_kernel: bool = False
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule, accum: int, loss_chunk: int | None, mesh: Mesh | None,
+               cpu_kernel: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over a global batch; returns the new state and scalar metrics."""
     grads, stats = grads_and_stats(graphdef, state.params, batch, accum=accum, loss_chunk=loss_chunk, mesh=mesh,
                                    cpu_kernel=cpu_kernel)
@@ -123,10 +143,10 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: o
     return new_state, metrics
 
 
-def eval_step(params: dict[str, Any], batch: Batch, *, graphdef: nnx.GraphDef, loss_chunk: int,
-              cpu_kernel: bool = False) -> dict[str, jax.Array]:
+def eval_step(params: dict[str, Any], batch: Batch, *, graphdef: nnx.GraphDef, loss_chunk: int | None,
+              mesh: Mesh | None = None, cpu_kernel: bool = False) -> dict[str, jax.Array]:
     """Sums for validation: ``loss_sum``, ``correct`` and ``tokens`` (the caller divides)."""
-    loss_sum, correct = loss_sums(graphdef, params, batch, loss_chunk, cpu_kernel)
+    loss_sum, correct = loss_sums(graphdef, params, batch, loss_chunk, cpu_kernel, mesh)
     return {"loss_sum": loss_sum, "correct": correct, "tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
 
 
@@ -172,7 +192,7 @@ def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
 
 
 def compile_train_step(graphdef: nnx.GraphDef, shardings: TrainState, tx: optax.GradientTransformation,
-                       schedule: optax.Schedule, *, accum: int, loss_chunk: int, mesh: Mesh
+                       schedule: optax.Schedule, *, accum: int, loss_chunk: int | None, mesh: Mesh
                        ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """``jax.jit`` of ``train_step``: the state's shardings in and out, the batch sharded over the data axes,
     metrics replicated, the state donated (updated in place). Call ``.lower(...).compile()`` to compile once.
@@ -184,10 +204,11 @@ def compile_train_step(graphdef: nnx.GraphDef, shardings: TrainState, tx: optax.
                    donate_argnums=0)
 
 
-def compile_eval_step(graphdef: nnx.GraphDef, shardings: TrainState, *, loss_chunk: int, mesh: Mesh
+def compile_eval_step(graphdef: nnx.GraphDef, shardings: TrainState, *, loss_chunk: int | None, mesh: Mesh
                       ) -> Callable[[dict[str, Any], Batch], dict[str, jax.Array]]:
     """``jax.jit`` of ``eval_step`` (parameters not donated)."""
-    fn = _bind(eval_step, graphdef=graphdef, loss_chunk=loss_chunk, cpu_kernel=cpu_kernels.usable_on(mesh.devices.flat))
+    fn = _bind(eval_step, graphdef=graphdef, loss_chunk=loss_chunk, mesh=mesh,
+               cpu_kernel=cpu_kernels.usable_on(mesh.devices.flat))
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(shardings.params, batch_shardings(mesh)), out_shardings=replicated)
 
