@@ -10,7 +10,8 @@
 
 namespace ffi = xla::ffi;
 using ditto::v16;
-using ditto::vi16;
+using ditto::vin;
+using ditto::vn;
 
 namespace {
 
@@ -21,36 +22,32 @@ struct Dims {
   int64_t b, s, hq, hkv, d, group, ldq, ldk, s_pad;
 };
 
-// The keys row `pos` (segment `seg_r`) may see among [0, n): j <= pos and seg[j] == seg_r, 16 at a time.
-inline vi16 visible(const int32_t* seg, int64_t j, int64_t pos, int32_t seg_r) {
-  vi16 ids, sj;
-  for (int l = 0; l < 16; ++l) ids[l] = static_cast<int32_t>(j + l);
+// The keys row `pos` (segment `seg_r`) may see among lanes [j, j + kLanes): j <= pos and seg[j] == seg_r.
+inline vin visible(const int32_t* seg, int64_t j, int64_t pos, int32_t seg_r) {
+  vin sj;
   std::memcpy(&sj, seg + j, sizeof sj);
-  return (sj == seg_r) & (ids <= static_cast<int32_t>(pos));
+  return ditto::equal(sj, vin{} + seg_r) & ditto::less_eq(ditto::iota() + static_cast<int32_t>(j), vin{} + static_cast<int32_t>(pos));
 }
 
 // row[j] <- exp(row[j] - sub) where visible, else 0, for j in [0, n); returns the sum. Rows are padded to 16 (the
-// caller's buffers and segment copy are), so the last partial vector reads padding, which is never visible.
+// caller's buffers and segment copy are), so the last partial vector reads padding, which is never visible. The
+// loops run on the host's own vector width (ditto::vn): they compare and select on every element.
 inline float masked_exp(float* row, int64_t n, const int32_t* seg, int64_t pos, int32_t seg_r, float sub) {
-  v16 total{};
-  const v16 vsub = ditto::splat(sub);
-  for (int64_t j = 0; j < n; j += 16) {
-    v16 x = ditto::load16(row + j) - vsub;
-    x = x > 0.0f ? v16{} : x;
-    const v16 e = ditto::exp_nonpositive(x);
-    const v16 p = visible(seg, j, pos, seg_r) ? e : v16{};
-    ditto::store16(row + j, p);
+  vn total{};
+  for (int64_t j = 0; j < n; j += ditto::kLanes) {
+    vn x = ditto::loadn(row + j) - sub;
+    x = ditto::select(ditto::greater(x, vn{}), vn{}, x);
+    const vn p = ditto::select(visible(seg, j, pos, seg_r), ditto::exp_nonpositive(x), vn{});
+    ditto::storen(row + j, p);
     total += p;
   }
   return ditto::hsum(total);
 }
 
 inline float masked_max(const float* row, int64_t n, const int32_t* seg, int64_t pos, int32_t seg_r) {
-  v16 m = ditto::splat(-3.0e38f);
-  for (int64_t j = 0; j < n; j += 16) {
-    const v16 x = ditto::load16(row + j);
-    const v16 keep = visible(seg, j, pos, seg_r) ? x : ditto::splat(-3.0e38f);
-    m = keep > m ? keep : m;
+  vn m = vn{} - 3.0e38f;
+  for (int64_t j = 0; j < n; j += ditto::kLanes) {
+    m = ditto::vmax(ditto::select(visible(seg, j, pos, seg_r), ditto::loadn(row + j), vn{} - 3.0e38f), m);
   }
   return ditto::hmax(m);
 }

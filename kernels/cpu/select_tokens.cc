@@ -61,7 +61,7 @@ float block_sums_above(const float* e, int64_t nb, int64_t bs, float above, floa
     v16 acc{};
     for (int64_t i = b * bs; i < (b + 1) * bs; i += 16) {
       const v16 v = ditto::load16(e + i);
-      acc += v > a ? v : zero;
+      acc += ditto::select(ditto::greater(v, a), v, zero);
     }
     total += sums[b] = hsum(acc);
   }
@@ -147,7 +147,7 @@ int32_t sample_row(const Row& row, int64_t vocab, int64_t rounds, std::vector<fl
     const v16 s = ditto::load16(row.scores + i) / vt;
     const v16 x = s - vm;
     const v16 ex = ditto::exp_nonpositive(x);
-    ditto::store16(e.data() + i, s >= vk && x >= -87.0f ? ex : zero);
+    ditto::store16(e.data() + i, ditto::select(ditto::greater_eq(s, vk) & ditto::greater_eq(x, ditto::splat(-87.0f)), ex, zero));
   }
   for (int64_t i = nv; i < vocab; ++i) {
     const float s = row.scores[i] / t;
