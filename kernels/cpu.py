@@ -151,6 +151,7 @@ def _load() -> str | None:
         lib = ctypes.cdll.LoadLibrary(str(build()))
         lib.ditto_dequantize_gguf.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.ditto_dequantize_gguf.restype = ctypes.c_int
+        lib.ditto_vector_bytes.restype = ctypes.c_int
         for target, symbol in ((MATMUL, lib.DittoSmallMatmul), (ATTENTION, lib.DittoDecodeAttention),
                                (SELECT, lib.DittoSelectTokens), (ATTENTION_UPDATE, lib.DittoDecodeAttentionUpdate),
                                (CHUNK_ATTENTION, lib.DittoChunkAttention), (GEMM, lib.DittoGemm),
@@ -164,6 +165,28 @@ def _load() -> str | None:
     global _blas_reason
     _blas_reason = _load_openblas(lib)
     return None
+
+
+def decode_reason() -> str | None:
+    """Why the decoding kernels (``small_matmul``, ``decode_attention``, ``chunk_attention``, ``select_tokens``) stay
+    unused here, ``None`` when decoding runs them. They are written for 16-float vectors, native with AVX-512: on an
+    AVX2 AMD EPYC (2 cores) GCC 12's code for them ran 3-11x slower than XLA's ops (``ditto-jax bench cpu-kernels``),
+    so hosts without AVX-512 decode with XLA's ops. ``DITTO_CPU_DECODE_KERNELS=1`` uses them anyway, ``=0`` never.
+    The training kernels (``matmul``, ``causal_attention``) run on any host."""
+    if (why := _load()) is not None:
+        return why
+    flag = os.environ.get("DITTO_CPU_DECODE_KERNELS", "")
+    if flag == "0":
+        return "switched off (DITTO_CPU_DECODE_KERNELS=0)"
+    if flag != "1" and _lib.ditto_vector_bytes() < 64:
+        return ("this CPU has no AVX-512: the decoding kernels run slower than XLA's ops here "
+                "(DITTO_CPU_DECODE_KERNELS=1 uses them anyway)")
+    return None
+
+
+def decode_usable_on(devices: Any) -> bool:
+    """``usable_on(devices)`` and ``decode_reason() is None``: whether decoding on ``devices`` runs the kernels."""
+    return usable_on(devices) and decode_reason() is None
 
 
 def available() -> bool:

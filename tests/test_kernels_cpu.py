@@ -17,7 +17,7 @@ from flax import nnx
 
 from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.kernels.reference import attention_reference
-from ditto_jax.model import ModelConfig, create_model, decode_step, decode_weights, init_layer_cache
+from ditto_jax.model import ModelConfig, create_model, decode_matmul_kind, decode_step, decode_weights, init_layer_cache
 from ditto_jax.model.xla_attention import cached_chunk_attention, heads_first_query_attention
 
 pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler on this machine")
@@ -143,6 +143,30 @@ def test_switched_off_the_decode_weights_stay_unpacked():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "DITTO_CPU_KERNELS": "0"}).stdout
     assert out.strip() == "False switched off (DITTO_CPU_KERNELS=0) 2"
+
+
+@pytest.mark.parametrize("flag, vector_bytes, runs", [
+    ("", 64, True), ("", 32, False), ("1", 32, True), ("0", 64, False)])
+def test_decoding_runs_the_kernels_with_avx512_or_when_asked(monkeypatch, flag, vector_bytes, runs):
+    """Without AVX-512 decoding keeps XLA's ops unless DITTO_CPU_DECODE_KERNELS=1; training's kernels run anyway."""
+    assert cpu_kernels.available()
+    monkeypatch.setattr(cpu_kernels._lib, "ditto_vector_bytes", lambda: vector_bytes)
+    monkeypatch.setenv("DITTO_CPU_DECODE_KERNELS", flag)
+    device = jax.devices()[:1]
+    assert (cpu_kernels.decode_reason() is None) == runs == cpu_kernels.decode_usable_on(device)
+    assert cpu_kernels.usable_on(device) and cpu_kernels.matmul_available()
+    cfg = ModelConfig(architecture="qwen2", vocab_size=128, hidden_size=32, num_layers=1, num_heads=4,
+                      num_kv_heads=2, intermediate_size=64)
+    weights = decode_weights(create_model(cfg, seed=0))
+    assert weights.cpu_kernels == runs and weights.layers[0]["qkv"].ndim == (3 if runs else 2)
+    kind = decode_matmul_kind(weights)
+    assert kind == "cpu kernels" if runs else kind.startswith("xla (cpu kernels: ")
+    if not runs:
+        assert ("AVX-512" in kind) == (flag == "")
+
+
+def test_the_library_reports_its_vector_width():
+    assert cpu_kernels._lib.ditto_vector_bytes() in (16, 32, 64)
 
 
 def test_decode_step_over_packed_weights_equals_the_unpacked_one_and_the_forward():

@@ -274,7 +274,7 @@ def load_gguf(path: str | Path, mesh: Mesh | None = None, dtype: str | None = No
     (``model.set_decode_source``): the same float32 values, a fifth to a third of the bytes."""
     model = GGUFModel(path)
     blocks = None
-    if (dtype is None or np.dtype(dtype) == np.float32) and _one_cpu_device(mesh) and cpu_kernels.available():
+    if (dtype is None or np.dtype(dtype) == np.float32) and _one_cpu_device(mesh) and cpu_kernels.decode_reason() is None:
         # laid out on a second core while this one dequantises (numpy releases the GIL): ~0.4 s of the load
         blocks = _BACKGROUND.submit(decode_blocks, model, model.cfg)
     with GGUFTensorReader(model) as reader:

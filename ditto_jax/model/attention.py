@@ -131,7 +131,7 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
     """
     impl = resolve_impl(impl)
     if (cpu_kernel and not heads_first and impl == "xla" and sliding_window is None
-            and k_cache.dtype == v_cache.dtype == jnp.float32):
+            and k_cache.dtype == v_cache.dtype == jnp.float32 and cpu_kernels.decode_reason() is None):
         return cpu_kernels.chunk_attention(q, k_cache, v_cache, q_offset, layer).astype(q.dtype)
     if layer is not None:
         k_cache, v_cache = k_cache[layer], v_cache[layer]

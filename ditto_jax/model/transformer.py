@@ -343,10 +343,10 @@ def decode_weights(model: Transformer, *, cpu_kernel: bool | None = None) -> Dec
     width is a multiple of 32), so ``decode_step`` runs them through the few-row CPU matmul, and its attention
     over a heads-first float32 cache through the CPU decode attention; matrices ``set_decode_source`` provides
     are taken from it instead (no float copy). ``None``: when the compute dtype is float32, the weights live on
-    one CPU device and the kernels are available."""
+    one CPU device and the decoding kernels run here (``kernels.cpu.decode_usable_on``)."""
     embed = model.embed_tokens[...]
     if cpu_kernel is None:
-        cpu_kernel = model.cfg.compute_dtype == jnp.float32 and cpu_kernels.usable_on(embed.sharding.device_set)
+        cpu_kernel = model.cfg.compute_dtype == jnp.float32 and cpu_kernels.decode_usable_on(embed.sharding.device_set)
     params = _layer_weights(model.layers) | {
         "embed": embed, "norm": model.norm[...], "head": None if model.lm_head is None else model.lm_head[...]}
     build = _decode_source(model) if cpu_kernel and model.cfg.compute_dtype == jnp.float32 else None
@@ -370,7 +370,7 @@ def decode_matmul_kind(weights: Any) -> str:
         if weights.source_blocks:
             return f"cpu kernels (weights read as the file's {'/'.join(weights.source_blocks)} blocks)"
         return "cpu kernels"
-    why = cpu_kernels.reason()
+    why = cpu_kernels.decode_reason()
     return "xla" if why is None else f"xla (cpu kernels: {why})"
 
 

@@ -271,6 +271,8 @@ def _process_fingerprint() -> bytes:
                  getattr(device.client, "platform_version", ""), platform.machine(), cpu_kernels.cpu_signature(),
                  # kernels.cpu.matmul's custom call needs OpenBLAS at run time: its absence must miss the cache
                  repr(device.platform != "cpu" or cpu_kernels.matmul_available()),
+                 # whether decoding runs the kernels (DITTO_CPU_DECODE_KERNELS can change it on one CPU)
+                 repr(device.platform != "cpu" or cpu_kernels.decode_reason() is None),
                  repr(jax.config.jax_enable_x64), repr(jax.config.jax_default_matmul_precision)]
         _fingerprint = hashlib.sha256("\0".join(map(str, parts)).encode()).digest()
     return _fingerprint

@@ -45,6 +45,18 @@ ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Resul
 
 }  // namespace
 
+// The width in bytes of the widest float vector this library was compiled for (-march=native): the decoding kernels'
+// 16-float vectors are native only at 64 (kernels/cpu.py keeps XLA's ops for decoding below it).
+extern "C" int ditto_vector_bytes() {
+#if defined(__AVX512F__)
+  return 64;
+#elif defined(__AVX2__) || defined(__AVX__)
+  return 32;
+#else
+  return 16;
+#endif
+}
+
 // kernels/cpu.py passes OpenBLAS's cblas_sgemm (the library set to one thread) before registering the handler.
 extern "C" void ditto_set_sgemm(void* fn) { ditto::g_sgemm = reinterpret_cast<ditto::Sgemm>(fn); }
 
