@@ -60,15 +60,12 @@ def loss_chunk_for(loss_chunk: int | None, rows: int, seq_len: int, vocab: int, 
     ``AUTO_CHUNK_BYTES`` of its platform."""
     if loss_chunk is not None:
         return min(loss_chunk, seq_len)
-    shards, platform = 1, jax.default_backend()
-    if mesh is not None:
-        spec = batch_sharding(mesh, 2).spec
-        axes = spec[0] if len(spec) else None
-        for axis in (axes,) if isinstance(axes, str) else (axes or ()):
-            shards *= mesh.shape[axis]
+    if mesh is None:
+        rows_here, platform = rows, jax.default_backend()
+    else:
+        rows_here = batch_sharding(mesh, 2).shard_shape((rows, seq_len))[0]
         platform = mesh.devices.flat[0].platform
-    budget = AUTO_CHUNK_BYTES.get(platform, AUTO_CHUNK_BYTES_ACCELERATOR)
-    return auto_chunk(-(-rows // shards), seq_len, vocab, budget)
+    return auto_chunk(rows_here, seq_len, vocab, AUTO_CHUNK_BYTES.get(platform, AUTO_CHUNK_BYTES_ACCELERATOR))
 
 
 def loss_sums(graphdef: nnx.GraphDef, params: dict[str, Any], batch: Batch, loss_chunk: int | None,

@@ -26,7 +26,8 @@ struct Dims {
 inline vin visible(const int32_t* seg, int64_t j, int64_t pos, int32_t seg_r) {
   vin sj;
   std::memcpy(&sj, seg + j, sizeof sj);
-  return ditto::equal(sj, vin{} + seg_r) & ditto::less_eq(ditto::iota() + static_cast<int32_t>(j), vin{} + static_cast<int32_t>(pos));
+  const vin ids = ditto::iota() + static_cast<int32_t>(j);
+  return ditto::equal(sj, vin{} + seg_r) & ditto::less_eq(ids, vin{} + static_cast<int32_t>(pos));
 }
 
 // row[j] <- exp(row[j] - sub) where visible, else 0, for j in [0, n); returns the sum. Rows are padded to 16 (the

@@ -15,7 +15,6 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -48,10 +47,9 @@ inline v16 to_float(i8x16 b) {
 // two 32-byte halves (exp_nonpositive on a 2-core AVX2 AMD EPYC: 2.8 -> 0.9 ns an element).
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
-#ifdef __AVX512F__
-template <typename V, typename Op> inline vi16 lanes(V a, V b, Op op) { return op(a, b); }
-inline v16 select(vi16 m, v16 a, v16 b) { return m ? a : b; }
-#else
+template <typename V, typename Op> inline auto lanes(V a, V b, Op op) { return op(a, b); }
+template <typename M, typename V> inline V select(M m, V a, V b) { return m ? a : b; }
+#ifndef __AVX512F__
 template <typename H, typename V> inline H half(const V& v, int i) {
   H h;
   std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof h * i, sizeof h);
@@ -63,29 +61,24 @@ template <typename V, typename H> inline V whole(H lo, H hi) {
   std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
   return v;
 }
-template <typename V, typename Op> inline vi16 lanes(V a, V b, Op op) {
-  using H = typename std::conditional<std::is_same<V, v16>::value, v8, vi8>::type;
-  return whole<vi16>(op(half<H>(a, 0), half<H>(b, 0)), op(half<H>(a, 1), half<H>(b, 1)));
+template <typename Op> inline vi16 lanes(v16 a, v16 b, Op op) {
+  return whole<vi16>(op(half<v8>(a, 0), half<v8>(b, 0)), op(half<v8>(a, 1), half<v8>(b, 1)));
+}
+template <typename Op> inline vi16 lanes(vi16 a, vi16 b, Op op) {
+  return whole<vi16>(op(half<vi8>(a, 0), half<vi8>(b, 0)), op(half<vi8>(a, 1), half<vi8>(b, 1)));
 }
 inline v16 select(vi16 m, v16 a, v16 b) {
   return whole<v16>(half<vi8>(m, 0) ? half<v8>(a, 0) : half<v8>(b, 0),
                     half<vi8>(m, 1) ? half<v8>(a, 1) : half<v8>(b, 1));
 }
 #endif
-inline vi16 less(v16 a, v16 b) { return lanes(a, b, [](auto x, auto y) { return x < y; }); }
-inline vi16 greater(v16 a, v16 b) { return lanes(a, b, [](auto x, auto y) { return x > y; }); }
-inline vi16 greater_eq(v16 a, v16 b) { return lanes(a, b, [](auto x, auto y) { return x >= y; }); }
-inline vi16 equal(vi16 a, vi16 b) { return lanes(a, b, [](auto x, auto y) { return x == y; }); }
-inline vi16 less_eq(vi16 a, vi16 b) { return lanes(a, b, [](auto x, auto y) { return x <= y; }); }
+template <typename V> inline auto less(V a, V b) { return lanes(a, b, [](auto x, auto y) { return x < y; }); }
+template <typename V> inline auto greater(V a, V b) { return lanes(a, b, [](auto x, auto y) { return x > y; }); }
+template <typename V> inline auto greater_eq(V a, V b) { return lanes(a, b, [](auto x, auto y) { return x >= y; }); }
+template <typename V> inline auto equal(V a, V b) { return lanes(a, b, [](auto x, auto y) { return x == y; }); }
+template <typename V> inline auto less_eq(V a, V b) { return lanes(a, b, [](auto x, auto y) { return x <= y; }); }
 // a where a > b, else b (b where either is NaN)
-inline v16 vmax(v16 a, v16 b) { return select(greater(a, b), a, b); }
-// The same on 8 lanes, native with AVX2 and AVX-512.
-inline vi8 less(v8 a, v8 b) { return a < b; }
-inline vi8 greater(v8 a, v8 b) { return a > b; }
-inline vi8 equal(vi8 a, vi8 b) { return a == b; }
-inline vi8 less_eq(vi8 a, vi8 b) { return a <= b; }
-inline v8 select(vi8 m, v8 a, v8 b) { return m ? a : b; }
-inline v8 vmax(v8 a, v8 b) { return a > b ? a : b; }
+template <typename V> inline V vmax(V a, V b) { return select(greater(a, b), a, b); }
 
 // The host's own float vector (16 lanes with AVX-512, else 8), for loops that compare and select on every element;
 // their lane sums differ in order from 16-lane loops', so loops that must agree bit for bit share one width.

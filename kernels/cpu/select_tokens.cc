@@ -147,7 +147,8 @@ int32_t sample_row(const Row& row, int64_t vocab, int64_t rounds, std::vector<fl
     const v16 s = ditto::load16(row.scores + i) / vt;
     const v16 x = s - vm;
     const v16 ex = ditto::exp_nonpositive(x);
-    ditto::store16(e.data() + i, ditto::select(ditto::greater_eq(s, vk) & ditto::greater_eq(x, ditto::splat(-87.0f)), ex, zero));
+    const ditto::vi16 keep = ditto::greater_eq(s, vk) & ditto::greater_eq(x, ditto::splat(-87.0f));
+    ditto::store16(e.data() + i, ditto::select(keep, ex, zero));
   }
   for (int64_t i = nv; i < vocab; ++i) {
     const float s = row.scores[i] / t;
