@@ -169,17 +169,17 @@ def _load() -> str | None:
 
 def decode_reason() -> str | None:
     """Why the decoding kernels (``small_matmul``, ``decode_attention``, ``chunk_attention``, ``select_tokens``) stay
-    unused here, ``None`` when decoding runs them. They are written for 16-float vectors, native with AVX-512: on an
-    AVX2 AMD EPYC (2 cores) GCC 12's code for them ran 3-11x slower than XLA's ops (``ditto-jax bench cpu-kernels``),
-    so hosts without AVX-512 decode with XLA's ops. ``DITTO_CPU_DECODE_KERNELS=1`` uses them anyway, ``=0`` never.
+    unused here, ``None`` when decoding runs them. They run on the host's own vectors, 16 floats with AVX-512 and 8
+    with AVX2 (``ditto-jax bench cpu-kernels`` on a 2-core AVX2 AMD EPYC: 2-4x XLA's ops); a host with neither (SSE
+    only, never measured) decodes with XLA's ops. ``DITTO_CPU_DECODE_KERNELS=1`` uses them anyway, ``=0`` never.
     The training kernels (``matmul``, ``causal_attention``) run on any host."""
     if (why := _load()) is not None:
         return why
     flag = os.environ.get("DITTO_CPU_DECODE_KERNELS", "")
     if flag == "0":
         return "switched off (DITTO_CPU_DECODE_KERNELS=0)"
-    if flag != "1" and _lib.ditto_vector_bytes() < 64:
-        return ("this CPU has no AVX-512: the decoding kernels run slower than XLA's ops here "
+    if flag != "1" and _lib.ditto_vector_bytes() < 32:
+        return ("this CPU has neither AVX2 nor AVX-512: the decoding kernels' vectors are not native here "
                 "(DITTO_CPU_DECODE_KERNELS=1 uses them anyway)")
     return None
 

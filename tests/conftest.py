@@ -4,7 +4,7 @@ depends on what earlier runs left there (as on a fresh CI machine). A folder giv
 ``$DITTO_JAX_COMPILATION_CACHE`` is kept.
 
 Decoding runs the CPU kernels in tests on every host (``DITTO_CPU_DECODE_KERNELS=1`` unless the variable is set):
-without AVX-512 decoding would keep XLA's ops by default, and the kernels' paths would go untested there;
+without AVX2 decoding would keep XLA's ops by default, and the kernels' paths would go untested there;
 ``test_kernels_cpu.py`` tests that default."""
 
 from __future__ import annotations

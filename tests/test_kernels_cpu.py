@@ -146,9 +146,10 @@ def test_switched_off_the_decode_weights_stay_unpacked():
 
 
 @pytest.mark.parametrize("flag, vector_bytes, runs", [
-    ("", 64, True), ("", 32, False), ("1", 32, True), ("0", 64, False)])
-def test_decoding_runs_the_kernels_with_avx512_or_when_asked(monkeypatch, flag, vector_bytes, runs):
-    """Without AVX-512 decoding keeps XLA's ops unless DITTO_CPU_DECODE_KERNELS=1; training's kernels run anyway."""
+    ("", 64, True), ("", 32, True), ("", 16, False), ("1", 16, True), ("0", 64, False), ("0", 32, False)])
+def test_decoding_runs_the_kernels_with_avx2_or_when_asked(monkeypatch, flag, vector_bytes, runs):
+    """Without AVX2 or AVX-512 decoding keeps XLA's ops unless DITTO_CPU_DECODE_KERNELS=1; training's kernels run
+    anyway."""
     assert cpu_kernels.available()
     monkeypatch.setattr(cpu_kernels._lib, "ditto_vector_bytes", lambda: vector_bytes)
     monkeypatch.setenv("DITTO_CPU_DECODE_KERNELS", flag)
@@ -162,7 +163,7 @@ def test_decoding_runs_the_kernels_with_avx512_or_when_asked(monkeypatch, flag, 
     kind = decode_matmul_kind(weights)
     assert kind == "cpu kernels" if runs else kind.startswith("xla (cpu kernels: ")
     if not runs:
-        assert ("AVX-512" in kind) == (flag == "")
+        assert ("neither AVX2 nor AVX-512" in kind) == (flag == "")
 
 
 def test_the_library_reports_its_vector_width():

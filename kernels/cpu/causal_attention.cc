@@ -9,7 +9,7 @@
 #include "common.h"
 
 namespace ffi = xla::ffi;
-using ditto::v16;
+using ditto::kLanes;
 using ditto::vin;
 using ditto::vn;
 
@@ -98,8 +98,8 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Bu
         const int64_t pos = i0 + r;
         const float m = masked_max(row, ld, seg.data(), pos, seg[pos]);
         const float total = masked_exp(row, ld, seg.data(), pos, seg[pos], m);
-        const v16 inv = ditto::splat(1.0f / total);
-        for (int64_t j = 0; j < ld; j += 16) ditto::store16(row + j, ditto::load16(row + j) * inv);
+        const vn inv = vn{} + 1.0f / total;
+        for (int64_t j = 0; j < ld; j += kLanes) ditto::storen(row + j, ditto::loadn(row + j) * inv);
         lse_row[pos] = m + std::log(total);
       }
       ditto::sgemm(false, false, rows, d.d, keys, 1.0f, p.data(), ld, vh, ldk, 0.0f, oh + i0 * ldq, ldq);
@@ -151,10 +151,9 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
         for (int64_t r = 0; r < rows; ++r) {
           float* dsr = ds.data() + r * ld;
           const float* pr = p.data() + r * ld;
-          const v16 dl = ditto::splat(delta[i0 + r]), sc = ditto::splat(scale);
-          for (int64_t j = 0; j < ld; j += 16) {
-            ditto::store16(dsr + j, ditto::load16(pr + j) * (ditto::load16(dsr + j) - dl) * sc);
-          }
+          const vn dl = vn{} + delta[i0 + r], sc = vn{} + scale;
+          for (int64_t j = 0; j < ld; j += kLanes)
+            ditto::storen(dsr + j, ditto::loadn(pr + j) * (ditto::loadn(dsr + j) - dl) * sc);
         }
         ditto::sgemm(false, false, rows, d.d, keys, 1.0f, ds.data(), ld, kh, ldk, 0.0f, dqh + i0 * ldq, ldq);
         ditto::sgemm(true, false, keys, d.d, rows, 1.0f, ds.data(), ld, qh + i0 * ldq, ldq, 1.0f, dkh, ldk);

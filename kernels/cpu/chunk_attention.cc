@@ -18,7 +18,6 @@
 
 namespace ffi = xla::ffi;
 using ditto::kTile;
-using ditto::v16;
 
 namespace {
 

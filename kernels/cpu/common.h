@@ -2,7 +2,7 @@
 #pragma once
 
 #include <sched.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -21,67 +21,16 @@
 
 namespace ditto {
 
-// 16 floats: GCC/Clang vector extensions, so the compiler picks AVX-512, AVX2 or NEON from -march=native.
+// The host's own float vector (GCC/Clang vector extensions): 16 lanes with AVX-512, else 8. Every kernel loop runs
+// on it: without AVX-512 GCC 12 compiled 16-float vectors' compares and selects one lane at a time and moved them
+// through the stack in register-heavy loops (the decode kernels ran 3-11x slower than XLA's ops on an AVX2 AMD
+// EPYC). Sums across lanes therefore differ in order between AVX-512 and other hosts (within float32 rounding);
+// on one host every kernel that must agree bit for bit with another uses the same loops.
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
-typedef int8_t i8x16 __attribute__((vector_size(16)));
-
-// 16 bytes to 16 floats: widened to 32-bit integers first (one vpmovzxbd / vpmovsxbd and one vcvtdq2ps with
-// AVX-512; converting bytes to floats directly was compiled to 16 scalar conversions).
-inline v16 to_float(u8x16 b) { return __builtin_convertvector(__builtin_convertvector(b, vi16), v16); }
-inline v16 to_float(i8x16 b) {
-#ifdef __AVX512F__  // GCC 12 scalarises the signed widening below
-  __m128i raw;
-  std::memcpy(&raw, &b, sizeof raw);
-  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-  v16 out;
-  std::memcpy(&out, &f, sizeof out);
-  return out;
-#else
-  return __builtin_convertvector(__builtin_convertvector(b, vi16), v16);
-#endif
-}
-// Lane-wise comparisons (all-ones or zero lanes) and selection. GCC 12 compiles `<`, `==` and `?:` on these 64-byte
-// vectors one lane at a time (16 scalar compares and branches) unless AVX-512 is on: without it they run here on the
-// two 32-byte halves (exp_nonpositive on a 2-core AVX2 AMD EPYC: 2.8 -> 0.9 ns an element).
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
-template <typename V, typename Op> inline auto lanes(V a, V b, Op op) { return op(a, b); }
-template <typename M, typename V> inline V select(M m, V a, V b) { return m ? a : b; }
-#ifndef __AVX512F__
-template <typename H, typename V> inline H half(const V& v, int i) {
-  H h;
-  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof h * i, sizeof h);
-  return h;
-}
-template <typename V, typename H> inline V whole(H lo, H hi) {
-  V v;
-  std::memcpy(&v, &lo, sizeof lo);
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
-  return v;
-}
-template <typename Op> inline vi16 lanes(v16 a, v16 b, Op op) {
-  return whole<vi16>(op(half<v8>(a, 0), half<v8>(b, 0)), op(half<v8>(a, 1), half<v8>(b, 1)));
-}
-template <typename Op> inline vi16 lanes(vi16 a, vi16 b, Op op) {
-  return whole<vi16>(op(half<vi8>(a, 0), half<vi8>(b, 0)), op(half<vi8>(a, 1), half<vi8>(b, 1)));
-}
-inline v16 select(vi16 m, v16 a, v16 b) {
-  return whole<v16>(half<vi8>(m, 0) ? half<v8>(a, 0) : half<v8>(b, 0),
-                    half<vi8>(m, 1) ? half<v8>(a, 1) : half<v8>(b, 1));
-}
-#endif
-template <typename V> inline auto less(V a, V b) { return lanes(a, b, [](auto x, auto y) { return x < y; }); }
-template <typename V> inline auto greater(V a, V b) { return lanes(a, b, [](auto x, auto y) { return x > y; }); }
-template <typename V> inline auto greater_eq(V a, V b) { return lanes(a, b, [](auto x, auto y) { return x >= y; }); }
-template <typename V> inline auto equal(V a, V b) { return lanes(a, b, [](auto x, auto y) { return x == y; }); }
-template <typename V> inline auto less_eq(V a, V b) { return lanes(a, b, [](auto x, auto y) { return x <= y; }); }
-// a where a > b, else b (b where either is NaN)
-template <typename V> inline V vmax(V a, V b) { return select(greater(a, b), a, b); }
-
-// The host's own float vector (16 lanes with AVX-512, else 8), for loops that compare and select on every element;
-// their lane sums differ in order from 16-lane loops', so loops that must agree bit for bit share one width.
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
 #ifdef __AVX512F__
 typedef v16 vn;
 typedef vi16 vin;
@@ -89,6 +38,15 @@ typedef vi16 vin;
 typedef v8 vn;
 typedef vi8 vin;
 #endif
+// Lane-wise comparisons of vn or vin (all-ones or zero lanes) and selection.
+template <typename V> inline vin less(V a, V b) { return a < b; }
+template <typename V> inline vin greater(V a, V b) { return a > b; }
+template <typename V> inline vin greater_eq(V a, V b) { return a >= b; }
+template <typename V> inline vin less_eq(V a, V b) { return a <= b; }
+template <typename V> inline vin equal(V a, V b) { return a == b; }
+inline vn select(vin m, vn a, vn b) { return m ? a : b; }
+// a where a > b, else b (b where either is NaN)
+inline vn vmax(vn a, vn b) { return select(greater(a, b), a, b); }
 constexpr int kLanes = sizeof(vn) / sizeof(float);
 inline vn loadn(const float* p) { vn v; std::memcpy(&v, p, sizeof v); return v; }
 inline void storen(float* p, vn v) { std::memcpy(p, &v, sizeof v); }
@@ -98,52 +56,69 @@ inline vin iota() {
   return v;
 }
 
-inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 splat(float x) { return v16{} + x; }
-// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp; below -87 it returns ~0), on v16 or v8 lanes.
-template <typename V> inline V exp_nonpositive(V x) {
-  const V floor = V{} - 87.0f;
+// Lanes [j * kLanes, (j + 1) * kLanes) of 16 bytes as floats, the bytes unsigned or signed: widened to 32-bit
+// integers first (vpmovzxbd / vpmovsxbd, then vcvtdq2ps; GCC 12 compiled a direct conversion to 16 scalar ones and
+// scalarised the signed widening).
+template <bool Signed> inline vn bytes_to_float(u8x16 b, int j) {
+  vn out;
+#if defined(__AVX512F__)
+  __m128i raw;
+  std::memcpy(&raw, &b, sizeof raw);
+  const __m512 f = _mm512_cvtepi32_ps(Signed ? _mm512_cvtepi8_epi32(raw) : _mm512_cvtepu8_epi32(raw));
+  std::memcpy(&out, &f, sizeof out);
+#elif defined(__AVX2__)
+  __m128i raw;
+  std::memcpy(&raw, &b, sizeof raw);
+  if (j) raw = _mm_unpackhi_epi64(raw, raw);
+  const __m256 f = _mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(raw) : _mm256_cvtepu8_epi32(raw));
+  std::memcpy(&out, &f, sizeof out);
+#else
+  for (int l = 0; l < kLanes; ++l)
+    out[l] = Signed ? static_cast<float>(static_cast<int8_t>(b[j * kLanes + l]))
+                    : static_cast<float>(b[j * kLanes + l]);
+#endif
+  return out;
+}
+
+// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp; below -87 it returns ~0).
+inline vn exp_nonpositive(vn x) {
+  const vn floor = vn{} - 87.0f;
   x = select(less(x, floor), floor, x);
-  const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const V n = (x * 1.44269504088896341f + magic) - magic;
-  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  V p = V{} + 1.9875691500e-4f;
+  const vn magic = vn{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const vn n = (x * 1.44269504088896341f + magic) - magic;
+  const vn r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vn p = vn{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const V y = p * r * r + r + 1.0f;
-  using VI = decltype(less(x, x));
-  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-  V scale;
+  const vn y = p * r * r + r + 1.0f;
+  const vin bits = (__builtin_convertvector(n, vin) + 127) << 23;
+  vn scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return y * scale;
 }
 
 // The largest and the sum of a vector's lanes (the sum from lane 0 up).
-template <typename V> inline float hmax(V v) {
+inline float hmax(vn v) {
   float m = v[0];
-  for (int i = 1; i < static_cast<int>(sizeof(V) / sizeof(float)); ++i) m = v[i] > m ? v[i] : m;
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
 
-template <typename V> inline float hsum(V v) {
+inline float hsum(vn v) {
   float s = 0.0f;
-  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(float)); ++i) s += v[i];
+  for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
 }
 
-// max(x[0 .. n)) (-inf for n == 0), 16 lanes at a time (a scalar loop's compare-and-select chain took a third of
+// max(x[0 .. n)) (-inf for n == 0), a vector at a time (a scalar loop's compare-and-select chain took a third of
 // the decode attention's time); the same value in any order (NaNs are skipped either way).
 inline float row_max(const float* x, int64_t n) {
-  const int64_t nv = n / 16 * 16;
-  v16 m = splat(-INFINITY);
-  for (int64_t i = 0; i < nv; i += 16) {
-    const v16 v = load16(x + i);
-    m = vmax(v, m);
-  }
+  const int64_t nv = n / kLanes * kLanes;
+  vn m = vn{} - INFINITY;
+  for (int64_t i = 0; i < nv; i += kLanes) m = vmax(loadn(x + i), m);
   float out = hmax(m);
   for (int64_t i = nv; i < n; ++i) out = x[i] > out ? x[i] : out;
   return out;
@@ -151,12 +126,12 @@ inline float row_max(const float* x, int64_t n) {
 
 // row[s] = softmax(row * scale)[s] over s < n, in place (n >= 1), in float32.
 inline void softmax_row(float* row, int64_t n, float scale) {
-  const int64_t nv = n / 16 * 16;
+  const int64_t nv = n / kLanes * kLanes;
   const float m = row_max(row, n) * scale;
-  v16 tv{};
-  for (int64_t s = 0; s < nv; s += 16) {
-    const v16 e = exp_nonpositive(load16(row + s) * scale - m);
-    store16(row + s, e);
+  vn tv{};
+  for (int64_t s = 0; s < nv; s += kLanes) {
+    const vn e = exp_nonpositive(loadn(row + s) * scale - m);
+    storen(row + s, e);
     tv += e;
   }
   float total = hsum(tv);
@@ -168,62 +143,68 @@ inline void softmax_row(float* row, int64_t n, float scale) {
 // Ask for the cache line holding p in L2 (a hint: never faults, so it may point past the end of a buffer).
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
 
-// Few-row matmuls over weights packed in tiles of 32 columns, [N / 32, K, 32] (small_matmul.cc, chunk_attention.cc).
+// Few-row matmuls over weights packed in tiles of 32 columns, [N / 32, K, 32] (small_matmul.cc, chunk_attention.cc),
+// on the host's own vectors: a tile row is kTileVecs of them (2 with AVX-512, 4 with AVX2).
 constexpr int64_t kTile = 32;  // columns per packed tile
+constexpr int kTileVecs = kTile / kLanes;
+// Rows a pass keeps in registers, kTileVecs accumulators each: 8 x 2 of AVX-512's 32 registers, 3 x 4 of AVX2's 16
+// (16-float accumulators on AVX2, 8 rows of them, were spilled to the stack on every step: 10x slower than XLA).
+constexpr int kPassRows = kLanes == 16 ? 8 : 3;
 
 // One tile of packed float32 weights (small_matmul.cc has the GGUF-block sources with the same interface).
 struct F32 {
   const float* w;  // tile [K, 32]
   void at_block(int64_t) {}
-  void row(int64_t k, v16& w0, v16& w1) const { w0 = load16(w + k * kTile); w1 = load16(w + k * kTile + 16); }
+  void row(int64_t k, vn* out) const {
+    for (int j = 0; j < kTileVecs; ++j) out[j] = loadn(w + k * kTile + j * kLanes);
+  }
   const void* prefetch_row(int64_t k) const { return w + k * kTile; }
   static constexpr int64_t kRowBytes = kTile * 4;
 };
 
-// Rows [0, R) of x against one tile; R <= 8 (a template, so the accumulators stay in registers). Each step of k
-// prefetches the 64-byte lines of [pf + k * pf_step, pf + (k + 1) * pf_step), at least one (never faults: it may
-// point past the end of the weight).
+// Rows [0, R) of x against one tile; R <= kPassRows (a template, so the accumulators stay in registers). Each step
+// of k prefetches the 64-byte lines of [pf + k * pf_step, pf + (k + 1) * pf_step), at least one (never faults: it
+// may point past the end of the weight). Every output is one chain of fused multiply-adds in the order of k, so
+// the result does not depend on the vector width or on R.
 template <int R, typename Src>
 void tile_rows(const float* x, int64_t ldx, Src src, int64_t k_len, float* y, int64_t ldy, const char* pf,
                int64_t pf_step) {
-  v16 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) { acc0[r] = v16{}; acc1[r] = v16{}; }
+  vn acc[R][kTileVecs];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kTileVecs; ++j) acc[r][j] = vn{};
   for (int64_t k0 = 0; k0 < k_len; k0 += kTile) {
     src.at_block(k0 / kTile);
     const int64_t k1 = k0 + kTile < k_len ? k0 + kTile : k_len;
     for (int64_t k = k0; k < k1; ++k) {
       prefetch(pf + k * pf_step);
       for (int64_t b = 64; b < pf_step; b += 64) prefetch(pf + k * pf_step + b);
-      v16 w0, w1;
-      src.row(k, w0, w1);
+      vn w[kTileVecs];
+      src.row(k, w);
       for (int r = 0; r < R; ++r) {
         const float xv = x[r * ldx + k];
-        acc0[r] += xv * w0;
-        acc1[r] += xv * w1;
+        for (int j = 0; j < kTileVecs; ++j) acc[r][j] += xv * w[j];
       }
     }
   }
-  for (int r = 0; r < R; ++r) { store16(y + r * ldy, acc0[r]); store16(y + r * ldy + 16, acc1[r]); }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kTileVecs; ++j) storen(y + r * ldy + j * kLanes, acc[r][j]);
 }
 
-// Rows [0, m) of x against one tile, 8 rows at a time, no prefetching (operands already in cache).
+// tile_rows<rows> for a run-time rows in [1, R].
+template <int R = kPassRows, typename Src>
+void tile_rows_upto(int64_t rows, const float* x, int64_t ldx, Src src, int64_t k_len, float* y, int64_t ldy,
+                    const char* pf, int64_t pf_step) {
+  if constexpr (R > 1)
+    if (rows < R) return tile_rows_upto<R - 1>(rows, x, ldx, src, k_len, y, ldy, pf, pf_step);
+  tile_rows<R>(x, ldx, src, k_len, y, ldy, pf, pf_step);
+}
+
+// Rows [0, m) of x against one tile, kPassRows rows at a time, no prefetching (operands already in cache).
 template <typename Src>
 void rows_against_tile(const float* x, int64_t ldx, int64_t m, Src src, int64_t k_len, float* y, int64_t ldy) {
   const char* pf = static_cast<const char*>(src.prefetch_row(0));
-  for (int64_t r0 = 0; r0 < m; r0 += 8) {
-    const float* xr = x + r0 * ldx;
-    float* yr = y + r0 * ldy;
-    switch (m - r0 < 8 ? m - r0 : 8) {
-      case 1: tile_rows<1>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
-      case 2: tile_rows<2>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
-      case 3: tile_rows<3>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
-      case 4: tile_rows<4>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
-      case 5: tile_rows<5>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
-      case 6: tile_rows<6>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
-      case 7: tile_rows<7>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
-      default: tile_rows<8>(xr, ldx, src, k_len, yr, ldy, pf, 0); break;
-    }
-  }
+  for (int64_t r0 = 0; r0 < m; r0 += kPassRows)
+    tile_rows_upto(m - r0, x + r0 * ldx, ldx, src, k_len, y + r0 * ldy, ldy, pf, 0);
 }
 
 // The kernels' worker threads: one fewer than the CPUs this process may run on (DITTO_CPU_KERNEL_THREADS

@@ -21,35 +21,39 @@
 #include "common.h"
 
 namespace ffi = xla::ffi;
-using ditto::v16;
-using ditto::vi16;
+using ditto::kLanes;
+using ditto::vn;
 
 namespace {
 
-// sc[g * ld + s] = q[g] . k[:, start + s] for s < n, 32 positions at a time with the G rows in registers.
+// Positions (scores) or features (values) per register block: V of the host's vectors, so G <= 4 rows of V
+// accumulators and V operands fit its registers (32 positions with AVX-512, 16 with AVX2). Every score and output
+// is one chain of fused multiply-adds in the order of d or s, whatever the block width.
+constexpr int V = 2;
+constexpr int64_t kBlock = kLanes * V;
+
+// sc[g * ld + s] = q[g] . k[:, start + s] for s < n, kBlock positions at a time with the G rows in registers.
 template <int G>
 void scores_block(const float* q, const float* k, int64_t d_len, int64_t s_len, int64_t start, int64_t n,
                   float* sc, int64_t ld) {
-  constexpr int V = 2;  // vectors of 16 positions per block
-  const int64_t nv = n / (16 * V) * (16 * V);
-  for (int64_t s = 0; s < nv; s += 16 * V) {
-    v16 acc[G][V];
+  const int64_t nv = n / kBlock * kBlock;
+  for (int64_t s = 0; s < nv; s += kBlock) {
+    vn acc[G][V];
     for (int g = 0; g < G; ++g)
-      for (int j = 0; j < V; ++j) acc[g][j] = v16{};
+      for (int j = 0; j < V; ++j) acc[g][j] = vn{};
     const float* kr = k + start + s;
     for (int64_t d = 0; d < d_len; ++d, kr += s_len) {
       // The next block's keys: d_len rows at a stride are too many streams for the hardware prefetchers.
-      ditto::prefetch(kr + 16 * V);
-      ditto::prefetch(kr + 16 * V + 16);
-      v16 kv[V];
-      for (int j = 0; j < V; ++j) kv[j] = ditto::load16(kr + 16 * j);
+      for (int64_t b = 0; b < kBlock; b += 16) ditto::prefetch(kr + kBlock + b);
+      vn kv[V];
+      for (int j = 0; j < V; ++j) kv[j] = ditto::loadn(kr + kLanes * j);
       for (int g = 0; g < G; ++g) {
         const float qv = q[g * d_len + d];
         for (int j = 0; j < V; ++j) acc[g][j] += qv * kv[j];
       }
     }
     for (int g = 0; g < G; ++g)
-      for (int j = 0; j < V; ++j) ditto::store16(sc + g * ld + s + 16 * j, acc[g][j]);
+      for (int j = 0; j < V; ++j) ditto::storen(sc + g * ld + s + kLanes * j, acc[g][j]);
   }
   // The tail: fused multiply-adds like the vector loop's, so a position's score never depends on whether it
   // fell in a block or in the tail (with sharing the blocks start at another position).
@@ -61,26 +65,24 @@ void scores_block(const float* q, const float* k, int64_t d_len, int64_t s_len, 
     }
 }
 
-// o[g] = sum_s p[g * ld + s] v[start + s] for s < n, 32 features at a time with the G rows in registers;
+// o[g] = sum_s p[g * ld + s] v[start + s] for s < n, kBlock features at a time with the G rows in registers;
 // positions below `split` are read from v_first (a lead row's cache), the rest from v, in one running sum.
 template <int G>
 void values_block(const float* p, int64_t ld, const float* v_first, int64_t split, const float* v, int64_t d_len,
                   int64_t start, int64_t n, float* o) {
-  constexpr int V = 2;  // vectors of 16 features per block
-  const int64_t dv = d_len / (16 * V) * (16 * V);
+  const int64_t dv = d_len / kBlock * kBlock;
   const int64_t mid = std::min(std::max<int64_t>(split - start, 0), n);  // positions [0, mid) from v_first
   auto row_of = [&](int64_t s) { return (s < mid ? v_first : v) + (start + s) * d_len; };
-  for (int64_t d = 0; d < dv; d += 16 * V) {
-    v16 acc[G][V];
+  for (int64_t d = 0; d < dv; d += kBlock) {
+    vn acc[G][V];
     for (int g = 0; g < G; ++g)
-      for (int j = 0; j < V; ++j) acc[g][j] = v16{};
+      for (int j = 0; j < V; ++j) acc[g][j] = vn{};
     for (int64_t s0 = 0, s1 = mid; s0 < n; s0 = s1, s1 = n) {
       const float* vr = row_of(s0) + d;
       for (int64_t s = s0; s < s1; ++s, vr += d_len) {
-        ditto::prefetch(vr + 8 * d_len);
-        ditto::prefetch(vr + 8 * d_len + 16);
-        v16 vv[V];
-        for (int j = 0; j < V; ++j) vv[j] = ditto::load16(vr + 16 * j);
+        for (int64_t b = 0; b < kBlock; b += 16) ditto::prefetch(vr + 8 * d_len + b);
+        vn vv[V];
+        for (int j = 0; j < V; ++j) vv[j] = ditto::loadn(vr + kLanes * j);
         for (int g = 0; g < G; ++g) {
           const float pv = p[g * ld + s];
           for (int j = 0; j < V; ++j) acc[g][j] += pv * vv[j];
@@ -88,7 +90,7 @@ void values_block(const float* p, int64_t ld, const float* v_first, int64_t spli
       }
     }
     for (int g = 0; g < G; ++g)
-      for (int j = 0; j < V; ++j) ditto::store16(o + g * d_len + d + 16 * j, acc[g][j]);
+      for (int j = 0; j < V; ++j) ditto::storen(o + g * d_len + d + kLanes * j, acc[g][j]);
   }
   for (int64_t d = dv; d < d_len; ++d)
     for (int g = 0; g < G; ++g) {

@@ -45,12 +45,13 @@ ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Resul
 
 }  // namespace
 
-// The width in bytes of the widest float vector this library was compiled for (-march=native): the decoding kernels'
-// 16-float vectors are native only at 64 (kernels/cpu.py keeps XLA's ops for decoding below it).
+// The width in bytes of the widest vectors, float and integer, this library was compiled for (-march=native): 64 with
+// AVX-512, 32 with AVX2, else 16 (kernels/cpu.py keeps XLA's ops for decoding below 32: the kernels' 8-float
+// vectors would not be native there, and no such host was measured).
 extern "C" int ditto_vector_bytes() {
 #if defined(__AVX512F__)
   return 64;
-#elif defined(__AVX2__) || defined(__AVX__)
+#elif defined(__AVX2__)
   return 32;
 #else
   return 16;

@@ -21,7 +21,8 @@
 namespace ffi = xla::ffi;
 using ditto::hsum;
 using ditto::row_max;
-using ditto::v16;
+using ditto::kLanes;
+using ditto::vn;
 
 namespace {
 
@@ -36,9 +37,9 @@ int64_t block_size(int64_t vocab) {
 float logsumexp(const float* x, int64_t n) {
   const float m = row_max(x, n);
   if (!std::isfinite(m)) return m;
-  const int64_t nv = n / 16 * 16;
-  v16 acc{};
-  for (int64_t i = 0; i < nv; i += 16) acc += ditto::exp_nonpositive(ditto::load16(x + i) - m);
+  const int64_t nv = n / kLanes * kLanes;
+  vn acc{};
+  for (int64_t i = 0; i < nv; i += kLanes) acc += ditto::exp_nonpositive(ditto::loadn(x + i) - m);
   float s = hsum(acc);
   for (int64_t i = nv; i < n; ++i) s += std::exp(x[i] - m);
   return m + std::log(s);
@@ -55,12 +56,12 @@ int32_t first_argmax(const float* x, int64_t n) {
 // sums[b] = sum of e[i] > above over block b (blocks of bs; e holds nb * bs values, zeros past the vocabulary);
 // returns their total.
 float block_sums_above(const float* e, int64_t nb, int64_t bs, float above, float* sums) {
-  const v16 a = ditto::splat(above), zero{};
+  const vn a = vn{} + above, zero{};
   float total = 0.0f;
   for (int64_t b = 0; b < nb; ++b) {
-    v16 acc{};
-    for (int64_t i = b * bs; i < (b + 1) * bs; i += 16) {
-      const v16 v = ditto::load16(e + i);
+    vn acc{};
+    for (int64_t i = b * bs; i < (b + 1) * bs; i += kLanes) {
+      const vn v = ditto::loadn(e + i);
       acc += ditto::select(ditto::greater(v, a), v, zero);
     }
     total += sums[b] = hsum(acc);
@@ -136,19 +137,19 @@ const float* row_scores(const float* logits, const bool* presence, float penalty
 
 int32_t sample_row(const Row& row, int64_t vocab, int64_t rounds, std::vector<float>& e, std::vector<float>& sums,
                    std::vector<float>& scratch) {
-  const int64_t bs = block_size(vocab), nb = (vocab + bs - 1) / bs, nv = vocab / 16 * 16;
+  const int64_t bs = block_size(vocab), nb = (vocab + bs - 1) / bs, nv = vocab / kLanes * kLanes;
   e.resize(nb * bs);
   std::fill(e.begin() + vocab, e.end(), 0.0f);
   sums.resize(nb);
   // s / t keeps the order of s, so max(s / t) is max(s) / t exactly.
   const float t = row.temperature, m = row_max(row.scores, vocab) / t, kth = row.kth;
-  const v16 vt = ditto::splat(t), vm = ditto::splat(m), vk = ditto::splat(kth), zero{};
-  for (int64_t i = 0; i < nv; i += 16) {
-    const v16 s = ditto::load16(row.scores + i) / vt;
-    const v16 x = s - vm;
-    const v16 ex = ditto::exp_nonpositive(x);
-    const ditto::vi16 keep = ditto::greater_eq(s, vk) & ditto::greater_eq(x, ditto::splat(-87.0f));
-    ditto::store16(e.data() + i, ditto::select(keep, ex, zero));
+  const vn vt = vn{} + t, vm = vn{} + m, vk = vn{} + kth, low = vn{} - 87.0f, zero{};
+  for (int64_t i = 0; i < nv; i += kLanes) {
+    const vn s = ditto::loadn(row.scores + i) / vt;
+    const vn x = s - vm;
+    const vn ex = ditto::exp_nonpositive(x);
+    const ditto::vin keep = ditto::greater_eq(s, vk) & ditto::greater_eq(x, low);
+    ditto::storen(e.data() + i, ditto::select(keep, ex, zero));
   }
   for (int64_t i = nv; i < vocab; ++i) {
     const float s = row.scores[i] / t;

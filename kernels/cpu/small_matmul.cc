@@ -8,8 +8,8 @@
 namespace ffi = xla::ffi;
 using ditto::F32;
 using ditto::kTile;
-using ditto::tile_rows;
-using ditto::v16;
+using ditto::kTileVecs;
+using ditto::vn;
 
 namespace {
 
@@ -27,58 +27,57 @@ struct Quant {
   const uint8_t* q;    // tile [K, 32 * Bits / 8]: 4 bits, byte j holds column j (low nibble) and j + 16 (high)
   const float* d;      // tile [K / 32, 32]
   const float* m;      // tile [K / 32, 32]
-  v16 d0, d1, m0, m1;
+  vn dv[kTileVecs], mv[kTileVecs];
+  static constexpr int kHalf = 16 / ditto::kLanes;  // vectors in 16 columns
   void at_block(int64_t kb) {
-    d0 = ditto::load16(d + kb * kTile); d1 = ditto::load16(d + kb * kTile + 16);
-    m0 = ditto::load16(m + kb * kTile); m1 = ditto::load16(m + kb * kTile + 16);
+    for (int j = 0; j < kTileVecs; ++j) {
+      dv[j] = ditto::loadn(d + kb * kTile + j * ditto::kLanes);
+      mv[j] = ditto::loadn(m + kb * kTile + j * ditto::kLanes);
+    }
   }
-  void row(int64_t k, v16& w0, v16& w1) const {
+  void row(int64_t k, vn* w) const {
     if constexpr (Bits == 4) {
       ditto::u8x16 b;
       std::memcpy(&b, q + k * 16, sizeof b);
-      w0 = ditto::to_float(b & 15) * d0 + m0;
-      w1 = ditto::to_float(b >> 4) * d1 + m1;
+      const ditto::u8x16 lo = b & 15, hi = b >> 4;
+      for (int j = 0; j < kHalf; ++j) {
+        w[j] = ditto::bytes_to_float<false>(lo, j) * dv[j] + mv[j];
+        w[kHalf + j] = ditto::bytes_to_float<false>(hi, j) * dv[kHalf + j] + mv[kHalf + j];
+      }
     } else {
-      ditto::i8x16 b0, b1;
-      std::memcpy(&b0, q + k * 32, sizeof b0);
-      std::memcpy(&b1, q + k * 32 + 16, sizeof b1);
-      w0 = ditto::to_float(b0) * d0 + m0;
-      w1 = ditto::to_float(b1) * d1 + m1;
+      for (int h = 0; h < 2; ++h) {
+        ditto::u8x16 b;
+        std::memcpy(&b, q + k * 32 + 16 * h, sizeof b);
+        for (int j = 0; j < kHalf; ++j)
+          w[h * kHalf + j] = ditto::bytes_to_float<true>(b, j) * dv[h * kHalf + j] + mv[h * kHalf + j];
+      }
     }
   }
   const void* prefetch_row(int64_t k) const { return q + k * (kTile * Bits / 8); }
   static constexpr int64_t kRowBytes = kTile * Bits / 8;
 };
 
-// All m rows of x against tile t (src set to that tile), 8 rows at a time; `first`: no earlier call prefetched it.
+// All m rows of x against tile t (src set to that tile), kPassRows rows at a time; `first`: no earlier call
+// prefetched it.
 template <typename Src>
 void tile_all_rows(const float* x, Src src, int64_t tile_bytes, float* y, int64_t m, int64_t k_len, int64_t n,
                    int64_t t, bool first) {
   const char* wt = static_cast<const char*>(src.prefetch_row(0));
-  const int64_t passes = (m + 7) / 8;
-  // A tile that nobody prefetched is streamed from memory by its first pass, kAheadBytes ahead. With more than 8
-  // rows the passes after it find the tile in L2, so they (all of them when the tile was prefetched) share the
+  const int64_t passes = (m + ditto::kPassRows - 1) / ditto::kPassRows;
+  // A tile that nobody prefetched is streamed from memory by its first pass, kAheadBytes ahead. With more than one
+  // pass the passes after it find the tile in L2, so they (all of them when the tile was prefetched) share the
   // fetching of the next tile, each a contiguous part: memory then never idles while passes compute (only the
   // last pass fetching the next tile left it idle half the time with 16 rows: 14 GB/s against 8 rows' 19).
   const int64_t own = first ? 1 : 0, sharing = passes - own;
   const int64_t part_step = sharing > 0 ? (Src::kRowBytes + sharing - 1) / sharing : 0;
   for (int64_t p = 0; p < passes; ++p) {
-    const int64_t r0 = 8 * p;
+    const int64_t r0 = ditto::kPassRows * p;
     const float* xr = x + r0 * k_len;
     float* yr = y + r0 * n + t * kTile;
     const bool streams_own = p < own;
     const char* pf = streams_own ? wt + kAheadBytes : wt + tile_bytes + (p - own) * part_step * k_len;
     const int64_t step = streams_own ? Src::kRowBytes : part_step;
-    switch (m - r0 < 8 ? m - r0 : 8) {
-      case 1: tile_rows<1>(xr, k_len, src, k_len, yr, n, pf, step); break;
-      case 2: tile_rows<2>(xr, k_len, src, k_len, yr, n, pf, step); break;
-      case 3: tile_rows<3>(xr, k_len, src, k_len, yr, n, pf, step); break;
-      case 4: tile_rows<4>(xr, k_len, src, k_len, yr, n, pf, step); break;
-      case 5: tile_rows<5>(xr, k_len, src, k_len, yr, n, pf, step); break;
-      case 6: tile_rows<6>(xr, k_len, src, k_len, yr, n, pf, step); break;
-      case 7: tile_rows<7>(xr, k_len, src, k_len, yr, n, pf, step); break;
-      default: tile_rows<8>(xr, k_len, src, k_len, yr, n, pf, step); break;
-    }
+    ditto::tile_rows_upto(m - r0, xr, k_len, src, k_len, yr, n, pf, step);
   }
 }
 
