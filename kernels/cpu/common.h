@@ -30,7 +30,6 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
 #ifdef __AVX512F__
 typedef v16 vn;
 typedef vi16 vin;
@@ -56,26 +55,20 @@ inline vin iota() {
   return v;
 }
 
-// Lanes [j * kLanes, (j + 1) * kLanes) of 16 bytes as floats, the bytes unsigned or signed: widened to 32-bit
-// integers first (vpmovzxbd / vpmovsxbd, then vcvtdq2ps; GCC 12 compiled a direct conversion to 16 scalar ones and
-// scalarised the signed widening).
-template <bool Signed> inline vn bytes_to_float(u8x16 b, int j) {
-  vn out;
+// kLanes bytes from p, unsigned or signed, widened to 32-bit lanes (one vpmovzxbd / vpmovsxbd from memory; GCC 12
+// compiled a direct byte-to-float conversion to scalar ones and scalarised the signed widening).
+template <bool Signed> inline vin widen_bytes(const uint8_t* p) {
+  vin out;
 #if defined(__AVX512F__)
-  __m128i raw;
-  std::memcpy(&raw, &b, sizeof raw);
-  const __m512 f = _mm512_cvtepi32_ps(Signed ? _mm512_cvtepi8_epi32(raw) : _mm512_cvtepu8_epi32(raw));
-  std::memcpy(&out, &f, sizeof out);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m512i wide = Signed ? _mm512_cvtepi8_epi32(raw) : _mm512_cvtepu8_epi32(raw);
+  std::memcpy(&out, &wide, sizeof out);
 #elif defined(__AVX2__)
-  __m128i raw;
-  std::memcpy(&raw, &b, sizeof raw);
-  if (j) raw = _mm_unpackhi_epi64(raw, raw);
-  const __m256 f = _mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(raw) : _mm256_cvtepu8_epi32(raw));
-  std::memcpy(&out, &f, sizeof out);
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m256i wide = Signed ? _mm256_cvtepi8_epi32(raw) : _mm256_cvtepu8_epi32(raw);
+  std::memcpy(&out, &wide, sizeof out);
 #else
-  for (int l = 0; l < kLanes; ++l)
-    out[l] = Signed ? static_cast<float>(static_cast<int8_t>(b[j * kLanes + l]))
-                    : static_cast<float>(b[j * kLanes + l]);
+  for (int l = 0; l < kLanes; ++l) out[l] = Signed ? static_cast<int8_t>(p[l]) : p[l];
 #endif
   return out;
 }
@@ -150,6 +143,8 @@ constexpr int kTileVecs = kTile / kLanes;
 // Rows a pass keeps in registers, kTileVecs accumulators each: 8 x 2 of AVX-512's 32 registers, 3 x 4 of AVX2's 16
 // (16-float accumulators on AVX2, 8 rows of them, were spilled to the stack on every step: 10x slower than XLA).
 constexpr int kPassRows = kLanes == 16 ? 8 : 3;
+// Rows of the pass that decodes quantised weights (small_matmul.cc), which needs two more registers.
+constexpr int kDecodeRows = kLanes == 16 ? 8 : 2;
 
 // One tile of packed float32 weights (small_matmul.cc has the GGUF-block sources with the same interface).
 struct F32 {
