@@ -450,7 +450,8 @@ def small_matmul(x: jax.Array, wp: jax.Array | QuantWeight) -> jax.Array:
     """``x [..., K] @ unpack(wp)`` in float32 for a packed weight ``wp [N/32, K, 32]`` or a ``QuantWeight``
     (``available()`` must hold).
 
-    Meant for few rows (decoding); any row count is correct, the kernel reads the weight once per 8 rows."""
+    Meant for few rows (decoding); any row count is correct, the kernel reads the weight once per pass of 8 rows
+    (AVX-512) or 3 (AVX2), a GGUF block weight from memory once."""
     quant = isinstance(wp, QuantWeight)
     t, k = (wp.q.shape[0], wp.q.shape[1]) if quant else wp.shape[:2]
     if x.shape[-1] != k or (not quant and (wp.shape[2] != TILE or wp.dtype != jnp.float32)):
