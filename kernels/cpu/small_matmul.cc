@@ -71,8 +71,8 @@ struct Keeping {
   static constexpr int64_t kRowBytes = Src::kRowBytes;
 };
 
-// All m rows of x against tile t (src set to that tile), kPassRows rows at a time; `first`: no earlier call
-// prefetched it.
+// All m rows of x against tile t (src set to that tile), in passes of kPassRows rows (the first one of kDecodeRows
+// where it decodes blocks for later passes); `first`: no earlier call prefetched it.
 template <typename Src>
 void tile_all_rows(const float* x, Src src, int64_t tile_bytes, float* y, int64_t m, int64_t k_len, int64_t n,
                    int64_t t, bool first) {
@@ -93,7 +93,8 @@ void tile_all_rows(const float* x, Src src, int64_t tile_bytes, float* y, int64_
   thread_local std::vector<float> decoded;  // [K, 32]
   if (kDecodes && passes > 1) decoded.resize(k_len * kTile);
   for (int64_t p = 0; p < passes; ++p) {
-    const int64_t r0 = p == 0 ? 0 : lead + ditto::kPassRows * (p - 1), rows = std::min(m - r0, p == 0 ? lead : m);
+    const int64_t r0 = p == 0 ? 0 : lead + ditto::kPassRows * (p - 1);
+    const int64_t rows = std::min<int64_t>(m - r0, p == 0 ? lead : ditto::kPassRows);
     const float* xr = x + r0 * k_len;
     float* yr = y + r0 * n + t * kTile;
     const bool streams_own = p < own;
