@@ -167,6 +167,9 @@ def _load() -> str | None:
     return None
 
 
+DECODE_ENV = "DITTO_CPU_DECODE_KERNELS"  # "1": decoding runs the kernels on any host, "0": never
+
+
 def decode_reason() -> str | None:
     """Why the decoding kernels (``small_matmul``, ``decode_attention``, ``chunk_attention``, ``select_tokens``) stay
     unused here, ``None`` when decoding runs them. They run on the host's own vectors, 16 floats with AVX-512 and 8
@@ -175,7 +178,7 @@ def decode_reason() -> str | None:
     The training kernels (``matmul``, ``causal_attention``) run on any host."""
     if (why := _load()) is not None:
         return why
-    flag = os.environ.get("DITTO_CPU_DECODE_KERNELS", "")
+    flag = os.environ.get(DECODE_ENV, "")
     if flag == "0":
         return "switched off (DITTO_CPU_DECODE_KERNELS=0)"
     if flag != "1" and _lib.ditto_vector_bytes() < 32:

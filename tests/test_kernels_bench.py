@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,7 +128,11 @@ def test_gpu_check_script_passes_arrays_as_arguments_not_constants():
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels unavailable: {cpu_kernels.reason()}")
-def test_bench_cpu_kernels_checks_and_times_both_paths():
+def test_bench_cpu_kernels_checks_and_times_both_paths(monkeypatch):
+    """Both arms of every case, on a host that would decode with XLA's ops by default (the kernel arm still runs
+    the kernels, and the result says what decoding uses here)."""
+    monkeypatch.setattr(cpu_kernels._lib, "ditto_vector_bytes", lambda: 16)
+    monkeypatch.delenv(cpu_kernels.DECODE_ENV, raising=False)
     parser = argparse.ArgumentParser()
     bench_cpu_kernels.add_arguments(parser)
     args = parser.parse_args(["--config", "model/tiny", "--layers", "2", "--batch", "3", "9", "--cache-len", "80",
@@ -144,5 +149,7 @@ def test_bench_cpu_kernels_checks_and_times_both_paths():
     chain = result["rows"][0]
     assert chain["matrices"] == 2 * 4 + 1  # q/k/v, o, gate/up, down per layer, then the head
     assert 0.9 * 80 * 0.8 - 1 <= result["rows"][2]["positions"][0] <= result["rows"][2]["positions"][1] < 80
+    assert result["rows"][3]["max_abs_diff"] > 0  # the kernel arm is not XLA's attention again
+    assert result["decoding_by_default"].startswith("xla (") and cpu_kernels.DECODE_ENV not in os.environ
     text = bench_cpu_kernels.table(result)
-    assert text.count("| matmul chain |") == 2 and "ERROR" not in text
+    assert text.count("| matmul chain |") == 2 and "ERROR" not in text and "neither AVX2 nor AVX-512" in text
