@@ -180,10 +180,10 @@ def decode_reason() -> str | None:
         return why
     flag = os.environ.get(DECODE_ENV, "")
     if flag == "0":
-        return "switched off (DITTO_CPU_DECODE_KERNELS=0)"
+        return f"switched off ({DECODE_ENV}=0)"
     if flag != "1" and _lib.ditto_vector_bytes() < 32:
-        return ("this CPU has neither AVX2 nor AVX-512: the decoding kernels' vectors are not native here "
-                "(DITTO_CPU_DECODE_KERNELS=1 uses them anyway)")
+        return (f"this CPU has neither AVX2 nor AVX-512: the decoding kernels' vectors are not native here "
+                f"({DECODE_ENV}=1 uses them anyway)")
     return None
 
 

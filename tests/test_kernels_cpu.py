@@ -152,7 +152,7 @@ def test_decoding_runs_the_kernels_with_avx2_or_when_asked(monkeypatch, flag, ve
     anyway."""
     assert cpu_kernels.available()
     monkeypatch.setattr(cpu_kernels._lib, "ditto_vector_bytes", lambda: vector_bytes)
-    monkeypatch.setenv("DITTO_CPU_DECODE_KERNELS", flag)
+    monkeypatch.setenv(cpu_kernels.DECODE_ENV, flag)
     device = jax.devices()[:1]
     assert (cpu_kernels.decode_reason() is None) == runs == cpu_kernels.decode_usable_on(device)
     assert cpu_kernels.usable_on(device) and cpu_kernels.matmul_available()
