@@ -19,11 +19,12 @@
   log-probabilities), the algorithm and the random numbers of ``ditto_jax.sampling.logits.select_tokens``, one
   row per task, instead of ~30 single-threaded XLA passes over ``[B, V]``.
 
-- ``matmul(a, b, trans_a=, trans_b=)``: ``op(a) @ op(b)`` in float32 through OpenBLAS's ``sgemm`` (the
+- ``matmul(a, b, trans_a=, trans_b=, layer=)``: ``op(a) @ op(b)`` in float32 through OpenBLAS's ``sgemm`` (the
   ``scipy-openblas32`` wheel's library, set to one thread and split over the kernels' workers), reading a
-  transposed operand in place: the large products of a training step (40M model, 2-core Xeon: XLA's dots
-  185-265 GFLOP/s, these 275-320). ``matmul_available()`` says whether it can run (``DITTO_CPU_BLAS=0`` turns it
-  off), ``matmul_reason()`` why not.
+  transposed operand in place, or with ``layer`` one matrix of a stacked ``[L, ., .]`` b in place: the large
+  products of a training step (40M model, 2-core Xeon: XLA's dots 185-265 GFLOP/s, these 275-320) and of the
+  prompt phases (their layer scan reads each weight from its stack instead of copying it out).
+  ``matmul_available()`` says whether it can run (``DITTO_CPU_BLAS=0`` turns it off), ``matmul_reason()`` why not.
 
 - ``causal_attention(q, k, v, segment_ids)``: causal self-attention over whole packed rows for training (q
   ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]``), differentiable: forward and backward kernels whose products run
@@ -69,7 +70,8 @@ import scipy_openblas32
 TILE = 32
 MATMUL, ATTENTION, SELECT = "ditto_small_matmul", "ditto_decode_attention", "ditto_select_tokens"
 ATTENTION_UPDATE, CHUNK_ATTENTION = "ditto_decode_attention_update", "ditto_chunk_attention"
-GEMM, CAUSAL, CAUSAL_BWD = "ditto_gemm", "ditto_causal_attention", "ditto_causal_attention_backward"
+GEMM, GEMM_LAYER = "ditto_gemm", "ditto_gemm_layer"
+CAUSAL, CAUSAL_BWD = "ditto_causal_attention", "ditto_causal_attention_backward"
 QUANT_MATMUL = {4: "ditto_small_matmul_q4", 8: "ditto_small_matmul_q8"}
 FOLDER = Path(__file__).resolve().parent / "cpu"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -155,6 +157,7 @@ def _load() -> str | None:
         for target, symbol in ((MATMUL, lib.DittoSmallMatmul), (ATTENTION, lib.DittoDecodeAttention),
                                (SELECT, lib.DittoSelectTokens), (ATTENTION_UPDATE, lib.DittoDecodeAttentionUpdate),
                                (CHUNK_ATTENTION, lib.DittoChunkAttention), (GEMM, lib.DittoGemm),
+                               (GEMM_LAYER, lib.DittoGemmLayer),
                                (CAUSAL, lib.DittoCausalAttention), (CAUSAL_BWD, lib.DittoCausalAttentionBackward),
                                (QUANT_MATMUL[4], lib.DittoSmallMatmulQ4), (QUANT_MATMUL[8], lib.DittoSmallMatmulQ8)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -236,27 +239,39 @@ def matmul_serves(cpu_kernel: bool, *operands: jax.Array) -> bool:
     return cpu_kernel and all(x.dtype == jnp.float32 for x in operands) and matmul_available()
 
 
-def matmul(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+def matmul(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False,
+           layer: jax.Array | int | None = None) -> jax.Array:
     """``op(a) @ op(b)`` for float32 matrices, ``op`` the transpose where asked (``a`` is ``[K, M]`` with
     ``trans_a``, ``b`` is ``[N, K]`` with ``trans_b``), through OpenBLAS's ``sgemm`` on the kernels' threads
-    (``matmul_available()`` must hold). Returns ``[M, N]`` float32."""
-    if a.ndim != 2 or b.ndim != 2 or a.dtype != jnp.float32 or b.dtype != jnp.float32:
-        raise ValueError(f"matmul: want two float32 matrices, got {a.dtype}{a.shape} and {b.dtype}{b.shape}")
-    (m, k), (kb, n) = (a.shape[::-1] if trans_a else a.shape), (b.shape[::-1] if trans_b else b.shape)
+    (``matmul_available()`` must hold). ``layer`` (a scalar, traced or not): ``b`` is a stack ``[L, ., .]`` and the
+    product takes its matrix ``layer``, read in place (no slice is copied). Returns ``[M, N]`` float32."""
+    stacked = layer is not None
+    if (a.ndim != 2 or b.ndim != 2 + stacked or a.dtype != jnp.float32 or b.dtype != jnp.float32
+            or (stacked and jnp.ndim(layer) != 0)):
+        want = "a float32 matrix and a float32 stack [L, ., .] with a scalar layer" if stacked else "two float32 matrices"
+        raise ValueError(f"matmul: want {want}, got {a.dtype}{a.shape} and {b.dtype}{b.shape}")
+    bm = b.shape[1:] if stacked else b.shape
+    (m, k), (kb, n) = (a.shape[::-1] if trans_a else a.shape), (bm[::-1] if trans_b else bm)
     if k != kb:
         raise ValueError(f"matmul: op(a) {(m, k)} and op(b) {(kb, n)} do not multiply "
                          f"(trans_a={trans_a}, trans_b={trans_b})")
     if (why := matmul_reason()) is not None:
         raise RuntimeError(f"the CPU matmul cannot run here: {why}")
-    return jax.ffi.ffi_call(GEMM, jax.ShapeDtypeStruct((m, n), jnp.float32))(a, b, trans_a=trans_a, trans_b=trans_b)
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    if stacked:
+        return jax.ffi.ffi_call(GEMM_LAYER, out)(a, b, jnp.asarray(layer, jnp.int32), trans_a=trans_a, trans_b=trans_b)
+    return jax.ffi.ffi_call(GEMM, out)(a, b, trans_a=trans_a, trans_b=trans_b)
 
 
-def matmul_rows(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+def matmul_rows(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False,
+                layer: jax.Array | int | None = None) -> jax.Array:
     """``matmul`` over ``a``'s leading axes as rows: without ``trans_a``, ``a [..., K] @ op(b)`` -> ``[..., N]``;
     with it, ``a [..., M]`` and ``b [..., N]`` (the same leading axes) contract over those axes -> ``[M, N]`` (a
-    weight gradient)."""
+    weight gradient). ``layer``: ``b`` is a stack of matrices, as in ``matmul``."""
+    if trans_a and layer is not None:
+        raise ValueError("matmul_rows: a stacked b (layer) is read as a matrix, not contracted over leading axes")
     out = matmul(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]) if trans_a else b, trans_a=trans_a,
-                 trans_b=trans_b)
+                 trans_b=trans_b, layer=layer)
     return out if trans_a else out.reshape(*a.shape[:-1], out.shape[-1])
 
 

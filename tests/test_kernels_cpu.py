@@ -17,7 +17,15 @@ from flax import nnx
 
 from ditto_jax.kernels import cpu as cpu_kernels
 from ditto_jax.kernels.reference import attention_reference
-from ditto_jax.model import ModelConfig, create_model, decode_matmul_kind, decode_step, decode_weights, init_layer_cache
+from ditto_jax.model import (
+    ModelConfig,
+    create_model,
+    decode_matmul_kind,
+    decode_step,
+    decode_weights,
+    init_cache,
+    init_layer_cache,
+)
 from ditto_jax.model.xla_attention import cached_chunk_attention, heads_first_query_attention
 
 pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler on this machine")
@@ -307,6 +315,52 @@ def test_matmul_equals_numpy(trans_a, trans_b, m, k, n):
     got = np.asarray(jax.jit(lambda x, y: cpu_kernels.matmul(x, y, trans_a=trans_a, trans_b=trans_b))(a_in, b_in))
     assert got.shape == (m, n) and got.dtype == np.float32
     np.testing.assert_allclose(got, a.astype(np.float64) @ b.astype(np.float64), rtol=1e-5, atol=1e-5 * np.sqrt(k + 1))
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_matmul_reads_one_layer_of_a_stack_in_place(trans_b):
+    """``layer`` picks one matrix of a stacked ``[L, ., .]`` b, traced inside a scan too; the other layers (NaN)
+    are never read, and a layer out of range is refused by the kernel."""
+    rng = np.random.RandomState(7)
+    a, b = rng.randn(37, 19).astype(np.float32), rng.randn(19, 40).astype(np.float32)
+    b_in = b.T.copy() if trans_b else b
+    stack = jnp.stack([jnp.full(b_in.shape, jnp.nan), jnp.asarray(b_in), jnp.full(b_in.shape, jnp.nan)])
+    got = jax.jit(lambda x, w, i: cpu_kernels.matmul(x, w, trans_b=trans_b, layer=i))(a, stack, 1)
+    np.testing.assert_allclose(np.asarray(got), a.astype(np.float64) @ b, rtol=1e-5, atol=1e-5 * np.sqrt(20))
+    rows = jax.jit(lambda x, w: cpu_kernels.matmul_rows(x, w, trans_b=trans_b, layer=jnp.int32(1)))(
+        a.reshape(1, 37, 19), stack)
+    np.testing.assert_array_equal(np.asarray(rows)[0], np.asarray(got))
+    scanned = jax.jit(lambda x, w: jax.lax.scan(
+        lambda c, i: (c, cpu_kernels.matmul(x, w, trans_b=trans_b, layer=i)), 0, jnp.arange(3))[1])(a, stack)
+    assert np.isnan(np.asarray(scanned)[0]).all() and np.isnan(np.asarray(scanned)[2]).all()
+    np.testing.assert_array_equal(np.asarray(scanned)[1], np.asarray(got))
+    with pytest.raises(Exception, match="layer out of range"):
+        jax.block_until_ready(cpu_kernels.matmul(jnp.asarray(a), stack, trans_b=trans_b, layer=3))
+    with pytest.raises(ValueError, match="scalar layer"):
+        cpu_kernels.matmul(jnp.asarray(a), jnp.asarray(b_in), trans_b=trans_b, layer=0)
+
+
+def test_the_cached_forward_reads_the_stacked_weights_in_place():
+    """A prompt phase's forward (``cache=``) with the kernels: each layer product reads its matrix of the stacked
+    weight in place (no scan slice of a layer matrix is copied) and equals the forward with XLA's dots."""
+    cfg = ModelConfig(architecture="qwen2", vocab_size=160, hidden_size=64, num_layers=3, num_heads=4,
+                      num_kv_heads=2, intermediate_size=96, qkv_bias=True, max_position_embeddings=64)
+    model = create_model(cfg, seed=2)
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 160, (2, 12)), jnp.int32)
+    cache = init_cache(cfg, 2, 16)
+    run = nnx.jit(lambda m, ids, c, kernel: m(ids, cache=c, cpu_kernel=kernel), static_argnums=3)
+    want, want_cache = run(model, tokens, cache, False)
+    got, got_cache = run(model, tokens, cache, True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(want_cache.k), atol=2e-5, rtol=1e-5)
+    graphdef, state = nnx.split(model)
+    hlo = jax.jit(lambda s, ids, c: nnx.merge(graphdef, s)(ids, cache=c, cpu_kernel=True)).lower(
+        state, tokens, cache).compile().as_text()
+    assert hlo.count(f'custom_call_target="{cpu_kernels.GEMM_LAYER}"') == 7  # q, k, v, o, gate, up, down
+    per_layer = {"[64,64]", "[64,32]", "[64,96]", "[96,64]"}  # a layer's q, k/v, gate/up, o, down
+    copied = [ln for ln in hlo.splitlines() if "dynamic-slice" in ln and any(f"f32{s}" in ln.split("=")[1][:30]
+                                                                              for s in per_layer)]
+    assert not copied, copied
 
 
 def test_matmul_refuses_what_it_cannot_multiply():

@@ -1,9 +1,10 @@
-"""Building blocks: stacked (per-layer) parameters, RMSNorm, rotary embeddings, SwiGLU."""
+"""Building blocks: stacked (per-layer) parameters, RMSNorm, rotary embeddings, the products."""
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,26 @@ def _linear_bwd(cpu_kernel, res, g):
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
+class LayerSlice(NamedTuple):
+    """Matrix ``index`` (an int32 scalar, traced inside a layer scan) of a stacked ``[L, K, N]`` weight."""
+
+    stacked: jax.Array
+    index: jax.Array
+
+
+def project(x: jax.Array, w: jax.Array | LayerSlice, cpu_kernel: bool = False) -> jax.Array:
+    """``x [..., K] @ w`` without a custom gradient (the cached forward's products), ``w`` a matrix or a
+    ``LayerSlice``. ``cpu_kernel`` (see ``linear``): float32 products run ``kernels.cpu.matmul``, which reads a
+    ``LayerSlice`` in place; elsewhere the slice is taken (inside a scan, a copy of the layer's matrix a call)."""
+    if isinstance(w, LayerSlice):
+        if cpu_kernels.matmul_serves(cpu_kernel, x, w.stacked):
+            return cpu_kernels.matmul_rows(x, w.stacked, layer=w.index)
+        w = w.stacked[w.index]
+    if cpu_kernels.matmul_serves(cpu_kernel, x, w):
+        return cpu_kernels.matmul_rows(x, w)
+    return x @ w.astype(x.dtype)
+
+
 def head_logits(hidden: jax.Array, w: jax.Array, vocab_major: bool, cpu_kernel: bool = False) -> jax.Array:
     """Float32 logits ``[..., V]`` of ``hidden [..., H]`` against the head ``w`` (``[V, H]`` when ``vocab_major``, the
     tied embedding; else ``[H, V]``), of the caller's dtype. ``cpu_kernel``: see ``linear``."""
@@ -130,8 +151,3 @@ def decode_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w`` for a ``DecodeWeights`` matrix: a packed ``[N/32, K, 32]`` weight or a ``QuantWeight`` (CPU,
     float32; see ``kernels.cpu``) runs the few-row kernel, a ``[K, N]`` one XLA's dot."""
     return cpu_kernels.small_matmul(x, w) if cpu_kernels.is_packed(w) else x @ w
-
-
-def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """``down(silu(x @ gate) * (x @ up))``."""
-    return (jax.nn.silu(x @ gate) * (x @ up)) @ down

@@ -22,6 +22,7 @@ from ditto_jax.model.attention import cached_attention, full_attention, write_an
 from ditto_jax.model.cache import KVCache, LayerCache
 from ditto_jax.model.config import ModelConfig
 from ditto_jax.model.layers import (
+    LayerSlice,
     StackedLinear,
     StackedNorm,
     apply_rope,
@@ -29,9 +30,9 @@ from ditto_jax.model.layers import (
     head_logits,
     linear,
     param,
+    project,
     rms_norm,
     rope_cos_sin,
-    swiglu,
 )
 
 REMAT_POLICIES = {
@@ -73,6 +74,10 @@ class DecoderLayers(nnx.Module):
         self.self_attn = Attention(cfg, rngs)
         self.post_attention_layernorm = StackedNorm(cfg.num_layers, cfg.hidden_size, dt, rngs)
         self.mlp = MLP(cfg, rngs)
+
+
+# the per-layer matrices of ``_layer_weights`` (the rest are vectors: norm scales, biases)
+LAYER_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def _layer_weights(layers: DecoderLayers) -> dict[str, Any]:
@@ -146,9 +151,14 @@ class Transformer(nnx.Module):
             new_cache = None
         else:
             # The whole cache rides in the carry and is updated by scatter: in place inside jit, no per-layer copy.
+            # With the CPU kernels the layer matrices stay out of the scanned inputs: each product reads its
+            # layer of the stack in place (a scan copies every slice it hands the body: SmolLM2-135M ~0.4 GB a call).
+            stacked = {n: weights.pop(n) for n in LAYER_MATRICES} if cpu_kernel else {}
+
             def body(carry, w_and_idx):
                 h, k_all, v_all = carry
                 w, idx = w_and_idx
+                w = w | {n: LayerSlice(a, idx) for n, a in stacked.items()}
                 h, k_all, v_all = _decoder_layer_cached(h, w, idx, cfg, cos, sin, k_all, v_all, cache.lengths,
                                                         cpu_kernel)
                 return (h, k_all, v_all), None
@@ -207,8 +217,8 @@ def _qkv(x: jax.Array, w: dict[str, Any], cfg: ModelConfig, cos: jax.Array, sin:
         if "qb" in w:
             qkv = qkv + jnp.concatenate([w["qb"], w["kb"], w["vb"]], axis=-1).astype(dt)
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
-    else:
-        q, k, v = h @ w["q"].astype(dt), h @ w["k"].astype(dt), h @ w["v"].astype(dt)
+    else:  # the cached forward (no gradient: its products may run the CPU kernel), or an accelerator
+        q, k, v = (project(h, w[n], cpu_kernel and not fuse) for n in ("q", "k", "v"))
         if "qb" in w:
             q, k, v = q + w["qb"].astype(dt), k + w["kb"].astype(dt), v + w["vb"].astype(dt)
     q = q.reshape(b, t, cfg.num_heads, d)
@@ -233,15 +243,17 @@ def _finish(x: jax.Array, attn: jax.Array, w: dict[str, Any], cfg: ModelConfig, 
         gate_up = decode_matmul(h, w["gate_up"])
         f = gate_up.shape[-1] // 2
         return x + decode_matmul(jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:], w["down"])
-    fuse = fuse and _fuse_projections()
     attn = attn.reshape(b, t, -1)
-    x = x + (linear(attn, w["o"].astype(dt), cpu_kernel) if fuse else attn @ w["o"].astype(dt))
-    h = rms_norm(x, w["ln2"], cfg.rms_norm_eps)
-    if fuse:
+    if fuse and _fuse_projections():
+        x = x + linear(attn, w["o"].astype(dt), cpu_kernel)
+        h = rms_norm(x, w["ln2"], cfg.rms_norm_eps)
         f = w["gate"].shape[-1]
         gate_up = linear(h, jnp.concatenate([w["gate"], w["up"]], axis=-1).astype(dt), cpu_kernel)
         return x + linear(jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:], w["down"].astype(dt), cpu_kernel)
-    return x + swiglu(h, w["gate"].astype(dt), w["up"].astype(dt), w["down"].astype(dt))
+    kernel = cpu_kernel and not fuse  # the cached forward: no gradient (see _qkv)
+    x = x + project(attn, w["o"], kernel)
+    h = rms_norm(x, w["ln2"], cfg.rms_norm_eps)
+    return x + project(jax.nn.silu(project(h, w["gate"], kernel)) * project(h, w["up"], kernel), w["down"], kernel)
 
 
 FUSE_PROJECTIONS: bool | None = None  # None: fuse on CPU only
@@ -263,7 +275,7 @@ def _decoder_layer(x, w, cfg: ModelConfig, cos, sin, *, segment_ids, cpu_kernel=
 
 
 def _decoder_layer_cached(x, w, idx, cfg: ModelConfig, cos, sin, k_all, v_all, lengths, cpu_kernel=False):
-    q, k, v = _qkv(x, w, cfg, cos, sin, fuse=False)
+    q, k, v = _qkv(x, w, cfg, cos, sin, fuse=False, cpu_kernel=cpu_kernel)
     b, t = x.shape[:2]
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]
     cols = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -271,7 +283,7 @@ def _decoder_layer_cached(x, w, idx, cfg: ModelConfig, cos, sin, k_all, v_all, l
     v_all = v_all.at[idx, rows, cols].set(v.astype(v_all.dtype), mode="drop")
     attn = cached_attention(q, k_all, v_all, q_offset=lengths, impl=cfg.attention,
                             sliding_window=cfg.sliding_window, cpu_kernel=cpu_kernel, layer=idx)
-    return _finish(x, attn.astype(x.dtype), w, cfg, fuse=False), k_all, v_all
+    return _finish(x, attn.astype(x.dtype), w, cfg, fuse=False, cpu_kernel=cpu_kernel), k_all, v_all
 
 
 # ---- the decode step over re-laid-out weights -------------------------------------------------------------------

@@ -12,16 +12,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c, bool trans_a,
-                    bool trans_b) {
+// c = op(a) @ op(b): a is [M, K] ([K, M] with trans_a), b [K, N] ([N, K] with trans_b), both read in place.
+ffi::Error Gemm(const float* pa, int64_t a0, int64_t a1, const float* pb, int64_t b0, int64_t b1,
+                ffi::ResultBuffer<ffi::F32>& c, bool trans_a, bool trans_b) {
   if (ditto::g_sgemm == nullptr) return ffi::Error::Internal("ditto_gemm: no sgemm was set (kernels/cpu.py loads OpenBLAS)");
-  const auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2) return ffi::Error::InvalidArgument("ditto_gemm: 2-D operands");
-  const int64_t m = cd[0], n = cd[1], k = trans_a ? ad[0] : ad[1], lda = ad[1], ldb = bd[1];
-  if ((trans_a ? ad[1] : ad[0]) != m || (trans_b ? bd[1] : bd[0]) != k || (trans_b ? bd[0] : bd[1]) != n)
+  const auto cd = c->dimensions();
+  if (cd.size() != 2) return ffi::Error::InvalidArgument("ditto_gemm: 2-D operands");
+  const int64_t m = cd[0], n = cd[1], k = trans_a ? a0 : a1, lda = a1, ldb = b1;
+  if ((trans_a ? a1 : a0) != m || (trans_b ? b1 : b0) != k || (trans_b ? b0 : b1) != n)
     return ffi::Error::InvalidArgument("ditto_gemm: operand shapes do not multiply to the output's");
-  const float* pa = a.typed_data();
-  const float* pb = b.typed_data();
   float* pc = c->typed_data();
   if (m == 0 || n == 0) return ffi::Error::Success();
   if (k == 0) {
@@ -41,6 +40,25 @@ ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Resul
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c, bool trans_a,
+                    bool trans_b) {
+  const auto ad = a.dimensions(), bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 2) return ffi::Error::InvalidArgument("ditto_gemm: 2-D operands");
+  return Gemm(a.typed_data(), ad[0], ad[1], b.typed_data(), bd[0], bd[1], c, trans_a, trans_b);
+}
+
+// The same product with b one matrix of a stacked [L, ., .] array, `layer` (int32 scalar) picking it in place: a
+// scanned layer loop's weights are not copied out of their stack (the prompt phases, on SmolLM2-135M ~0.4 GB a call).
+ffi::Error GemmLayerImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> layer,
+                         ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
+  const auto ad = a.dimensions(), bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 3 || layer.element_count() != 1)
+    return ffi::Error::InvalidArgument("ditto_gemm_layer: want a 2-D a, a stacked 3-D b and a scalar layer");
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= bd[0]) return ffi::Error::InvalidArgument("ditto_gemm_layer: layer out of range");
+  return Gemm(a.typed_data(), ad[0], ad[1], b.typed_data() + l * bd[1] * bd[2], bd[1], bd[2], c, trans_a, trans_b);
 }
 
 }  // namespace
@@ -65,6 +83,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DittoGemm, GemmImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DittoGemmLayer, GemmLayerImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("trans_a")
                                   .Attr<bool>("trans_b"));
