@@ -155,6 +155,7 @@ def _prompt_attention_case(cfg: Any, layers: int, batch: int, args: argparse.Nam
     import jax.numpy as jnp
     import numpy as np
 
+    from ditto_jax.kernels import cpu as cpu_kernels
     from ditto_jax.model.attention import cached_attention
 
     hkv, hq, hd, s, t = cfg.num_kv_heads, cfg.num_heads, cfg.dim_per_head, args.cache_len, args.prompt_tokens
@@ -165,10 +166,15 @@ def _prompt_attention_case(cfg: Any, layers: int, batch: int, args: argparse.Nam
     off = np.clip(rng.uniform(0.9 * centre, 1.1 * centre, batch).astype(np.int32), 0, max(s - t, 0))
 
     def step(kernel: bool):
+        # Every layer of the stacked cache, as the prompt phases read it. The kernel arm calls what
+        # cached_attention runs where decoding uses the kernels, directly: on a host that decodes with XLA's ops
+        # cached_attention would run XLA's attention in both arms.
         @jax.jit
-        def run(q, k, v, off):  # every layer of the stacked cache, as the prompt phases read it
-            return jnp.stack([cached_attention(q, k, v, q_offset=off, impl="xla", cpu_kernel=kernel,
-                                               layer=jnp.int32(i)) for i in range(layers)])
+        def run(q, k, v, off):
+            if kernel:
+                return jnp.stack([cpu_kernels.chunk_attention(q, k, v, off, jnp.int32(i)) for i in range(layers)])
+            return jnp.stack([cached_attention(q, k, v, q_offset=off, impl="xla", layer=jnp.int32(i))
+                              for i in range(layers)])
         return run
 
     diff, t_run = _both(step, (q, k, v, jnp.asarray(off)), args)
@@ -231,24 +237,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     layers = args.layers or cfg.num_layers
     rng = np.random.default_rng(0)
     weights = _weights(cfg, layers, rng)
-    # What decoding runs here by default; the kernel arm of every case runs the kernels whatever it is (the prompt
-    # attention's path asks decode_reason(), so without this a host that decodes with XLA's ops timed XLA twice).
+    # What decoding runs here by default; the kernel arm of every case runs the kernels whatever it is.
     why = cpu_kernels.decode_reason()
-    saved = os.environ.get(cpu_kernels.DECODE_ENV)
-    os.environ[cpu_kernels.DECODE_ENV] = "1"
     rows = []
-    try:
-        for batch in args.batch:
-            rows.append(_matmul_case("matmul chain", weights, batch, args, rng))
-            rows.append(_matmul_case("head", weights[-1:], batch, args, rng))
-            rows.append(_attention_case(cfg, layers, batch, args, rng))
-            rows.append(_prompt_attention_case(cfg, layers, batch, args, rng))
-            rows.append(_sampler_case(cfg, batch, args, rng))
-    finally:
-        if saved is None:
-            os.environ.pop(cpu_kernels.DECODE_ENV, None)
-        else:
-            os.environ[cpu_kernels.DECODE_ENV] = saved
+    for batch in args.batch:
+        rows.append(_matmul_case("matmul chain", weights, batch, args, rng))
+        rows.append(_matmul_case("head", weights[-1:], batch, args, rng))
+        rows.append(_attention_case(cfg, layers, batch, args, rng))
+        rows.append(_prompt_attention_case(cfg, layers, batch, args, rng))
+        rows.append(_sampler_case(cfg, batch, args, rng))
     return {"bench": "cpu-kernels", "config": args.config, "layers": layers, "cpu": _cpu_name(),
             "cores": len(os.sched_getaffinity(0)), "kernel_threads": os.environ.get("DITTO_CPU_KERNEL_THREADS"),
             "decoding_by_default": "cpu kernels" if why is None else f"xla ({why})",
