@@ -207,3 +207,36 @@ def test_enabling_the_cache_prunes_it_and_says_so(tmp_path):
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in (tmp_path / "executables").glob("*.pkl")) == ["step-2.pkl", "step-3.pkl"]
     assert "deleted 2 least recently used entries" in run.stderr and run.stdout.strip() == str(tmp_path)
+
+
+def test_a_jax_entry_is_aged_by_its_last_use_across_processes(tmp_path):
+    """JAX stamps an entry's ``-atime`` record on every hit (it is given the cache's bound): an entry written first
+    but used again later outlives one written after it when the cache is pruned."""
+    code = ("import sys, numpy as np, jax\n"
+            "from ditto_jax.sampling.compile_cache import enable_compilation_cache\n"
+            "enable_compilation_cache()\n"
+            "def first(x): return x * 2.0 + 1.0\n"
+            "def second(x): return x - 3.0\n"
+            "x = np.ones(3, np.float32)\n"
+            "for name in sys.argv[1:]: jax.block_until_ready(jax.jit(globals()[name])(x))\n")
+    env = dict(os.environ, DITTO_JAX_COMPILATION_CACHE=str(tmp_path), DITTO_JAX_COMPILATION_CACHE_MAX_SIZE="1G")
+
+    def run(*names):
+        done = subprocess.run([sys.executable, "-c", code, *names], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    def stamp(name):
+        (entry,) = tmp_path.glob(f"jit_{name}-*-cache")
+        record = entry.with_name(entry.name.removesuffix("-cache") + "-atime")
+        return entry, int.from_bytes(record.read_bytes(), "little")
+
+    run("first", "second")  # `first` written before `second`
+    (first, written), (second, _) = stamp("first"), stamp("second")
+    first_mtime = first.stat().st_mtime_ns
+    run("first")  # a hit: read, not written again
+    assert first.stat().st_mtime_ns == first_mtime
+    assert stamp("first")[1] > written
+    total, size = sum(p.stat().st_size for p in tmp_path.glob("*-cache")), second.stat().st_size
+    assert compile_cache.prune_cache(tmp_path, total - 1) == (1, size)
+    assert first.exists() and not second.exists()

@@ -21,8 +21,9 @@ cache is keyed by the lowered program, so each hit still pays both: ~1.8 s of a 
 The folder is bounded: ``$DITTO_JAX_COMPILATION_CACHE_MAX_SIZE`` (bytes, or with a suffix: ``500M``, ``4G``,
 ``4GiB``; ``-1``/``unlimited`` for no bound; default 4 GiB) is checked once a process, when the cache is first
 enabled (by the first loaded engine), and the least recently used entries of both stores are deleted until it fits
-(a saved executable's time is its last use; a JAX entry's its ``-atime`` record where JAX kept one, else its
-creation). What was deleted is printed (count and bytes).
+(an entry's time is its last use: a saved executable's file time, touched on each use; a JAX entry's ``-atime``
+record, which JAX stamps on every hit since it is given the bound too, else its creation). JAX also keeps its own
+entries within the bound as it writes them. What was deleted is printed (count and bytes).
 """
 
 from __future__ import annotations
@@ -192,6 +193,9 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    # Given the bound, JAX stamps an entry's ``-atime`` record on every hit (and keeps its own entries within
+    # it): pruning then ages a JAX entry by its last use, not by when it was written.
+    jax.config.update("jax_compilation_cache_max_size", max_bytes)
     _enabled_dir = str(folder)
     _enable_saved(_enabled_dir)
     return _enabled_dir
