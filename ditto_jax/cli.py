@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+from ditto_jax.malloc import restart_with_malloc_settings
+
 COMMANDS: dict[str, str] = {
     "demo": "the whole Ditto pipeline end to end on the embedded default",
     "convert": "convert checkpoints between Hugging Face, GGUF and Orbax",
@@ -83,12 +85,16 @@ def _one_line(exc: BaseException) -> str:
 def run() -> None:
     """The ``ditto-jax`` program: ``main()``, then an exit that skips the interpreter's teardown.
 
+    First, where the C library is glibc, the program restarts itself once with ``malloc.MALLOC_TUNABLES`` (see
+    there; ``DITTO_JAX_MALLOC=system`` or a ``GLIBC_TUNABLES`` of the user's own keeps the environment as is).
+
     Once a command has returned, its outputs are written (renamed into place, closed) and nothing is left to do
     but free memory: tearing down jax, XLA and the loaded modules object by object took 0.6-0.7 s of a 27 s
     ``ditto-jax sample`` run (2-core CPU). The exit still joins non-daemon threads and runs every ``atexit``
     handler (jax's, ``multiprocessing``'s, logging's: registered after this one, they run before it), flushes
     the standard streams, then leaves with the command's exit code. ``DITTO_JAX_FULL_EXIT=1`` keeps the full
     teardown (for tools that act at interpreter shutdown, e.g. coverage started before this process)."""
+    restart_with_malloc_settings()
     code = [1]  # the exit code, known once main() returns or raises
     if os.environ.get("DITTO_JAX_FULL_EXIT", "0") != "1":
         atexit.register(_exit_now, code)  # first registered, so it runs last among atexit handlers

@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 
 from ditto_jax import cli
+from ditto_jax.malloc import MALLOC_MARK, MALLOC_TUNABLES
 
 
 def test_bench_simulate_tiny_against_transformers(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DITTO_JAX_COMPILATION_CACHE", str(tmp_path / "jax-cache"))
     monkeypatch.setenv("XLA_FLAGS", "")
+    # as in a `ditto-jax` process, restarted with its allocator settings: ours keep them, transformers runs
+    # in the environment its user started the benchmark with
+    monkeypatch.setenv("GLIBC_TUNABLES", MALLOC_TUNABLES)
+    monkeypatch.setenv(MALLOC_MARK, "1")
     work = tmp_path / "work"
     code = cli.main(["bench", "simulate", "--config", "model/tiny", "--characters", "2", "--questions", "2",
                      "--new-tokens", "3", "--batch", "2", "--repeats", "2", "--compare-hf", "--json",
@@ -50,4 +55,6 @@ def test_bench_simulate_tiny_against_transformers(tmp_path, monkeypatch, capsys)
     rows = [line for line in captured.err.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert [r.split(" | ")[1] for r in rows] == ["cold", "warm"]
     assert rows[1].split(" | ")[6].startswith(f"{again['engine']['decode_s']:.1f} ({again['engine']['decode_steps']},")
+    assert result["glibc_tunables"] == {"ours": MALLOC_TUNABLES, "hf": None}
+    assert f"(`GLIBC_TUNABLES`): ours `{MALLOC_TUNABLES}`, transformers the system's" in captured.err
     assert f"| generated tokens (runs) | {ours['generated_tokens']}, {again['generated_tokens']} |" in captured.err

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ditto_jax.fileio import atomic_write_json
+from ditto_jax.malloc import user_environment
 
 QUESTIONS = (
     "What was the hardest decision you ever had to make?",
@@ -151,7 +152,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     decoding = ["--temperature", str(args.temperature), "--top-p", str(args.top_p),
                 "--repetition-penalty", str(args.repetition_penalty), "--max-new-tokens", str(args.new_tokens),
                 "--seed", str(args.seed)]
-    env = dict(os.environ)
+    env = dict(os.environ)  # ours: this program's own environment (its allocator settings: ditto_jax.malloc)
+    hf_env = user_environment(os.environ)  # transformers: the environment its user started the benchmark with
     ours_model = args.model if args.model and args.ours_reads == "source" else folder
     ours_runs, hf_runs = [], []
     for r in range(args.repeats):
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                        "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.new_tokens,
                        "stop_ids": stop_ids})]
-            times, stdout = _timed(cmd, env)
+            times, stdout = _timed(cmd, hf_env)
             hf_runs.append({**times, **_last_json(stdout)})
             _save_partial(args, ours_runs, hf_runs)
     lengths = [len(p["input_ids"]) for p in prompts]
@@ -192,6 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ours_cold_runs": sum(r["compilation_cache"] == "cold" for r in ours_runs), "ours_runs": ours_runs,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
+        "glibc_tunables": {"ours": env.get("GLIBC_TUNABLES"), "hf": hf_env.get("GLIBC_TUNABLES")},
     }
     if hf_runs:
         hf_wall = statistics.median(r["wall_s"] for r in hf_runs)
@@ -243,6 +246,10 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {i} | {r['compilation_cache']} | {r['load_s']:.1f} | {e['compile_s']:.1f} | "
                      f"{e['prefix_fill_s']:.1f} | {e['prefill_s']:.1f} | {e['decode_s']:.1f} ({e['decode_steps']}, "
                      f"{step:.0f}) | {r['wall_s'] - phases:.1f} | {r['wall_s']:.1f} | {hit} |")
+    tunables = result.get("glibc_tunables") or {}
+    lines += ["", "glibc allocator settings (`GLIBC_TUNABLES`): ours " + (f"`{tunables['ours']}`" if tunables.get("ours")
+              else "the system's") + ", transformers " + (f"`{tunables['hf']}`" if tunables.get("hf") else
+                                                            "the system's") + " (`ditto_jax.malloc`)."]
     if result.get("note"):
         lines += ["", f"Note: {result['note']}."]
     return "\n".join(lines)
