@@ -41,6 +41,18 @@ def test_executables_are_saved_and_loaded_per_shape_and_configuration(saved):
     SavedJit(jax.jit(_scaled), "scaled", "config-b")(x, y)  # another configuration: its own entry
     again(jnp.ones((2, 8)), y)  # another shape: its own entry
     assert len(list(saved.glob("scaled-*.pkl"))) == 3
+
+
+def test_settings_that_change_no_program_share_the_entry(saved, monkeypatch):
+    """The allocator settings (set by the program's restart) and the cache's bound do not key the entries: a run
+    with other values loads what an earlier run saved."""
+    x, y = jnp.ones((4, 8)), jnp.full((8, 3), 0.5)
+    SavedJit(jax.jit(_scaled), "scaled", "c")(x, y)
+    for name, value in (("DITTO_JAX_MALLOC", "system"), ("DITTO_JAX_MALLOC_SET", "1"),
+                        ("DITTO_JAX_COMPILATION_CACHE_MAX_SIZE", "8G")):
+        monkeypatch.setenv(name, value)
+        SavedJit(jax.jit(_scaled), "scaled", "c")(x, y)
+    assert len(list(saved.glob("scaled-*.pkl"))) == 1
     assert not list(saved.glob("*.tmp"))
 
 

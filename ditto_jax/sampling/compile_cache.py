@@ -53,6 +53,7 @@ from ditto_jax import kernels
 from ditto_jax.config import ConfigError
 from ditto_jax.fileio import atomic_write_bytes
 from ditto_jax.kernels import cpu as cpu_kernels
+from ditto_jax.malloc import MALLOC_ENV, MALLOC_MARK
 from ditto_jax.model import transformer
 
 ENV = "DITTO_JAX_COMPILATION_CACHE"
@@ -284,8 +285,9 @@ def _process_fingerprint() -> bytes:
 
 def _switches() -> str:
     """Settings read while tracing that may change within a process: the package's, JAX's and XLA's environment
-    variables (the folder variables excepted) and the model's projection fusion switch."""
-    skip = {ENV, "DITTO_JAX_SAVED_EXECUTABLES", "DITTO_CPU_KERNEL_THREADS"}
+    variables (except those that change no program: the cache's folder, switch and bound, the kernels' thread
+    count, the allocator settings) and the model's projection fusion switch."""
+    skip = {ENV, MAX_SIZE_ENV, "DITTO_JAX_SAVED_EXECUTABLES", "DITTO_CPU_KERNEL_THREADS", MALLOC_ENV, MALLOC_MARK}
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("DITTO_", "JAX_", "XLA_")) and k not in skip)
     return repr((env, transformer.FUSE_PROJECTIONS))
 
