@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 BENCHES = {
@@ -48,6 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     module = importlib.import_module(_module(args._bench))
     result = module.run(args)
+    if isinstance(result, dict):  # the allocator this process ran with (ditto_jax.malloc); None: the system's
+        result.setdefault("glibc_tunables", os.environ.get("GLIBC_TUNABLES"))
     text = json.dumps(result, indent=None if args.json else 2, sort_keys=False)
     if args.out:
         from pathlib import Path
