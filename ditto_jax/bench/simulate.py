@@ -247,9 +247,9 @@ def table(result: dict[str, Any]) -> str:
                      f"{e['prefix_fill_s']:.1f} | {e['prefill_s']:.1f} | {e['decode_s']:.1f} ({e['decode_steps']}, "
                      f"{step:.0f}) | {r['wall_s'] - phases:.1f} | {r['wall_s']:.1f} | {hit} |")
     tunables = result.get("glibc_tunables") or {}
-    lines += ["", "glibc allocator settings (`GLIBC_TUNABLES`): ours " + (f"`{tunables['ours']}`" if tunables.get("ours")
-              else "the system's") + ", transformers " + (f"`{tunables['hf']}`" if tunables.get("hf") else
-                                                            "the system's") + " (`ditto_jax.malloc`)."]
+    side = {k: f"`{tunables[k]}`" if tunables.get(k) else "the system's" for k in ("ours", "hf")}
+    lines += ["", f"glibc allocator settings (`GLIBC_TUNABLES`): ours {side['ours']}, transformers {side['hf']} "
+              "(`ditto_jax.malloc`)."]
     if result.get("note"):
         lines += ["", f"Note: {result['note']}."]
     return "\n".join(lines)

@@ -129,13 +129,12 @@ def project(x: jax.Array, w: jax.Array | LayerSlice, cpu_kernel: bool = False) -
     """``x [..., K] @ w`` without a custom gradient (the cached forward's products), ``w`` a matrix or a
     ``LayerSlice``. ``cpu_kernel`` (see ``linear``): float32 products run ``kernels.cpu.matmul``, which reads a
     ``LayerSlice`` in place; elsewhere the slice is taken (inside a scan, a copy of the layer's matrix a call)."""
+    layer = None
     if isinstance(w, LayerSlice):
-        if cpu_kernels.matmul_serves(cpu_kernel, x, w.stacked):
-            return cpu_kernels.matmul_rows(x, w.stacked, layer=w.index)
-        w = w.stacked[w.index]
+        w, layer = w.stacked, w.index
     if cpu_kernels.matmul_serves(cpu_kernel, x, w):
-        return cpu_kernels.matmul_rows(x, w)
-    return x @ w.astype(x.dtype)
+        return cpu_kernels.matmul_rows(x, w, layer=layer)
+    return x @ (w if layer is None else w[layer]).astype(x.dtype)
 
 
 def head_logits(hidden: jax.Array, w: jax.Array, vocab_major: bool, cpu_kernel: bool = False) -> jax.Array:
