@@ -70,7 +70,7 @@ def test_gguf_without_tokenizer_metadata_has_no_tokenizer(tmp_path):
 
 @pytest.mark.parametrize("endian", ["little", "big"])
 def test_the_fast_metadata_reader_gives_gguf_readers_fields(tmp_path, endian):
-    # ``_gguf._Reader`` replaces two of GGUFReader's parsing helpers for speed; every field, part and tensor
+    # ``_gguf._Reader`` replaces three of GGUFReader's parsing helpers for speed; every field, part and tensor
     # must come out as the reader's own (values, dtypes and byte order)
     path = tmp_path / f"{endian}.gguf"
     writer = gguf.GGUFWriter(str(path), "llama", endianess=getattr(gguf.GGUFEndian, endian.upper()))
@@ -79,6 +79,7 @@ def test_the_fast_metadata_reader_gives_gguf_readers_fields(tmp_path, endian):
     writer.add_string("general.name", "naïve ✓")
     writer.add_array("tokenizer.ggml.tokens", ["a", "bé", "", "<s>"] * 50)
     writer.add_array("tokenizer.ggml.scores", [0.5, -1.0] * 3)
+    writer.add_array("tokenizer.ggml.token_type", [1, 3, 6] * 7)
     writer.add_tensor("t", np.arange(64, dtype=np.float32).reshape(2, 32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -97,3 +98,12 @@ def test_the_fast_metadata_reader_gives_gguf_readers_fields(tmp_path, endian):
     assert [(t.name, t.tensor_type, list(t.shape)) for t in got.tensors] == \
         [(t.name, t.tensor_type, list(t.shape)) for t in want.tensors]
     assert np.array_equal(got.tensors[0].data, want.tensors[0].data)
+    # a file cut inside the arrays is an error naming it, wherever the cut falls
+    data = path.read_bytes()
+    first, last = got.fields["tokenizer.ggml.tokens"].offset, got.fields["tokenizer.ggml.token_type"].offset
+    for cut in range(first + 1, last + 12, 37):
+        bad = tmp_path / f"cut-{endian}-{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError) as err:
+            _gguf._open(bad)
+        assert str(bad) in str(err.value)
