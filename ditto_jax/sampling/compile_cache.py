@@ -21,9 +21,15 @@ cache is keyed by the lowered program, so each hit still pays both: ~1.8 s of a 
 The folder is bounded: ``$DITTO_JAX_COMPILATION_CACHE_MAX_SIZE`` (bytes, or with a suffix: ``500M``, ``4G``,
 ``4GiB``; ``-1``/``unlimited`` for no bound; default 4 GiB) is checked once a process, when the cache is first
 enabled (by the first loaded engine), and the least recently used entries of both stores are deleted until it fits
-(an entry's time is its last use: a saved executable's file time, touched on each use; a JAX entry's ``-atime``
-record, which JAX stamps on every hit since it is given the bound too, else its creation). JAX also keeps its own
-entries within the bound as it writes them. What was deleted is printed (count and bytes).
+(an entry's time is its last use: a saved executable's file time, touched on each use; a JAX entry's access time,
+which the kernel moves on its first read after a write and then at most daily under Linux's default ``relatime``,
+or the ``-atime`` record older versions had JAX stamp; on a ``noatime`` file system, its creation). What was
+deleted is printed (count and bytes).
+
+JAX is not given the bound itself: with one, JAX lists and reads every entry of the folder under a file lock on
+each executable it writes (``lru_cache.LRUCache._evict_if_needed``), a cost that grows with the folder — 88 small
+executables took 13 s instead of 1.8 s beside 3,000 entries, and the test suite, which compiles thousands, spent
+most of its time there.
 """
 
 from __future__ import annotations
@@ -118,17 +124,21 @@ def _record(path: Path) -> Path | None:
 
 
 def _last_use(path: Path, stat: os.stat_result, records: set[str]) -> float:
-    """When an entry was last used: a JAX entry's ``-atime`` record when JAX kept one (``records``: the names of
-    those present), else the file's mtime (``SavedJit`` touches its entries on each use)."""
+    """When an entry was last used. A saved executable: its mtime (``SavedJit`` touches it on each use). A JAX
+    entry: the latest of its mtime, its access time (JAX reads it on each hit) and the ``-atime`` record older
+    versions had JAX stamp on each hit (``records``: the names of those present)."""
     record = _record(path)
-    if record is not None and record.name in records:
+    if record is None:
+        return stat.st_mtime
+    last = max(stat.st_atime, stat.st_mtime)
+    if record.name in records:
         try:
             stamp = record.read_bytes()
         except OSError:
             stamp = b""
-        if len(stamp) == 8:  # nanoseconds, little-endian, as JAX writes it
-            return int.from_bytes(stamp, "little") / 1e9
-    return stat.st_mtime
+        if len(stamp) == 8:  # nanoseconds, little-endian, as JAX wrote it
+            last = max(last, int.from_bytes(stamp, "little") / 1e9)
+    return last
 
 
 def prune_cache(folder: str | os.PathLike, max_bytes: int) -> tuple[int, int]:
@@ -194,9 +204,9 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    # Given the bound, JAX stamps an entry's ``-atime`` record on every hit (and keeps its own entries within
-    # it): pruning then ages a JAX entry by its last use, not by when it was written.
-    jax.config.update("jax_compilation_cache_max_size", max_bytes)
+    # No bound for JAX (its default): with one, each write lists and reads the whole folder (see the module's
+    # docstring). The folder is kept within the bound above, once a process.
+    jax.config.update("jax_compilation_cache_max_size", -1)
     _enabled_dir = str(folder)
     _enable_saved(_enabled_dir)
     return _enabled_dir
