@@ -27,13 +27,18 @@ from ditto_jax.eval.testsets import default_wikiroleeval_path
 
 SEED = 3  # random-init seed of the served tiny model
 MAX_NEW = 12
-ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one CPU device: the 8 simulated ones only add overhead
 MESSAGES = [
     [{"role": "user", "content": "Tell me about the sea."}],
     [{"role": "system", "content": "You are Marco Polo, a Venetian merchant."},
      {"role": "user", "content": "What did you see in Cathay?"}],
     [{"role": "user", "content": "你好，你是谁？"}],
 ]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """A served or CLI process's environment, read when it starts (so the run's compilation cache folder, set by
+    conftest once the session begins, is passed on): one CPU device, the 8 simulated ones only add overhead."""
+    return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **extra)
 
 
 def _free_port() -> int:
@@ -43,8 +48,8 @@ def _free_port() -> int:
 
 
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ditto_jax.cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=600, **kw)
+    return subprocess.run([sys.executable, "-m", "ditto_jax.cli", *args], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=600, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +69,7 @@ def server(model_dir):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ditto_jax.cli", "serve", "--model", str(model_dir), "--port",
                              str(port), "--max-len", "2048", "--batch-size", "8", "--chunk", "4", "--name", "tiny"],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while True:

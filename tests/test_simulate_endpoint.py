@@ -22,7 +22,7 @@ import openai
 import pytest
 import yaml
 from endpoint_fixtures import scripted_server
-from test_serve import ENV, client, model_dir, server  # noqa: F401 (fixtures: the served tiny model, reused)
+from test_serve import client, model_dir, server, subprocess_env  # noqa: F401 (fixtures: the served tiny model, reused)
 
 from ditto_jax.config import load_config, validate
 from ditto_jax.simulation.config import SimulateConfig
@@ -47,7 +47,7 @@ def _config(tmp: Path, endpoint: dict) -> Path:
 def _simulate(config: Path, workdir: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ditto_jax.cli", "simulate", "--config", str(config), "--workdir",
                            str(workdir), "--no-progress"], capture_output=True, text=True,
-                          env=dict(ENV, **{KEY_VAR: KEY}), timeout=600)
+                          env=subprocess_env(**{KEY_VAR: KEY}), timeout=600)
 
 
 def _served(base: str) -> int:
