@@ -110,7 +110,7 @@ def test_decode_attention_equals_the_xla_heads_first_attention(d, s_len, window)
     v = jnp.asarray(rng.randn(b, hkv, s_len, d).astype(np.float32))
     positions = jnp.asarray([0, 3, s_len // 2, s_len - 1], jnp.int32)  # a row at its first and its last position
     got = np.asarray(jax.jit(cpu_kernels.decode_attention, static_argnums=4)(q, k, v, positions, window))
-    want = np.asarray(heads_first_query_attention(q, k, v, positions, window))
+    want = np.asarray(jax.jit(heads_first_query_attention, static_argnums=4)(q, k, v, positions, window))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     # Nothing past a row's position is read: garbage there changes nothing.
     junk = jnp.arange(s_len)[None, None, None, :] > positions[:, None, None, None]
@@ -275,7 +275,7 @@ def test_chunk_attention_equals_the_xla_chunk_attention(b, t, hq, hkv, d, s, off
     k = jnp.asarray(rng.standard_normal((b, s, hkv, d)).astype(np.float32))
     v = jnp.asarray(rng.standard_normal((b, s, hkv, d)).astype(np.float32))
     off = jnp.asarray(np.array(offsets, np.int32))
-    want = np.asarray(cached_chunk_attention(q, k, v, off))
+    want = np.asarray(jax.jit(cached_chunk_attention)(q, k, v, off))
     got = np.asarray(jax.jit(cpu_kernels.chunk_attention)(q, k, v, off))
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
     # one layer of a stacked cache, read in place: the same values; the other layers are never read
@@ -409,9 +409,9 @@ def test_causal_attention_and_its_gradients_equal_the_reference(b, s, hq, hkv, d
     def ker(q, k, v):
         return cpu_kernels.causal_attention(q, k, v, seg)
 
-    np.testing.assert_allclose(jax.jit(ker)(q, k, v), ref(q, k, v), atol=2e-6)
+    np.testing.assert_allclose(jax.jit(ker)(q, k, v), jax.jit(ref)(q, k, v), atol=2e-6)
     got = jax.jit(jax.grad(lambda *a: jnp.sum(ker(*a) * g), argnums=(0, 1, 2)))(q, k, v)
-    want = jax.grad(lambda *a: jnp.sum(ref(*a) * g), argnums=(0, 1, 2))(q, k, v)
+    want = jax.jit(jax.grad(lambda *a: jnp.sum(ref(*a) * g), argnums=(0, 1, 2)))(q, k, v)
     for a, w in zip(got, want):
         np.testing.assert_allclose(a, w, atol=1e-5 * max(1.0, float(jnp.abs(w).max())))
 

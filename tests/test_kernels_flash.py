@@ -51,8 +51,13 @@ def _reference_and_grads(q, k, v, do, *, causal, segment_ids):
     with jax.enable_x64(True):
         args = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, do)]
         f = lambda q, k, v: attention_reference(q, k, v, causal=causal, segment_ids=segment_ids)  # noqa: E731
-        o, vjp = jax.vjp(f, *args[:3])
-        grads = vjp(args[3])
+
+        @jax.jit  # one program, not one per operation: the suite's time is compiling
+        def run(q, k, v, do):
+            o, vjp = jax.vjp(f, q, k, v)
+            return o, vjp(do)
+
+        o, grads = run(*args)
         return np.asarray(o), [np.asarray(g) for g in grads]
 
 
@@ -160,9 +165,10 @@ def test_mosaic_gpu_kernel_in_gpu_interpreter():
     q = jax.random.normal(ks[0], (1, 100, 2, 64), jnp.float32).astype(jnp.bfloat16)
     k = jax.random.normal(ks[1], (1, 130, 1, 64), jnp.float32).astype(jnp.bfloat16)
     v = jax.random.normal(ks[2], (1, 130, 1, 64), jnp.float32).astype(jnp.bfloat16)
-    o = flash_attention(q, k, v, causal=True, backend="mosaic_gpu_interpret",
-                        block_sizes=BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=2))
-    ref = attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), causal=True)
+    o = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, backend="mosaic_gpu_interpret",
+                                                block_sizes=BlockSizes(block_q=64, block_kv=64,
+                                                                       max_concurrent_steps=2)))(q, k, v)
+    ref = jax.jit(lambda *a: attention_reference(*(x.astype(jnp.float32) for x in a), causal=True))(q, k, v)
     assert _rel_err(o.astype(jnp.float32), ref) <= TOL[jnp.bfloat16]
 
 

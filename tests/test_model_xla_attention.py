@@ -50,7 +50,8 @@ def test_blocked_attention_matches_reference(block: int, heads: int, kv_heads: i
 
 def test_bf16_inputs_keep_their_dtype() -> None:
     q = jnp.ones((1, 32, 2, 8), jnp.bfloat16)
-    assert blocked_causal_attention(q, q[:, :, :1], q[:, :, :1], block=16).dtype == jnp.bfloat16
+    attend = jax.jit(lambda q, k, v: blocked_causal_attention(q, k, v, block=16))
+    assert attend(q, q[:, :, :1], q[:, :, :1]).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -61,12 +62,14 @@ def test_single_query_attention_both_cache_layouts_match_reference(window) -> No
     k = jnp.asarray(rng.randn(b, s, hkv, d), jnp.float32)
     v = jnp.asarray(rng.randn(b, s, hkv, d), jnp.float32)
     pos = jnp.asarray([0, 7, 11], jnp.int32)
-    want = np.stack([np.asarray(attention_reference(q[i:i + 1, None], k[i:i + 1, : int(pos[i]) + 1],
-                                                    v[i:i + 1, : int(pos[i]) + 1], causal=True, q_offset=pos[i:i + 1],
-                                                    sliding_window=window))[0, 0] for i in range(b)])
-    got = single_query_attention(q, k, v, pos, window)
+    reference = jax.jit(lambda q, k, v, off: attention_reference(q, k, v, causal=True, q_offset=off,
+                                                                 sliding_window=window))
+    want = np.stack([np.asarray(reference(q[i:i + 1, None], k[i:i + 1, : int(pos[i]) + 1],
+                                          v[i:i + 1, : int(pos[i]) + 1], pos[i:i + 1]))[0, 0] for i in range(b)])
+    got = jax.jit(single_query_attention, static_argnums=4)(q, k, v, pos, window)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
-    got_hf = heads_first_query_attention(q, jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3)), pos, window)
+    got_hf = jax.jit(heads_first_query_attention, static_argnums=4)(q, jnp.transpose(k, (0, 2, 3, 1)),
+                                                                    jnp.transpose(v, (0, 2, 1, 3)), pos, window)
     np.testing.assert_allclose(np.asarray(got_hf), want, atol=1e-5, rtol=0)
 
 
@@ -81,9 +84,10 @@ def test_heads_first_attention_reads_only_the_width_it_is_given(window) -> None:
     k = jnp.asarray(rng.randn(b, hkv, d, s), jnp.float32)
     v = jnp.asarray(rng.randn(b, hkv, s, d), jnp.float32)
     pos = jnp.asarray([0, 100, 200, 299], jnp.int32)
-    full = np.asarray(heads_first_query_attention(q, k, v, pos, window))
+    attend = jax.jit(heads_first_query_attention, static_argnums=(4, 5))
+    full = np.asarray(attend(q, k, v, pos, window))
     for width in (128, 256, 300):  # any static width works; the engine picks from read_widths
-        got = np.asarray(heads_first_query_attention(q, k, v, pos, window, width))
+        got = np.asarray(attend(q, k, v, pos, window, width))
         rows = np.asarray(pos) < width
         np.testing.assert_allclose(got[rows], full[rows], atol=1e-6, rtol=0)
         if not rows.all():
@@ -100,11 +104,13 @@ def test_cached_chunk_attention_matches_reference(heads: int, kv_heads: int, win
     k = jnp.asarray(rng.randn(b, s, kv_heads, d), jnp.float32)
     v = jnp.asarray(rng.randn(b, s, kv_heads, d), jnp.float32)
     off = jnp.asarray([0, 7, 19], jnp.int32)  # the last row's chunk ends exactly at the cache's end
-    want = np.asarray(attention_reference(q, k, v, causal=True, q_offset=off, sliding_window=window))
-    np.testing.assert_allclose(np.asarray(cached_chunk_attention(q, k, v, off, window)), want, atol=1e-5, rtol=0)
+    want = np.asarray(jax.jit(lambda *a: attention_reference(*a[:3], causal=True, q_offset=a[3],
+                                                             sliding_window=window))(q, k, v, off))
+    chunk = jax.jit(cached_chunk_attention, static_argnums=4)
+    np.testing.assert_allclose(np.asarray(chunk(q, k, v, off, window)), want, atol=1e-5, rtol=0)
     got = jax.jit(lambda *a: cached_attention(*a[:3], q_offset=a[3], impl="xla", sliding_window=window))(q, k, v, off)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
     # positions past a row's last query are never read: changing them changes nothing
     k2 = k.at[0, t:].set(100.0)
-    np.testing.assert_allclose(np.asarray(cached_chunk_attention(q, k2, v, off, window))[0], want[0], atol=1e-5,
+    np.testing.assert_allclose(np.asarray(chunk(q, k2, v, off, window))[0], want[0], atol=1e-5,
                                rtol=0)

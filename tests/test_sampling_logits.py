@@ -24,6 +24,7 @@ from ditto_jax.sampling.logits import (
 )
 
 V = 300
+reference = jax.jit(processed_logits_reference)  # compiled once, not op by op: the suite's time is compiling
 
 
 def _hf_processed(logits, input_ids, temperature, top_k, top_p, rep):
@@ -53,7 +54,7 @@ def test_filters_equal_transformers_processors(temperature, top_k, top_p, rep):
     input_ids = rng.randint(0, V, (4, 12))
     presence = np.zeros((4, V), bool)
     presence[np.arange(4)[:, None], input_ids] = True
-    ours = processed_logits_reference(jnp.asarray(logits), presence=jnp.asarray(presence),
+    ours = reference(jnp.asarray(logits), presence=jnp.asarray(presence),
                                       **_row_params(4, temperature, top_k, top_p, rep))
     want = _hf_processed(logits, input_ids, temperature, top_k, top_p, rep)
     ours = np.asarray(ours)
@@ -64,9 +65,10 @@ def test_filters_equal_transformers_processors(temperature, top_k, top_p, rep):
 def test_inverse_cdf_picks_by_cumulative_mass():
     w = jnp.asarray([[0.0, 1.0, 0.0, 3.0, 0.0, 0.0, 4.0, 0.0]] * 5, jnp.float32)
     u = jnp.asarray([0.0, 0.124, 0.126, 0.49, 0.999], jnp.float32)
-    assert np.asarray(inverse_cdf(w, u, bs=4)).tolist() == [1, 1, 3, 3, 6]
+    pick = jax.jit(inverse_cdf, static_argnames="bs")
+    assert np.asarray(pick(w, u, bs=4)).tolist() == [1, 1, 3, 3, 6]
     # u beyond what rounding allows still lands on a positive weight
-    assert int(inverse_cdf(w[:1], jnp.asarray([1.0 - 1e-8]), bs=4)[0]) == 6
+    assert int(pick(w[:1], jnp.asarray([1.0 - 1e-8]), bs=4)[0]) == 6
 
 
 def _empirical(fn, n):
@@ -80,7 +82,7 @@ def test_nucleus_sampler_matches_the_filtered_distribution(max_rounds):
     rng = np.random.RandomState(1)
     logits = jnp.asarray((rng.randn(1, V) * 2.5).astype(np.float32))
     params = _row_params(1, 0.9, 0, 0.8, 1.0)
-    want = np.asarray(jax.nn.softmax(processed_logits_reference(logits, presence=None, **params)))[0]
+    want = np.asarray(jax.nn.softmax(reference(logits, presence=None, **params)))[0]
 
     def draw(key):
         return select_tokens(logits, presence=None, keys=key[None], max_top_k=64, max_rounds=max_rounds, **params)[0]
@@ -111,8 +113,8 @@ def test_greedy_rows_take_the_penalised_argmax_and_logprobs_are_raw():
     logits = jnp.asarray([[1.0, 3.0, 2.9, -1.0], [0.5, 0.1, 0.2, 0.3]], jnp.float32)
     presence = jnp.asarray([[False, True, False, False], [False] * 4])
     params = _row_params(2, 0.0, 0, 1.0, 1.2)
-    toks, lps = select_tokens(logits, presence=presence, keys=jax.random.split(jax.random.key(0), 2), max_top_k=4,
-                              **params)
+    select = jax.jit(lambda lg, pr, keys: select_tokens(lg, presence=pr, keys=keys, max_top_k=4, **params))
+    toks, lps = select(logits, presence, jax.random.split(jax.random.key(0), 2))
     assert np.asarray(toks).tolist() == [2, 0]  # 3.0 / 1.2 = 2.5 < 2.9
     want = np.asarray(jax.nn.log_softmax(logits))[[0, 1], [2, 0]]
     np.testing.assert_allclose(np.asarray(lps), want, rtol=1e-6)
@@ -147,7 +149,7 @@ def test_the_cpu_kernel_samples_the_filtered_distribution(max_rounds, top_k, rep
     logits = jnp.asarray((rng.randn(1, V) * 2.5).astype(np.float32))
     presence = jnp.asarray(rng.rand(1, V) < 0.2)
     params = _row_params(1, 0.9, top_k, 0.8, rep)
-    want = np.asarray(jax.nn.softmax(processed_logits_reference(logits, presence=presence, **params)))[0]
+    want = np.asarray(jax.nn.softmax(reference(logits, presence=presence, **params)))[0]
     rows = {k: jnp.broadcast_to(a, (n,)) for k, a in params.items()}
     toks, _ = jax.jit(lambda k: select_tokens(jnp.broadcast_to(logits, (n, V)), presence=jnp.broadcast_to(
         presence, (n, V)), keys=k, max_top_k=64, max_rounds=max_rounds, kernel=True, **rows))(
@@ -186,8 +188,8 @@ def test_the_cpu_kernel_follows_the_xla_sampler(vocab):
     same = got == want
     assert same.mean() >= 0.95, f"{(~same).sum()} of {b} rows differ"
     np.testing.assert_allclose(got_lp[same], want_lp[same], rtol=1e-5, atol=1e-5)
-    masked = constraint_mask(logits, tables, cstate, ccon)
-    allowed = np.isfinite(np.asarray(processed_logits_reference(masked, presence=presence, **params)))
+    masked = jax.jit(constraint_mask)(logits, tables, cstate, ccon)
+    allowed = np.isfinite(np.asarray(reference(masked, presence=presence, **params)))
     assert allowed[np.arange(b), got].all(), "a token outside the filters or the constraint"
     np.testing.assert_allclose(got_lp, np.asarray(jax.nn.log_softmax(logits))[np.arange(b), got], atol=1e-5)
 
