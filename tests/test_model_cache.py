@@ -63,7 +63,7 @@ def test_decode_step_reads_only_the_width_it_is_given():
     for width, below in ((128, 2), (256, 3), (300, 3)):
         got = np.asarray(step(cache, width))
         np.testing.assert_allclose(got[:below], full[:below], atol=1e-5, rtol=0)
-        if below < 3:  # the width is not ignored: the row past it differs
+        if below < len(got):  # the width is not ignored: the rows past it differ
             assert not np.allclose(got[below:], full[below:], atol=1e-3)
 
 

@@ -112,5 +112,4 @@ def test_cached_chunk_attention_matches_reference(heads: int, kv_heads: int, win
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
     # positions past a row's last query are never read: changing them changes nothing
     k2 = k.at[0, t:].set(100.0)
-    np.testing.assert_allclose(np.asarray(chunk(q, k2, v, off, window))[0], want[0], atol=1e-5,
-                               rtol=0)
+    np.testing.assert_allclose(np.asarray(chunk(q, k2, v, off, window))[0], want[0], atol=1e-5, rtol=0)

@@ -55,7 +55,7 @@ def test_filters_equal_transformers_processors(temperature, top_k, top_p, rep):
     presence = np.zeros((4, V), bool)
     presence[np.arange(4)[:, None], input_ids] = True
     ours = reference(jnp.asarray(logits), presence=jnp.asarray(presence),
-                                      **_row_params(4, temperature, top_k, top_p, rep))
+                     **_row_params(4, temperature, top_k, top_p, rep))
     want = _hf_processed(logits, input_ids, temperature, top_k, top_p, rep)
     ours = np.asarray(ours)
     np.testing.assert_array_equal(np.isinf(ours), np.isinf(want))

@@ -27,9 +27,9 @@ or the ``-atime`` record older versions had JAX stamp; on a ``noatime`` file sys
 deleted is printed (count and bytes).
 
 JAX is not given the bound itself: with one, JAX lists and reads every entry of the folder under a file lock on
-each executable it writes (``lru_cache.LRUCache._evict_if_needed``), a cost that grows with the folder — 88 small
-executables took 13 s instead of 1.8 s beside 3,000 entries, and the test suite, which compiles thousands, spent
-most of its time there.
+each executable it writes (``lru_cache.LRUCache._evict_if_needed``), a cost that grows with the folder: beside
+3,000 entries, 88 small executables took 12.9 s with the bound and 1.3 s without it, and the test suite, which
+compiles thousands, spent most of its time there.
 """
 
 from __future__ import annotations
